@@ -1,0 +1,221 @@
+//! The conversation actor: one per chat, started on its first message, stopped when idle.
+//!
+//! It asks the [`Responder`](crate::responder::Responder) for each message, queues the reply on
+//! the number's pacer with an id derived from the inbound id, and reports the message processed
+//! to its supervisor, which acknowledges it to the network. Replies that need a model run in an
+//! AI job actor; the message counts as processed when the job's answer (or the fallback) is
+//! queued. A crash loses nothing: the supervisor redelivers every unprocessed message.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use ractor::{Actor, ActorId, ActorProcessingErr, ActorRef, SupervisionEvent};
+use tokio::time::Instant;
+
+use crate::addr::Addr;
+use crate::ai_job::{AiJobActor, AiJobArgs};
+use crate::conversations::ConversationsMsg;
+use crate::deps::Deps;
+use crate::ids::{Jid, PhoneNumber};
+use crate::pacer::PacerHandle;
+use crate::responder::{AiError, ChatContext, Reply};
+use crate::telemetry::Mailbox;
+use crate::transport::{InboundMessage, MessageId, OutboundText};
+
+/// The conversation actor.
+pub struct ConversationActor;
+
+/// Messages of a conversation.
+pub enum ConversationMsg {
+    /// Handle this inbound message.
+    Deliver(InboundMessage),
+    /// An AI job finished.
+    AiDone {
+        /// The inbound message it answers.
+        inbound: MessageId,
+        /// The completion or why there is none.
+        result: Result<String, AiError>,
+    },
+    /// Stop if nothing happened for the idle timeout.
+    IdleCheck,
+}
+
+/// What a conversation is started with.
+pub struct ConversationArgs {
+    /// The number it belongs to.
+    pub number: PhoneNumber,
+    /// The chat.
+    pub chat: Jid,
+    /// Its own mailbox counter (the supervisor holds the same).
+    pub mailbox: Mailbox,
+    /// Where processed messages are reported.
+    pub parent: Addr<ConversationsMsg>,
+    /// The number's pacer.
+    pub pacer: PacerHandle,
+    /// Ports and settings.
+    pub deps: Deps,
+}
+
+/// A conversation's state.
+pub struct ConversationState {
+    args: ConversationArgs,
+    myself: Option<Addr<ConversationMsg>>,
+    ctx: ChatContext,
+    last_activity: Instant,
+    /// AI jobs running, by job actor, with the message each answers and its fallback.
+    jobs: HashMap<ActorId, (InboundMessage, String)>,
+}
+
+impl Actor for ConversationActor {
+    type Msg = ConversationMsg;
+    type State = ConversationState;
+    type Arguments = ConversationArgs;
+
+    async fn pre_start(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        args: ConversationArgs,
+    ) -> Result<Self::State, ActorProcessingErr> {
+        Ok(ConversationState {
+            args,
+            myself: None,
+            ctx: ChatContext::default(),
+            last_activity: Instant::now(),
+            jobs: HashMap::new(),
+        })
+    }
+
+    async fn post_start(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        let addr = Addr::new(myself, state.args.mailbox.clone());
+        schedule_idle_check(&addr, state.args.deps.settings.conversation_idle);
+        state.myself = Some(addr);
+        Ok(())
+    }
+
+    async fn handle(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        message: Self::Msg,
+        state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        state.args.mailbox.dequeued();
+        match message {
+            ConversationMsg::Deliver(msg) => deliver(&myself, state, msg).await,
+            ConversationMsg::AiDone { inbound, result } => {
+                ai_done(state, &inbound, result);
+                Ok(())
+            }
+            ConversationMsg::IdleCheck => {
+                idle_check(&myself, state);
+                Ok(())
+            }
+        }
+    }
+
+    async fn handle_supervisor_evt(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        event: SupervisionEvent,
+        state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        // Children are AI jobs: temporary, never restarted. A job that died without
+        // answering gets its message answered with the fallback.
+        let dead = match &event {
+            SupervisionEvent::ActorFailed(cell, err) => {
+                tracing::warn!(error = %err, "AI job crashed");
+                Some(cell.get_id())
+            }
+            SupervisionEvent::ActorTerminated(cell, ..) => Some(cell.get_id()),
+            _ => None,
+        };
+        if let Some((msg, fallback)) = dead.and_then(|id| state.jobs.remove(&id)) {
+            metrics::counter!(crate::telemetry::AI_JOBS, "outcome" => "crashed").increment(1);
+            answer(state, &msg, fallback);
+        }
+        Ok(())
+    }
+}
+
+async fn deliver(
+    myself: &ActorRef<ConversationMsg>,
+    state: &mut ConversationState,
+    msg: InboundMessage,
+) -> Result<(), ActorProcessingErr> {
+    state.last_activity = Instant::now();
+    state.ctx.turns += 1;
+    match state.args.deps.responder.respond(&state.ctx, &msg) {
+        Reply::Text(text) => answer(state, &msg, text),
+        Reply::Nothing => processed(state, &msg),
+        Reply::Ai { prompt, fallback } => {
+            let Some(reply_to) = state.myself.clone() else {
+                return Err("conversation used before post_start".into());
+            };
+            let args = AiJobArgs {
+                inbound: msg.id.clone(),
+                prompt,
+                backend: state.args.deps.ai.clone(),
+                timeout: state.args.deps.settings.ai_timeout,
+                reply_to,
+            };
+            let (job, _) =
+                AiJobActor::spawn_linked(None, AiJobActor, args, myself.get_cell()).await?;
+            state.jobs.insert(job.get_id(), (msg, fallback));
+        }
+    }
+    Ok(())
+}
+
+fn ai_done(state: &mut ConversationState, inbound: &MessageId, result: Result<String, AiError>) {
+    let Some(job) = state
+        .jobs
+        .iter()
+        .find_map(|(id, (msg, _))| (msg.id == *inbound).then_some(*id))
+    else {
+        return;
+    };
+    if let Some((msg, fallback)) = state.jobs.remove(&job) {
+        let text = result.unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "AI job failed; answering with the fallback");
+            fallback
+        });
+        answer(state, &msg, text);
+    }
+}
+
+/// Queues `text` as the reply to `msg`, then reports `msg` processed.
+fn answer(state: &mut ConversationState, msg: &InboundMessage, text: String) {
+    let a = &state.args;
+    let reply = OutboundText {
+        id: MessageId::derived(&a.number, &a.chat, &msg.id, 0),
+        to: a.chat.clone(),
+        text,
+        reply_to: Some(msg.id.clone()),
+    };
+    a.pacer.enqueue(reply);
+    processed(state, msg);
+}
+
+fn processed(state: &ConversationState, msg: &InboundMessage) {
+    let _ = state.args.parent.cast(ConversationsMsg::Processed {
+        chat: state.args.chat.clone(),
+        id: msg.id.clone(),
+    });
+}
+
+fn idle_check(myself: &ActorRef<ConversationMsg>, state: &ConversationState) {
+    let idle = state.args.deps.settings.conversation_idle;
+    if state.jobs.is_empty() && state.last_activity.elapsed() >= idle {
+        myself.stop(Some("idle".to_owned()));
+    } else if let Some(addr) = &state.myself {
+        let left = idle.saturating_sub(state.last_activity.elapsed());
+        schedule_idle_check(addr, left.max(Duration::from_millis(10)));
+    }
+}
+
+fn schedule_idle_check(addr: &Addr<ConversationMsg>, after: Duration) {
+    addr.cast_after(after, ConversationMsg::IdleCheck);
+}

@@ -1,0 +1,380 @@
+//! The conversation supervisor: one per number, one child per chat.
+//!
+//! It is the number's intake. Every inbound message stays in its chat's `pending` queue until the
+//! conversation reports it processed; only then is it acknowledged to the network. So when a
+//! conversation panics (and ractor drops its queued messages), nothing is lost: the supervisor
+//! restarts the child under its own [`RestartTracker`] and redelivers the pending messages in
+//! order. When the child's budget is spent, the chat is parked `failed` for a cooldown and its
+//! pending messages are dead-lettered with the reason — never silently dropped. Siblings and the
+//! number are untouched.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::Arc;
+
+use ractor::{Actor, ActorId, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
+use tokio::time::Instant;
+
+use crate::addr::Addr;
+use crate::conversation::{ConversationActor, ConversationArgs, ConversationMsg};
+use crate::dead_letter::{DeadLetter, DeadLetterReason};
+use crate::deps::{Deps, FleetCounters, NumberResources};
+use crate::ids::{Jid, PhoneNumber};
+use crate::pacer::PacerHandle;
+use crate::restart::{Decision, Exit, RestartTracker};
+use crate::telemetry::{ActorKind, CONVERSATIONS_ACTIVE, Mailbox, PARKED, RESTARTS};
+use crate::transport::{InboundMessage, MessageId};
+
+/// How many processed message ids a chat remembers to drop redeliveries.
+const SEEN_CAPACITY: usize = 256;
+
+/// The conversation supervisor.
+pub struct ConversationsActor;
+
+/// Messages of the conversation supervisor.
+pub enum ConversationsMsg {
+    /// A message for one of the chats.
+    Inbound(InboundMessage),
+    /// A conversation finished a message.
+    Processed {
+        /// The chat.
+        chat: Jid,
+        /// The message.
+        id: MessageId,
+    },
+    /// A backoff delay ended: start the chat's conversation again.
+    Respawn(Jid),
+    /// Report every chat's state.
+    Status(RpcReplyPort<Vec<ChatStatus>>),
+}
+
+/// One chat as the supervisor sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChatStatus {
+    /// The chat.
+    pub chat: Jid,
+    /// Its phase.
+    pub phase: ChatPhase,
+    /// Messages received and not yet processed.
+    pub pending: usize,
+    /// Restarts performed so far.
+    pub restarts: u32,
+}
+
+/// Where a chat's conversation stands.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ChatPhase {
+    /// No actor (never started, or stopped when idle).
+    Idle,
+    /// The actor runs.
+    Running,
+    /// Waiting out a backoff delay before a restart.
+    Restarting,
+    /// Budget spent: messages are dead-lettered until the cooldown ends.
+    Parked {
+        /// The error that spent the budget.
+        last_error: String,
+        /// When a new message may start it again.
+        until: Instant,
+    },
+}
+
+/// What the supervisor is started with.
+pub struct ConversationsArgs {
+    /// The number.
+    pub number: PhoneNumber,
+    /// Its own mailbox counter.
+    pub mailbox: Mailbox,
+    /// The number's session and tasks.
+    pub resources: Arc<NumberResources>,
+    /// The number's pacer.
+    pub pacer: PacerHandle,
+    /// Ports and settings.
+    pub deps: Deps,
+}
+
+struct Chat {
+    actor: Option<Addr<ConversationMsg>>,
+    pending: VecDeque<InboundMessage>,
+    tracker: RestartTracker,
+    phase: ChatPhase,
+    seen: HashSet<MessageId>,
+    seen_order: VecDeque<MessageId>,
+    restarts: u32,
+}
+
+/// The supervisor's state.
+pub struct ConversationsState {
+    args: ConversationsArgs,
+    myself: Addr<ConversationsMsg>,
+    chats: HashMap<Jid, Chat>,
+    by_actor: HashMap<ActorId, Jid>,
+}
+
+impl Actor for ConversationsActor {
+    type Msg = ConversationsMsg;
+    type State = ConversationsState;
+    type Arguments = ConversationsArgs;
+
+    async fn pre_start(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        args: ConversationsArgs,
+    ) -> Result<Self::State, ActorProcessingErr> {
+        Ok(ConversationsState {
+            myself: Addr::new(myself, args.mailbox.clone()),
+            args,
+            chats: HashMap::new(),
+            by_actor: HashMap::new(),
+        })
+    }
+
+    async fn post_stop(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        let running = state.chats.values().filter(|c| c.actor.is_some()).count();
+        metrics::gauge!(CONVERSATIONS_ACTIVE).decrement(running as f64);
+        Ok(())
+    }
+
+    async fn handle(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        message: Self::Msg,
+        state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        state.args.mailbox.dequeued();
+        match message {
+            ConversationsMsg::Inbound(msg) => inbound(state, msg).await,
+            ConversationsMsg::Processed { chat, id } => processed(state, &chat, &id),
+            ConversationsMsg::Respawn(chat) => {
+                let due = state
+                    .chats
+                    .get(&chat)
+                    .is_some_and(|c| c.phase == ChatPhase::Restarting);
+                if due {
+                    start(state, &chat).await;
+                }
+            }
+            ConversationsMsg::Status(reply) => {
+                let _ = reply.send(status(state));
+            }
+        }
+        Ok(())
+    }
+
+    async fn handle_supervisor_evt(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        event: SupervisionEvent,
+        state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        match event {
+            SupervisionEvent::ActorFailed(cell, err) => {
+                child_exited(state, cell.get_id(), Exit::Failed(err.to_string())).await;
+            }
+            SupervisionEvent::ActorTerminated(cell, ..) => {
+                child_exited(state, cell.get_id(), Exit::Normal).await;
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+}
+
+async fn inbound(state: &mut ConversationsState, msg: InboundMessage) {
+    let policy = state.args.deps.settings.conversation_policy;
+    let chat = state.chats.entry(msg.chat.clone()).or_insert_with(|| Chat {
+        actor: None,
+        pending: VecDeque::new(),
+        tracker: RestartTracker::new(policy, Instant::now(), seed_of(&msg.chat)),
+        phase: ChatPhase::Idle,
+        seen: HashSet::new(),
+        seen_order: VecDeque::new(),
+        restarts: 0,
+    });
+    if chat.seen.contains(&msg.id) {
+        // A redelivery of something already processed: our ack was lost; ack again.
+        ack(&state.args.resources, &msg);
+        return;
+    }
+    if chat.pending.iter().any(|p| p.id == msg.id) {
+        return;
+    }
+    if let ChatPhase::Parked { last_error, until } = &chat.phase {
+        if Instant::now() < *until {
+            let reason = DeadLetterReason::ConversationParked {
+                last_error: last_error.clone(),
+            };
+            dead_letter(&state.args, msg, reason);
+            return;
+        }
+        chat.tracker.reset(Instant::now());
+        chat.phase = ChatPhase::Idle;
+    }
+    chat.pending.push_back(msg.clone());
+    match (&chat.phase, &chat.actor) {
+        (ChatPhase::Running, Some(actor)) => {
+            let _ = actor.cast(ConversationMsg::Deliver(msg));
+        }
+        (ChatPhase::Idle, _) => {
+            let jid = msg.chat.clone();
+            start(state, &jid).await;
+        }
+        _ => {}
+    }
+}
+
+/// Starts the chat's conversation and hands it every pending message, in order.
+async fn start(state: &mut ConversationsState, jid: &Jid) {
+    let mailbox = Mailbox::new(ActorKind::Conversation);
+    let args = ConversationArgs {
+        number: state.args.number.clone(),
+        chat: jid.clone(),
+        mailbox: mailbox.clone(),
+        parent: state.myself.clone(),
+        pacer: state.args.pacer.clone(),
+        deps: state.args.deps.clone(),
+    };
+    let cell = state.myself.actor().get_cell();
+    let spawned = ConversationActor::spawn_linked(None, ConversationActor, args, cell).await;
+    let Some(chat) = state.chats.get_mut(jid) else {
+        return;
+    };
+    match spawned {
+        Ok((actor, _)) => {
+            metrics::gauge!(CONVERSATIONS_ACTIVE).increment(1.0);
+            let addr = Addr::new(actor, mailbox);
+            state.by_actor.insert(addr.actor().get_id(), jid.clone());
+            for msg in &chat.pending {
+                let _ = addr.cast(ConversationMsg::Deliver(msg.clone()));
+            }
+            chat.actor = Some(addr);
+            chat.phase = ChatPhase::Running;
+            chat.tracker.started(Instant::now());
+        }
+        Err(e) => {
+            tracing::error!(error = %e, chat = %jid, "conversation failed to start");
+            chat.phase = ChatPhase::Restarting;
+            state.myself.cast_after(
+                state.args.deps.settings.conversation_policy.backoff.max,
+                ConversationsMsg::Respawn(jid.clone()),
+            );
+        }
+    }
+}
+
+fn processed(state: &mut ConversationsState, jid: &Jid, id: &MessageId) {
+    let Some(chat) = state.chats.get_mut(jid) else {
+        return;
+    };
+    let Some(pos) = chat.pending.iter().position(|m| m.id == *id) else {
+        return;
+    };
+    if let Some(msg) = chat.pending.remove(pos) {
+        ack(&state.args.resources, &msg);
+        if chat.seen_order.len() == SEEN_CAPACITY
+            && let Some(old) = chat.seen_order.pop_front()
+        {
+            chat.seen.remove(&old);
+        }
+        chat.seen.insert(msg.id.clone());
+        chat.seen_order.push_back(msg.id);
+    }
+}
+
+async fn child_exited(state: &mut ConversationsState, id: ActorId, exit: Exit) {
+    let Some(jid) = state.by_actor.remove(&id) else {
+        return;
+    };
+    let Some(chat) = state.chats.get_mut(&jid) else {
+        return;
+    };
+    if let Some(actor) = chat.actor.take() {
+        actor.mailbox().abandon();
+        metrics::gauge!(CONVERSATIONS_ACTIVE).decrement(1.0);
+    }
+    match chat.tracker.on_exit(&exit, Instant::now()) {
+        Decision::Done if chat.pending.is_empty() => {
+            // Passivated while idle: forget the chat entirely.
+            state.chats.remove(&jid);
+        }
+        // Stopped (idle) just as a message arrived: start it again at once.
+        Decision::Done => start(state, &jid).await,
+        Decision::Restart { delay, attempt } => {
+            chat.restarts += 1;
+            FleetCounters::bump(&state.args.deps.counters.restarts);
+            metrics::counter!(RESTARTS, "kind" => ActorKind::Conversation.as_str()).increment(1);
+            tracing::info!(chat = %jid, attempt, ?delay, ?exit, "restarting conversation");
+            chat.phase = ChatPhase::Restarting;
+            if delay.is_zero() {
+                start(state, &jid).await;
+            } else {
+                state
+                    .myself
+                    .cast_after(delay, ConversationsMsg::Respawn(jid));
+            }
+        }
+        Decision::Park { last_error } => park(state, &jid, last_error),
+    }
+}
+
+fn park(state: &mut ConversationsState, jid: &Jid, last_error: String) {
+    let Some(chat) = state.chats.get_mut(jid) else {
+        return;
+    };
+    metrics::counter!(PARKED, "kind" => ActorKind::Conversation.as_str()).increment(1);
+    tracing::warn!(chat = %jid, %last_error, "conversation spent its restart budget; parked");
+    chat.phase = ChatPhase::Parked {
+        last_error: last_error.clone(),
+        until: Instant::now() + state.args.deps.settings.park_cooldown,
+    };
+    let pending: Vec<_> = chat.pending.drain(..).collect();
+    for msg in pending {
+        let reason = DeadLetterReason::RestartBudgetSpent {
+            last_error: last_error.clone(),
+        };
+        dead_letter(&state.args, msg, reason);
+    }
+}
+
+/// Sets a message aside with its reason and acknowledges it: it is accounted for.
+fn dead_letter(args: &ConversationsArgs, message: InboundMessage, reason: DeadLetterReason) {
+    ack(&args.resources, &message);
+    FleetCounters::bump(&args.deps.counters.dead_letters);
+    args.deps.dead_letters.put(DeadLetter {
+        number: args.number.clone(),
+        message,
+        reason,
+    });
+}
+
+fn ack(resources: &NumberResources, msg: &InboundMessage) {
+    if let Some(session) = resources.session() {
+        session.ack(&msg.chat, &msg.sender, &msg.id);
+    }
+}
+
+fn status(state: &ConversationsState) -> Vec<ChatStatus> {
+    let mut all: Vec<_> = state
+        .chats
+        .iter()
+        .map(|(jid, c)| ChatStatus {
+            chat: jid.clone(),
+            phase: c.phase.clone(),
+            pending: c.pending.len(),
+            restarts: c.restarts,
+        })
+        .collect();
+    all.sort_by(|a, b| a.chat.cmp(&b.chat));
+    all
+}
+
+fn seed_of(jid: &Jid) -> u64 {
+    jid.to_string()
+        .bytes()
+        .fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+            (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+        })
+}

@@ -1,0 +1,369 @@
+//! The fleet supervisor: one child per number this node runs, each with its own restart budget.
+//!
+//! When a number dies the fleet first releases what the number owned (its session and tasks —
+//! a panic skipped the number's `post_stop`), then applies the number's [`RestartTracker`]:
+//! restart after the backoff, or park it `failed` with its last error once the budget is spent.
+//! The fleet itself never stops because a child did.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use ractor::{
+    Actor, ActorId, ActorProcessingErr, ActorRef, RpcReplyPort, SpawnErr, SupervisionEvent,
+};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+use crate::addr::{Addr, CallError};
+use crate::deps::{Deps, FleetCounters, NumberPhase, NumberResources};
+use crate::ids::PhoneNumber;
+use crate::number::{NumberActor, NumberArgs, NumberMsg};
+use crate::restart::{Decision, Exit, RestartTracker};
+use crate::telemetry::{ActorKind, Mailbox, PARKED, RESTARTS};
+
+/// The fleet supervisor.
+pub struct FleetActor;
+
+/// Messages of the fleet.
+pub enum FleetMsg {
+    /// Run this number (no-op if it runs already).
+    Start(PhoneNumber),
+    /// Stop running this number; answers whether it was known.
+    Stop(PhoneNumber, RpcReplyPort<bool>),
+    /// A backoff delay ended: start the number again.
+    Respawn(PhoneNumber),
+    /// The number's actor, if it runs.
+    Get(PhoneNumber, RpcReplyPort<Option<Addr<NumberMsg>>>),
+    /// Report the fleet.
+    Status(RpcReplyPort<FleetStatus>),
+}
+
+/// The fleet at a glance.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FleetStatus {
+    /// Numbers the fleet is responsible for.
+    pub numbers: usize,
+    /// Numbers whose actor is running.
+    pub running: usize,
+    /// Numbers parked `failed`, with their last error.
+    pub parked: Vec<(PhoneNumber, String)>,
+}
+
+struct Slot {
+    addr: Option<Addr<NumberMsg>>,
+    resources: Arc<NumberResources>,
+    tracker: RestartTracker,
+    parked: Option<String>,
+    stopping: bool,
+}
+
+/// The fleet's state.
+pub struct FleetState {
+    deps: Deps,
+    myself: Addr<FleetMsg>,
+    mailbox: Mailbox,
+    slots: HashMap<PhoneNumber, Slot>,
+    by_actor: HashMap<ActorId, PhoneNumber>,
+}
+
+/// What the fleet is started with.
+pub struct FleetArgs {
+    /// Ports and settings.
+    pub deps: Deps,
+    /// The fleet's mailbox counter.
+    pub mailbox: Mailbox,
+}
+
+impl Actor for FleetActor {
+    type Msg = FleetMsg;
+    type State = FleetState;
+    type Arguments = FleetArgs;
+
+    async fn pre_start(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        args: FleetArgs,
+    ) -> Result<Self::State, ActorProcessingErr> {
+        Ok(FleetState {
+            myself: Addr::new(myself, args.mailbox.clone()),
+            deps: args.deps,
+            mailbox: args.mailbox,
+            slots: HashMap::new(),
+            by_actor: HashMap::new(),
+        })
+    }
+
+    async fn post_stop(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        for slot in state.slots.values() {
+            slot.resources.release().await;
+            slot.resources.retire();
+            if let Some(addr) = &slot.addr {
+                addr.mailbox().abandon();
+            }
+        }
+        state.mailbox.abandon();
+        Ok(())
+    }
+
+    async fn handle(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        message: Self::Msg,
+        state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        state.mailbox.dequeued();
+        match message {
+            FleetMsg::Start(number) => {
+                if !state.slots.contains_key(&number) {
+                    let slot = Slot {
+                        addr: None,
+                        resources: NumberResources::new(state.deps.counters.clone()),
+                        tracker: RestartTracker::new(
+                            state.deps.settings.number_policy,
+                            Instant::now(),
+                            seed_of(&number),
+                        ),
+                        parked: None,
+                        stopping: false,
+                    };
+                    state.slots.insert(number.clone(), slot);
+                    spawn_number(state, &number).await;
+                }
+            }
+            FleetMsg::Stop(number, reply) => {
+                let _ = reply.send(stop_number(state, &number).await);
+            }
+            FleetMsg::Respawn(number) => {
+                let due = state
+                    .slots
+                    .get(&number)
+                    .is_some_and(|s| s.addr.is_none() && s.parked.is_none() && !s.stopping);
+                if due {
+                    spawn_number(state, &number).await;
+                }
+            }
+            FleetMsg::Get(number, reply) => {
+                let _ = reply.send(state.slots.get(&number).and_then(|s| s.addr.clone()));
+            }
+            FleetMsg::Status(reply) => {
+                let _ = reply.send(status(state));
+            }
+        }
+        Ok(())
+    }
+
+    async fn handle_supervisor_evt(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        event: SupervisionEvent,
+        state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        match event {
+            SupervisionEvent::ActorFailed(cell, err) => {
+                child_exited(state, cell.get_id(), Exit::Failed(err.to_string())).await;
+            }
+            SupervisionEvent::ActorTerminated(cell, ..) => {
+                child_exited(state, cell.get_id(), Exit::Normal).await;
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+}
+
+async fn spawn_number(state: &mut FleetState, number: &PhoneNumber) {
+    let Some(slot) = state.slots.get_mut(number) else {
+        return;
+    };
+    if slot.resources.cancel.is_cancelled() {
+        // The previous incarnation's resources are spent; start with fresh ones.
+        slot.resources.retire();
+        slot.resources = NumberResources::new(state.deps.counters.clone());
+    }
+    let mailbox = Mailbox::new(ActorKind::Number);
+    let args = NumberArgs {
+        number: number.clone(),
+        mailbox: mailbox.clone(),
+        resources: slot.resources.clone(),
+        deps: state.deps.clone(),
+    };
+    let cell = state.myself.actor().get_cell();
+    match NumberActor::spawn_linked(None, NumberActor, args, cell).await {
+        Ok((actor, _)) => {
+            let addr = Addr::new(actor, mailbox);
+            state.by_actor.insert(addr.actor().get_id(), number.clone());
+            slot.addr = Some(addr);
+            slot.tracker.started(Instant::now());
+        }
+        Err(e) => {
+            tracing::error!(%number, error = %e, "number failed to start");
+            let exit = Exit::Failed(e.to_string());
+            after_exit(state, number, exit).await;
+        }
+    }
+}
+
+async fn stop_number(state: &mut FleetState, number: &PhoneNumber) -> bool {
+    let Some(slot) = state.slots.get_mut(number) else {
+        return false;
+    };
+    slot.stopping = true;
+    match &slot.addr {
+        Some(addr) => addr.actor().stop(Some("removed".to_owned())),
+        None => {
+            if let Some(slot) = state.slots.remove(number) {
+                slot.resources.release().await;
+                slot.resources.retire();
+            }
+        }
+    }
+    true
+}
+
+async fn child_exited(state: &mut FleetState, id: ActorId, exit: Exit) {
+    let Some(number) = state.by_actor.remove(&id) else {
+        return;
+    };
+    let Some(slot) = state.slots.get_mut(&number) else {
+        return;
+    };
+    if let Some(addr) = slot.addr.take() {
+        addr.mailbox().abandon();
+    }
+    // A panic skipped the number's post_stop: close its session and tasks here.
+    slot.resources.release().await;
+    if slot.stopping {
+        slot.resources.retire();
+        state.slots.remove(&number);
+        return;
+    }
+    after_exit(state, &number, exit).await;
+}
+
+async fn after_exit(state: &mut FleetState, number: &PhoneNumber, exit: Exit) {
+    let Some(slot) = state.slots.get_mut(number) else {
+        return;
+    };
+    match slot.tracker.on_exit(&exit, Instant::now()) {
+        Decision::Restart { delay, attempt } => {
+            FleetCounters::bump(&state.deps.counters.restarts);
+            metrics::counter!(RESTARTS, "kind" => ActorKind::Number.as_str()).increment(1);
+            tracing::warn!(%number, attempt, ?delay, ?exit, "restarting number");
+            slot.resources.set_state(NumberPhase::Restarting);
+            if delay.is_zero() {
+                Box::pin(spawn_number(state, number)).await;
+            } else {
+                state
+                    .myself
+                    .cast_after(delay, FleetMsg::Respawn(number.clone()));
+            }
+        }
+        Decision::Park { last_error } => {
+            metrics::counter!(PARKED, "kind" => ActorKind::Number.as_str()).increment(1);
+            tracing::error!(%number, %last_error, "number spent its restart budget; parked");
+            slot.resources.set_state(NumberPhase::Failed);
+            slot.parked = Some(last_error);
+        }
+        Decision::Done => {
+            slot.resources.retire();
+            state.slots.remove(number);
+        }
+    }
+}
+
+fn status(state: &FleetState) -> FleetStatus {
+    let mut parked: Vec<_> = state
+        .slots
+        .iter()
+        .filter_map(|(n, s)| s.parked.clone().map(|e| (n.clone(), e)))
+        .collect();
+    parked.sort();
+    FleetStatus {
+        numbers: state.slots.len(),
+        running: state.slots.values().filter(|s| s.addr.is_some()).count(),
+        parked,
+    }
+}
+
+fn seed_of(number: &PhoneNumber) -> u64 {
+    number.digits().parse().unwrap_or(0)
+}
+
+/// A running fleet: the handle the rest of the program holds.
+pub struct Fleet {
+    addr: Addr<FleetMsg>,
+    counters: Arc<FleetCounters>,
+    call_timeout: Duration,
+    join: JoinHandle<()>,
+}
+
+impl Fleet {
+    /// Starts an empty fleet.
+    pub async fn start(deps: Deps) -> Result<Self, SpawnErr> {
+        let mailbox = Mailbox::new(ActorKind::Fleet);
+        let counters = deps.counters.clone();
+        let call_timeout = deps.settings.call_timeout;
+        let args = FleetArgs {
+            deps,
+            mailbox: mailbox.clone(),
+        };
+        let (actor, join) = FleetActor::spawn(None, FleetActor, args).await?;
+        Ok(Self {
+            addr: Addr::new(actor, mailbox),
+            counters,
+            call_timeout,
+            join,
+        })
+    }
+
+    /// Runs `number` (no-op if it runs already).
+    pub fn add(&self, number: PhoneNumber) -> Result<(), CallError> {
+        self.addr.cast(FleetMsg::Start(number))
+    }
+
+    /// Stops running `number`; false if it was unknown.
+    pub async fn remove(&self, number: PhoneNumber) -> Result<bool, CallError> {
+        self.addr
+            .call(|r| FleetMsg::Stop(number, r), self.call_timeout)
+            .await
+    }
+
+    /// The actor of `number`, if it runs.
+    pub async fn number(&self, number: PhoneNumber) -> Result<Option<Addr<NumberMsg>>, CallError> {
+        self.addr
+            .call(|r| FleetMsg::Get(number, r), self.call_timeout)
+            .await
+    }
+
+    /// The fleet at a glance.
+    pub async fn status(&self) -> Result<FleetStatus, CallError> {
+        self.addr.call(FleetMsg::Status, self.call_timeout).await
+    }
+
+    /// Live counters.
+    pub fn counters(&self) -> &Arc<FleetCounters> {
+        &self.counters
+    }
+
+    /// The fleet actor's address.
+    pub fn addr(&self) -> &Addr<FleetMsg> {
+        &self.addr
+    }
+
+    /// Stops every number and the fleet, waiting at most `deadline`.
+    pub async fn shutdown(self, deadline: Duration) {
+        let actor = self.addr.actor();
+        actor
+            .stop_children_and_wait(Some("shutdown".to_owned()), Some(deadline))
+            .await;
+        actor.stop(Some("shutdown".to_owned()));
+        if tokio::time::timeout(deadline, self.join).await.is_err() {
+            tracing::warn!("fleet did not stop within {deadline:?}");
+        }
+    }
+}

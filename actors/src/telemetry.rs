@@ -1,0 +1,126 @@
+//! Metric names and the small counters the actors keep for them (STYLE rule 14).
+//!
+//! ractor mailboxes are unbounded and expose no depth, so every actor address is a [`Mailbox`]:
+//! a send increments the depth of its actor kind, `handle` decrements it, and when an actor dies
+//! with messages still queued its supervisor calls [`Mailbox::abandon`] to take them off again.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
+
+/// `switchboard_messages_received_total{kind}`: inbound messages from the network.
+pub const MESSAGES_RECEIVED: &str = "switchboard_messages_received_total";
+/// `switchboard_messages_sent_total{outcome}`: sends acknowledged or refused by the network.
+pub const MESSAGES_SENT: &str = "switchboard_messages_sent_total";
+/// `switchboard_number_disconnects_total{reason}`: connection losses and terminal events.
+pub const DISCONNECTS: &str = "switchboard_number_disconnects_total";
+/// `switchboard_actor_mailbox_depth{kind}`: messages queued and not yet handled.
+pub const MAILBOX_DEPTH: &str = "switchboard_actor_mailbox_depth";
+/// `switchboard_actor_restarts_total{kind}`: restarts performed by supervisors.
+pub const RESTARTS: &str = "switchboard_actor_restarts_total";
+/// `switchboard_actor_parked_total{kind}`: children parked `failed` after spending their budget.
+pub const PARKED: &str = "switchboard_actor_parked_total";
+/// `switchboard_numbers{state}`: numbers by connection state.
+pub const NUMBERS: &str = "switchboard_numbers";
+/// `switchboard_conversations_active`: conversation actors currently running.
+pub const CONVERSATIONS_ACTIVE: &str = "switchboard_conversations_active";
+/// `switchboard_dead_letters_total{reason}`: messages set aside with a reason instead of handled.
+pub const DEAD_LETTERS: &str = "switchboard_dead_letters_total";
+/// `switchboard_ai_jobs_total{outcome}`: AI jobs by how they ended.
+pub const AI_JOBS: &str = "switchboard_ai_jobs_total";
+/// `switchboard_outbound_queue_depth`: replies waiting in number pacers.
+pub const OUTBOUND_QUEUE: &str = "switchboard_outbound_queue_depth";
+
+/// Registers help texts for every metric above with the installed recorder.
+pub fn describe() {
+    use metrics::{describe_counter, describe_gauge};
+    describe_counter!(
+        MESSAGES_RECEIVED,
+        "Inbound messages received from the network"
+    );
+    describe_counter!(MESSAGES_SENT, "Outbound sends by outcome");
+    describe_counter!(
+        DISCONNECTS,
+        "Disconnects and terminal session events by reason"
+    );
+    describe_gauge!(MAILBOX_DEPTH, "Queued, unhandled messages per actor kind");
+    describe_counter!(RESTARTS, "Actor restarts by actor kind");
+    describe_counter!(
+        PARKED,
+        "Actors parked failed after spending their restart budget"
+    );
+    describe_gauge!(NUMBERS, "Numbers by state");
+    describe_gauge!(CONVERSATIONS_ACTIVE, "Running conversation actors");
+    describe_counter!(DEAD_LETTERS, "Messages dead-lettered, by reason");
+    describe_counter!(AI_JOBS, "AI jobs by outcome");
+    describe_gauge!(OUTBOUND_QUEUE, "Replies queued in number pacers");
+}
+
+/// The kinds of actor in the tree, used as the bounded `kind` label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ActorKind {
+    /// The fleet supervisor.
+    Fleet,
+    /// A number actor.
+    Number,
+    /// A number's conversation supervisor.
+    ConversationSupervisor,
+    /// A conversation actor.
+    Conversation,
+    /// An AI job actor.
+    AiJob,
+}
+
+impl ActorKind {
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Fleet => "fleet",
+            Self::Number => "number",
+            Self::ConversationSupervisor => "conversation_supervisor",
+            Self::Conversation => "conversation",
+            Self::AiJob => "ai_job",
+        }
+    }
+}
+
+/// Counts one actor's queued messages and mirrors them into the per-kind depth gauge.
+#[derive(Debug, Clone)]
+pub struct Mailbox {
+    kind: ActorKind,
+    pending: Arc<AtomicI64>,
+}
+
+impl Mailbox {
+    /// A counter for a new actor of `kind`.
+    pub fn new(kind: ActorKind) -> Self {
+        Self {
+            kind,
+            pending: Arc::new(AtomicI64::new(0)),
+        }
+    }
+
+    /// A message was queued.
+    pub fn enqueued(&self) {
+        self.pending.fetch_add(1, Ordering::Relaxed);
+        metrics::gauge!(MAILBOX_DEPTH, "kind" => self.kind.as_str()).increment(1.0);
+    }
+
+    /// A message was taken off the queue (or its send failed).
+    pub fn dequeued(&self) {
+        self.pending.fetch_sub(1, Ordering::Relaxed);
+        metrics::gauge!(MAILBOX_DEPTH, "kind" => self.kind.as_str()).decrement(1.0);
+    }
+
+    /// The actor died: whatever it still had queued is gone from the depth.
+    pub fn abandon(&self) {
+        let left = self.pending.swap(0, Ordering::Relaxed);
+        if left != 0 {
+            metrics::gauge!(MAILBOX_DEPTH, "kind" => self.kind.as_str()).decrement(left as f64);
+        }
+    }
+
+    /// Messages queued now.
+    pub fn depth(&self) -> i64 {
+        self.pending.load(Ordering::Relaxed)
+    }
+}

@@ -1,0 +1,18 @@
+//! Switchboard: a runtime for running many WhatsApp numbers at once.
+//!
+//! The supervision tree and the ports live in the `switchboard-actors` crate; this crate wires
+//! them to the world:
+//!
+//! - [`sim`]: the WhatsApp simulator (network, referee ledger, `sim` transport, `sim serve`).
+//! - [`bot`]: the demo's keyword/echo bot, a canned model and the chaos wrapper.
+//! - [`demo`]: `switchboard demo`, the simulated fleet.
+//! - [`problem`]: `application/problem+json` errors for every HTTP surface.
+//! - [`telemetry`]: logging and the Prometheus recorder.
+//! - [`cli`]: the command line.
+
+pub mod bot;
+pub mod cli;
+pub mod demo;
+pub mod problem;
+pub mod sim;
+pub mod telemetry;
