@@ -27,7 +27,9 @@ fn main() -> anyhow::Result<()> {
             numbers = args.next().unwrap_or_default().parse()?;
         }
     }
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
     let report = runtime.block_on(run(numbers))?;
     println!("{report}");
     Ok(())
@@ -109,7 +111,10 @@ async fn restart_once(fleet: &Fleet, number: &PhoneNumber) -> anyhow::Result<u64
     loop {
         if let Some(new) = fleet.number(number.clone()).await?
             && new.actor().get_id() != old_id
-            && new.call(NumberMsg::Status, Duration::from_secs(5)).await.is_ok()
+            && new
+                .call(NumberMsg::Status, Duration::from_secs(5))
+                .await
+                .is_ok()
         {
             return Ok(u64::try_from(t0.elapsed().as_micros())?);
         }

@@ -122,19 +122,15 @@ impl Actor for ConversationActor {
         event: SupervisionEvent,
         state: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
-        // Children are AI jobs: temporary, never restarted. A job that died without
-        // answering gets its message answered with the fallback.
-        let dead = match &event {
-            SupervisionEvent::ActorFailed(cell, err) => {
-                tracing::warn!(error = %err, "AI job crashed");
-                Some(cell.get_id())
+        // Children are AI jobs: temporary, never restarted. A job that ends normally has
+        // already sent its result (or its timeout); one that crashed gets its message answered
+        // with the fallback.
+        if let SupervisionEvent::ActorFailed(cell, err) = &event {
+            tracing::warn!(error = %err, "AI job crashed");
+            if let Some((msg, fallback)) = state.jobs.remove(&cell.get_id()) {
+                metrics::counter!(crate::telemetry::AI_JOBS, "outcome" => "crashed").increment(1);
+                answer(state, &msg, fallback);
             }
-            SupervisionEvent::ActorTerminated(cell, ..) => Some(cell.get_id()),
-            _ => None,
-        };
-        if let Some((msg, fallback)) = dead.and_then(|id| state.jobs.remove(&id)) {
-            metrics::counter!(crate::telemetry::AI_JOBS, "outcome" => "crashed").increment(1);
-            answer(state, &msg, fallback);
         }
         Ok(())
     }

@@ -1,0 +1,543 @@
+//! Supervision on paused time: restarts, redelivery, dead letters, parking and isolation,
+//! with a fake transport behind the real ports.
+#![allow(clippy::unwrap_used, clippy::panic)]
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use switchboard_actors::conversations::{ChatPhase, ChatStatus, ConversationsMsg};
+use switchboard_actors::dead_letter::{DeadLetterReason, MemoryDeadLetters};
+use switchboard_actors::deps::SendRate;
+use switchboard_actors::number::NumberMsg;
+use switchboard_actors::responder::{AiBackend, AiError, ChatContext, Reply, Responder};
+use switchboard_actors::session_store::MemorySessionStore;
+use switchboard_actors::transport::{
+    AccountSpec, EventSink, InboundMessage, MessageId, OutboundText, SendError, ServerAck,
+    SessionStats, TransportError, WaConnector, WaEvent, WaSession,
+};
+use switchboard_actors::{Deps, Fleet, FleetCounters, Jid, NumberPhase, PhoneNumber, Settings};
+use tokio::time::Instant;
+
+// ---- fakes ------------------------------------------------------------------------------
+
+#[derive(Default)]
+struct FakeNet {
+    sessions: Mutex<HashMap<PhoneNumber, Vec<Arc<FakeSession>>>>,
+}
+
+impl FakeNet {
+    fn latest(&self, n: &PhoneNumber) -> Arc<FakeSession> {
+        self.sessions.lock().unwrap()[n].last().cloned().unwrap()
+    }
+    fn starts(&self, n: &PhoneNumber) -> usize {
+        self.sessions.lock().unwrap().get(n).map_or(0, Vec::len)
+    }
+    /// Every reply sent for `n`, over all of its sessions.
+    fn sent(&self, n: &PhoneNumber) -> Vec<OutboundText> {
+        let sessions = self.sessions.lock().unwrap();
+        sessions
+            .get(n)
+            .into_iter()
+            .flatten()
+            .flat_map(|s| s.sent.lock().unwrap().clone())
+            .collect()
+    }
+}
+
+struct FakeConnector(Arc<FakeNet>);
+
+#[async_trait]
+impl WaConnector for FakeConnector {
+    async fn start(
+        &self,
+        account: AccountSpec,
+        events: EventSink,
+    ) -> Result<Arc<dyn WaSession>, TransportError> {
+        let session = Arc::new(FakeSession {
+            sink: events.clone(),
+            sent: Mutex::default(),
+            acked: Mutex::default(),
+            closed: AtomicBool::new(false),
+        });
+        self.0
+            .sessions
+            .lock()
+            .unwrap()
+            .entry(account.number)
+            .or_default()
+            .push(session.clone());
+        events(WaEvent::Connected);
+        Ok(session)
+    }
+}
+
+struct FakeSession {
+    sink: EventSink,
+    sent: Mutex<Vec<OutboundText>>,
+    acked: Mutex<Vec<MessageId>>,
+    closed: AtomicBool,
+}
+
+impl FakeSession {
+    fn inject(&self, msg: InboundMessage) {
+        (self.sink)(WaEvent::Message(msg));
+    }
+}
+
+#[async_trait]
+impl WaSession for FakeSession {
+    async fn send_text(&self, msg: OutboundText) -> Result<ServerAck, SendError> {
+        if self.closed.load(Ordering::SeqCst) {
+            return Err(SendError::Closed);
+        }
+        let id = msg.id.clone();
+        self.sent.lock().unwrap().push(msg);
+        Ok(ServerAck {
+            id,
+            server_time_ms: 0,
+        })
+    }
+    async fn send_typing(&self, _: &Jid, _: bool) -> Result<(), SendError> {
+        Ok(())
+    }
+    async fn mark_read(&self, _: &Jid, _: &[MessageId]) -> Result<(), SendError> {
+        Ok(())
+    }
+    fn ack(&self, _: &Jid, _: &Jid, id: &MessageId) {
+        self.acked.lock().unwrap().push(id.clone());
+    }
+    async fn request_pair_code(&self) -> Result<(), TransportError> {
+        Ok(())
+    }
+    async fn logout(&self) -> Result<(), TransportError> {
+        Ok(())
+    }
+    async fn shutdown(&self) {
+        self.closed.store(true, Ordering::SeqCst);
+    }
+    fn stats(&self) -> SessionStats {
+        SessionStats::default()
+    }
+}
+
+/// Panics on texts with crashes left (`poison` always), records when each text was attempted,
+/// answers `ai …` through the model, and echoes the rest.
+#[derive(Default)]
+struct Scripted {
+    crashes_left: Mutex<HashMap<String, u32>>,
+    attempts: Mutex<Vec<(String, Instant)>>,
+}
+
+impl Responder for Scripted {
+    fn respond(&self, _: &ChatContext, msg: &InboundMessage) -> Reply {
+        self.attempts
+            .lock()
+            .unwrap()
+            .push((msg.text.clone(), Instant::now()));
+        if msg.text == "poison" {
+            panic!("poison message");
+        }
+        let crash = {
+            let mut left = self.crashes_left.lock().unwrap();
+            match left.get_mut(&msg.text) {
+                Some(n) if *n > 0 => {
+                    *n -= 1;
+                    true
+                }
+                _ => false,
+            }
+        };
+        if crash {
+            panic!("transient crash on {}", msg.text);
+        }
+        if let Some(prompt) = msg.text.strip_prefix("ai ") {
+            return Reply::Ai {
+                prompt: prompt.to_owned(),
+                fallback: "fallback".to_owned(),
+            };
+        }
+        Reply::Text(format!("re: {}", msg.text))
+    }
+}
+
+/// Answers after `delay`.
+struct SlowModel(Duration);
+
+#[async_trait]
+impl AiBackend for SlowModel {
+    async fn complete(&self, prompt: &str) -> Result<String, AiError> {
+        tokio::time::sleep(self.0).await;
+        Ok(format!("model: {prompt}"))
+    }
+}
+
+struct Harness {
+    net: Arc<FakeNet>,
+    fleet: Fleet,
+    responder: Arc<Scripted>,
+    dead: Arc<MemoryDeadLetters>,
+}
+
+async fn harness(numbers: &[&PhoneNumber], model_delay: Duration) -> Harness {
+    let net = Arc::new(FakeNet::default());
+    let responder = Arc::new(Scripted::default());
+    let dead = Arc::new(MemoryDeadLetters::new(100));
+    let settings = Settings {
+        typing_per_char: Duration::ZERO,
+        send_rate: SendRate {
+            burst: 1000,
+            per_second: 1000.0,
+        },
+        ai_timeout: Duration::from_secs(2),
+        ..Settings::default()
+    };
+    let deps = Deps {
+        connector: Arc::new(FakeConnector(net.clone())),
+        responder: responder.clone(),
+        ai: Arc::new(SlowModel(model_delay)),
+        sessions: Arc::new(MemorySessionStore::default()),
+        dead_letters: dead.clone(),
+        settings,
+        counters: Arc::new(FleetCounters::default()),
+    };
+    let fleet = Fleet::start(deps).await.unwrap();
+    for n in numbers {
+        fleet.add((*n).clone()).unwrap();
+    }
+    let h = Harness {
+        net,
+        fleet,
+        responder,
+        dead,
+    };
+    let want = numbers.len() as i64;
+    eventually("all numbers online", || {
+        h.fleet.counters().numbers(NumberPhase::Online) == want
+    })
+    .await;
+    h
+}
+
+fn phone(s: &str) -> PhoneNumber {
+    PhoneNumber::parse(s).unwrap()
+}
+
+fn dm(from: &PhoneNumber, id: &str, text: &str) -> InboundMessage {
+    InboundMessage {
+        id: MessageId::parse(id).unwrap(),
+        chat: from.jid(),
+        sender: from.jid(),
+        sender_alt: None,
+        is_from_me: false,
+        text: text.to_owned(),
+        timestamp_ms: 0,
+    }
+}
+
+/// Polls `cond` on paused time (the clock advances while everything waits) for up to ten
+/// simulated minutes.
+async fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(600);
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+fn replies_to(sent: &[OutboundText], inbound: &str) -> usize {
+    sent.iter()
+        .filter(|m| m.reply_to.as_ref().map(MessageId::as_str) == Some(inbound))
+        .count()
+}
+
+async fn chats(h: &Harness, n: &PhoneNumber) -> Vec<ChatStatus> {
+    let number = h.fleet.number(n.clone()).await.unwrap().unwrap();
+    let conv = number
+        .call(NumberMsg::Conversations, Duration::from_secs(1))
+        .await
+        .unwrap()
+        .unwrap();
+    conv.call(ConversationsMsg::Status, Duration::from_secs(1))
+        .await
+        .unwrap()
+}
+
+// ---- tests -------------------------------------------------------------------------------
+
+#[tokio::test(start_paused = true)]
+async fn a_crashing_message_is_processed_after_the_restart_and_siblings_carry_on() {
+    let n = phone("+15550001");
+    let h = harness(&[&n], Duration::ZERO).await;
+    h.responder
+        .crashes_left
+        .lock()
+        .unwrap()
+        .insert("boom".into(), 2);
+    let (alice, bob) = (phone("+4915100001"), phone("+4915100002"));
+    let s = h.net.latest(&n);
+    s.inject(dm(&alice, "A1", "boom"));
+    s.inject(dm(&alice, "A2", "after boom"));
+    s.inject(dm(&bob, "B1", "hello"));
+
+    eventually("every message answered", || {
+        let sent = h.net.sent(&n);
+        ["A1", "A2", "B1"]
+            .iter()
+            .all(|id| replies_to(&sent, id) == 1)
+    })
+    .await;
+    let sent = h.net.sent(&n);
+    assert_eq!(
+        sent.len(),
+        3,
+        "each message answered exactly once: {sent:?}"
+    );
+    // Order within the crashing chat is kept: A1's reply precedes A2's.
+    let pos = |id: &str| {
+        sent.iter()
+            .position(|m| m.reply_to.as_ref().map(MessageId::as_str) == Some(id))
+    };
+    assert!(pos("A1") < pos("A2"));
+    assert_eq!(h.fleet.counters().restarts.load(Ordering::Relaxed), 2);
+    assert_eq!(h.net.starts(&n), 1, "the number itself was never restarted");
+    let status = chats(&h, &n).await;
+    let alice_chat = status.iter().find(|c| c.chat == alice.jid()).unwrap();
+    assert_eq!((alice_chat.restarts, alice_chat.pending), (2, 0));
+    assert_eq!(
+        status
+            .iter()
+            .find(|c| c.chat == bob.jid())
+            .unwrap()
+            .restarts,
+        0
+    );
+    eventually("all acknowledged", || {
+        h.net.latest(&n).acked.lock().unwrap().len() == 3
+    })
+    .await;
+    assert!(h.dead.snapshot().is_empty());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_poison_message_spends_the_budget_is_dead_lettered_and_parks_only_its_chat() {
+    let n = phone("+15550002");
+    let h = harness(&[&n], Duration::ZERO).await;
+    let (alice, bob) = (phone("+4915100003"), phone("+4915100004"));
+    let s = h.net.latest(&n);
+    s.inject(dm(&alice, "P1", "poison"));
+    s.inject(dm(&alice, "P2", "queued behind poison"));
+
+    eventually("dead letters", || h.dead.snapshot().len() == 2).await;
+    let letters = h.dead.snapshot();
+    assert_eq!(letters[0].message.id.as_str(), "P1");
+    assert!(
+        matches!(&letters[0].reason, DeadLetterReason::RestartBudgetSpent { last_error } if last_error.contains("poison message"))
+    );
+    assert_eq!(letters[1].message.id.as_str(), "P2");
+    // 1 first try + 5 restarts (the conversation default budget).
+    let attempts = h
+        .responder
+        .attempts
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|(t, _)| t == "poison")
+        .count();
+    assert_eq!(attempts, 6);
+    let status = chats(&h, &n).await;
+    assert!(matches!(
+        status.iter().find(|c| c.chat == alice.jid()).unwrap().phase,
+        ChatPhase::Parked { .. }
+    ));
+
+    // While parked, new messages of that chat are dead-lettered with the reason.
+    s.inject(dm(&alice, "P3", "hello again"));
+    eventually("parked dead letter", || h.dead.snapshot().len() == 3).await;
+    assert!(matches!(
+        h.dead.snapshot()[2].reason,
+        DeadLetterReason::ConversationParked { .. }
+    ));
+
+    // Siblings and the number are untouched.
+    s.inject(dm(&bob, "B1", "hi"));
+    eventually("sibling answered", || {
+        replies_to(&h.net.sent(&n), "B1") == 1
+    })
+    .await;
+    assert_eq!(h.fleet.counters().numbers(NumberPhase::Online), 1);
+    assert_eq!(h.net.starts(&n), 1);
+    // Dead letters are accounted for: acknowledged, never redelivered.
+    eventually("acked", || {
+        h.net.latest(&n).acked.lock().unwrap().len() == 4
+    })
+    .await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn restart_delays_follow_the_policy() {
+    let n = phone("+15550003");
+    let h = harness(&[&n], Duration::ZERO).await;
+    h.net
+        .latest(&n)
+        .inject(dm(&phone("+4915100005"), "P1", "poison"));
+    eventually("parked", || h.dead.snapshot().len() == 1).await;
+    let times: Vec<Instant> = h
+        .responder
+        .attempts
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(_, t)| *t)
+        .collect();
+    let gaps: Vec<Duration> = times.windows(2).map(|w| w[1] - w[0]).collect();
+    let policy = Settings::default().conversation_policy;
+    assert_eq!(gaps.len(), 5);
+    for (i, gap) in gaps.iter().enumerate() {
+        let nominal = policy.backoff.nominal(i as u32 + 1);
+        let (lo, hi) = (
+            nominal.mul_f64(0.8),
+            nominal.mul_f64(1.2) + Duration::from_millis(5),
+        );
+        assert!(
+            *gap >= lo && *gap <= hi,
+            "restart {} after {gap:?}, policy says {nominal:?} ±20 %",
+            i + 1
+        );
+    }
+    assert_eq!(gaps[0], Duration::ZERO, "the first restart is immediate");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_number_crash_restarts_only_that_numbers_subtree() {
+    let (a, b) = (phone("+15550004"), phone("+15550005"));
+    let h = harness(&[&a, &b], Duration::ZERO).await;
+    let contact = phone("+4915100006");
+    h.net.latest(&b).inject(dm(&contact, "B1", "hi"));
+    eventually("b answered", || replies_to(&h.net.sent(&b), "B1") == 1).await;
+    let a_before = h
+        .fleet
+        .number(a.clone())
+        .await
+        .unwrap()
+        .unwrap()
+        .actor()
+        .get_id();
+    let b_before = h
+        .fleet
+        .number(b.clone())
+        .await
+        .unwrap()
+        .unwrap()
+        .actor()
+        .get_id();
+
+    let a_addr = h.fleet.number(a.clone()).await.unwrap().unwrap();
+    a_addr.cast(NumberMsg::Crash("injected".into())).unwrap();
+    eventually("a restarted", || h.net.starts(&a) == 2).await;
+    eventually("a online", || {
+        h.fleet.counters().numbers(NumberPhase::Online) == 2
+    })
+    .await;
+
+    let a_after = h
+        .fleet
+        .number(a.clone())
+        .await
+        .unwrap()
+        .unwrap()
+        .actor()
+        .get_id();
+    assert_ne!(a_before, a_after);
+    assert!(
+        h.net.sessions.lock().unwrap()[&a][0]
+            .closed
+            .load(Ordering::SeqCst),
+        "the crashed number's session was closed by the fleet"
+    );
+    assert_eq!(
+        h.fleet
+            .number(b.clone())
+            .await
+            .unwrap()
+            .unwrap()
+            .actor()
+            .get_id(),
+        b_before
+    );
+    assert_eq!(h.net.starts(&b), 1);
+    let b_chats = chats(&h, &b).await;
+    assert_eq!(b_chats.len(), 1, "b's conversation survived a's crash");
+
+    // The restarted number works.
+    h.net.latest(&a).inject(dm(&contact, "A1", "hi"));
+    eventually("a answered", || replies_to(&h.net.sent(&a), "A1") == 1).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_number_that_spends_its_budget_is_parked_and_the_fleet_survives() {
+    let (a, b) = (phone("+15550006"), phone("+15550007"));
+    let h = harness(&[&a, &b], Duration::ZERO).await;
+    for i in 1..=11 {
+        eventually("a running", || h.net.starts(&a) == i).await;
+        let addr = loop {
+            if let Some(addr) = h.fleet.number(a.clone()).await.unwrap() {
+                break addr;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        };
+        addr.cast(NumberMsg::Crash(format!("crash {i}"))).unwrap();
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let mut status = h.fleet.status().await.unwrap();
+    while status.parked.is_empty() {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        status = h.fleet.status().await.unwrap();
+    }
+    assert_eq!(status.parked, vec![(a.clone(), "crash 11".to_owned())]);
+    assert_eq!(h.fleet.counters().numbers(NumberPhase::Failed), 1);
+    assert_eq!(h.fleet.counters().numbers(NumberPhase::Online), 1);
+    assert_eq!(h.net.starts(&a), 11, "no restart after parking");
+    // The fleet and the sibling keep working.
+    h.net
+        .latest(&b)
+        .inject(dm(&phone("+4915100007"), "B1", "hi"));
+    eventually("b answered", || replies_to(&h.net.sent(&b), "B1") == 1).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn ai_jobs_answer_and_time_out_to_the_fallback() {
+    let n = phone("+15550008");
+    let h = harness(&[&n], Duration::from_millis(500)).await;
+    let s = h.net.latest(&n);
+    s.inject(dm(&phone("+4915100008"), "Q1", "ai what is up"));
+    eventually("model answered", || replies_to(&h.net.sent(&n), "Q1") == 1).await;
+    assert_eq!(h.net.sent(&n)[0].text, "model: what is up");
+
+    let slow = phone("+15550009");
+    let h2 = harness(&[&slow], Duration::from_secs(10)).await;
+    h2.net
+        .latest(&slow)
+        .inject(dm(&phone("+4915100009"), "Q2", "ai too slow"));
+    eventually("fallback", || replies_to(&h2.net.sent(&slow), "Q2") == 1).await;
+    assert_eq!(h2.net.sent(&slow)[0].text, "fallback");
+}
+
+#[tokio::test(start_paused = true)]
+async fn echoes_and_groups_are_acknowledged_but_not_answered() {
+    let n = phone("+15550010");
+    let h = harness(&[&n], Duration::ZERO).await;
+    let s = h.net.latest(&n);
+    let mut echo = dm(&phone("+4915100010"), "E1", "our own send");
+    echo.is_from_me = true;
+    s.inject(echo);
+    let mut group = dm(&phone("+4915100011"), "G1", "hello group");
+    group.chat = Jid::group("120363-77").unwrap();
+    s.inject(group);
+    s.inject(dm(&phone("+4915100012"), "D1", "hi"));
+    eventually("dm answered", || replies_to(&h.net.sent(&n), "D1") == 1).await;
+    eventually("all acked", || s.acked.lock().unwrap().len() == 3).await;
+    assert_eq!(h.net.sent(&n).len(), 1);
+}
