@@ -23,7 +23,14 @@ async fn main() -> ExitCode {
 async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Demo(args) => {
-            switchboard::telemetry::init_logging("error", false);
+            // Chaos panics are expected and counted as restarts; keep them off the progress line.
+            let filter = if args.chaos {
+                "error,switchboard::panic=off"
+            } else {
+                "error"
+            };
+            switchboard::telemetry::init_logging(filter, false);
+            switchboard::telemetry::log_panics();
             let opts = DemoOptions {
                 numbers: args.numbers,
                 duration: args.duration,
@@ -41,6 +48,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             command: SimCommand::Serve { listen, seed },
         } => {
             switchboard::telemetry::init_logging("info", false);
+            switchboard::telemetry::log_panics();
             let listener = tokio::net::TcpListener::bind(listen).await?;
             tracing::info!(%listen, "simulator listening");
             let network = Network::new(SimConfig {

@@ -40,3 +40,18 @@ pub fn init_logging(default_filter: &str, json: bool) {
         builder.try_init()
     };
 }
+
+/// Reports panics (actor crashes among them) as one structured log line on the
+/// `switchboard::panic` target instead of raw text on stderr; the supervisor restarts the actor.
+pub fn log_panics() {
+    std::panic::set_hook(Box::new(|info| {
+        let location = info.location().map(ToString::to_string).unwrap_or_default();
+        let message = info
+            .payload()
+            .downcast_ref::<&str>()
+            .map(|s| (*s).to_owned())
+            .or_else(|| info.payload().downcast_ref::<String>().cloned())
+            .unwrap_or_default();
+        tracing::error!(target: "switchboard::panic", %location, %message, "panic");
+    }));
+}

@@ -84,13 +84,15 @@ impl Pacer {
     async fn deliver(&mut self, msg: OutboundText) {
         let mut retry = Duration::from_millis(500);
         loop {
-            self.bucket.take().await;
             let Some(session) = self.resources.session() else {
                 tokio::time::sleep(retry).await;
                 retry = (retry * 2).min(Duration::from_secs(30));
                 continue;
             };
             self.type_for(&msg, session.as_ref()).await;
+            // The token is taken right before the send, so the network sees sends spaced by the
+            // bucket whatever the typing times were.
+            self.bucket.take().await;
             let outcome = session.send_text(msg.clone()).await;
             let label = match &outcome {
                 Ok(_) => "ok",
