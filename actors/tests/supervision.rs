@@ -541,3 +541,29 @@ async fn echoes_and_groups_are_acknowledged_but_not_answered() {
     eventually("all acked", || s.acked.lock().unwrap().len() == 3).await;
     assert_eq!(h.net.sent(&n).len(), 1);
 }
+
+#[tokio::test(start_paused = true)]
+async fn idle_conversations_are_passivated_and_start_again_on_the_next_message() {
+    let n = phone("+15550011");
+    let h = harness(&[&n], Duration::ZERO).await;
+    let s = h.net.latest(&n);
+    let contact = phone("+4915100013");
+    s.inject(dm(&contact, "I1", "hi"));
+    eventually("answered", || replies_to(&h.net.sent(&n), "I1") == 1).await;
+    assert_eq!(chats(&h, &n).await.len(), 1);
+    tokio::time::sleep(Settings::default().conversation_idle + Duration::from_secs(1)).await;
+    assert!(
+        chats(&h, &n).await.is_empty(),
+        "the idle conversation stopped and was forgotten"
+    );
+    s.inject(dm(&contact, "I2", "back again"));
+    eventually("answered after passivation", || {
+        replies_to(&h.net.sent(&n), "I2") == 1
+    })
+    .await;
+    assert_eq!(
+        h.fleet.counters().restarts.load(Ordering::Relaxed),
+        0,
+        "passivation is not a restart"
+    );
+}
