@@ -253,6 +253,16 @@ fn replies_to(sent: &[OutboundText], inbound: &str) -> usize {
         .count()
 }
 
+async fn actor_id(h: &Harness, n: &PhoneNumber) -> ractor::ActorId {
+    h.fleet
+        .number(n.clone())
+        .await
+        .unwrap()
+        .unwrap()
+        .actor()
+        .get_id()
+}
+
 async fn chats(h: &Harness, n: &PhoneNumber) -> Vec<ChatStatus> {
     let number = h.fleet.number(n.clone()).await.unwrap().unwrap();
     let conv = number
@@ -417,22 +427,8 @@ async fn a_number_crash_restarts_only_that_numbers_subtree() {
     let contact = phone("+4915100006");
     h.net.latest(&b).inject(dm(&contact, "B1", "hi"));
     eventually("b answered", || replies_to(&h.net.sent(&b), "B1") == 1).await;
-    let a_before = h
-        .fleet
-        .number(a.clone())
-        .await
-        .unwrap()
-        .unwrap()
-        .actor()
-        .get_id();
-    let b_before = h
-        .fleet
-        .number(b.clone())
-        .await
-        .unwrap()
-        .unwrap()
-        .actor()
-        .get_id();
+    let a_before = actor_id(&h, &a).await;
+    let b_before = actor_id(&h, &b).await;
 
     let a_addr = h.fleet.number(a.clone()).await.unwrap().unwrap();
     a_addr.cast(NumberMsg::Crash("injected".into())).unwrap();
@@ -442,14 +438,7 @@ async fn a_number_crash_restarts_only_that_numbers_subtree() {
     })
     .await;
 
-    let a_after = h
-        .fleet
-        .number(a.clone())
-        .await
-        .unwrap()
-        .unwrap()
-        .actor()
-        .get_id();
+    let a_after = actor_id(&h, &a).await;
     assert_ne!(a_before, a_after);
     assert!(
         h.net.sessions.lock().unwrap()[&a][0]
@@ -457,16 +446,7 @@ async fn a_number_crash_restarts_only_that_numbers_subtree() {
             .load(Ordering::SeqCst),
         "the crashed number's session was closed by the fleet"
     );
-    assert_eq!(
-        h.fleet
-            .number(b.clone())
-            .await
-            .unwrap()
-            .unwrap()
-            .actor()
-            .get_id(),
-        b_before
-    );
+    assert_eq!(actor_id(&h, &b).await, b_before);
     assert_eq!(h.net.starts(&b), 1);
     let b_chats = chats(&h, &b).await;
     assert_eq!(b_chats.len(), 1, "b's conversation survived a's crash");
