@@ -30,7 +30,6 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 "error"
             };
             switchboard::telemetry::init_logging(filter, false);
-            switchboard::telemetry::log_panics();
             let opts = DemoOptions {
                 numbers: args.numbers,
                 duration: args.duration,
@@ -48,7 +47,6 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             command: SimCommand::Serve { listen, seed },
         } => {
             switchboard::telemetry::init_logging("info", false);
-            switchboard::telemetry::log_panics();
             let listener = tokio::net::TcpListener::bind(listen).await?;
             tracing::info!(%listen, "simulator listening");
             let network = Network::new(SimConfig {

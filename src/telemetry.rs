@@ -27,13 +27,15 @@ pub fn prometheus() -> PrometheusHandle {
         .clone()
 }
 
-/// Structured logs to stderr; `RUST_LOG` overrides `default_filter`.
+/// Structured logs to stderr, panics included as one line each; `RUST_LOG` overrides
+/// `default_filter`.
 pub fn init_logging(default_filter: &str, json: bool) {
     let filter =
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
+    log_panics();
     let _ = if json {
         builder.json().try_init()
     } else {
@@ -43,7 +45,7 @@ pub fn init_logging(default_filter: &str, json: bool) {
 
 /// Reports panics (actor crashes among them) as one structured log line on the
 /// `switchboard::panic` target instead of raw text on stderr; the supervisor restarts the actor.
-pub fn log_panics() {
+fn log_panics() {
     std::panic::set_hook(Box::new(|info| {
         let location = info.location().map(ToString::to_string).unwrap_or_default();
         let message = info

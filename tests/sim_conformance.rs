@@ -109,6 +109,18 @@ impl Client {
         }
     }
 
+    /// Waits for the first message event matching `pred` and returns the message.
+    async fn message(&self, what: &str, pred: impl Fn(&InboundMessage) -> bool) -> InboundMessage {
+        match self
+            .wait(what, |e| matches!(e, WaEvent::Message(m) if pred(m)))
+            .await
+            .1
+        {
+            WaEvent::Message(m) => m,
+            other => unreachable!("{other:?}"),
+        }
+    }
+
     fn count(&self, pred: impl Fn(&WaEvent) -> bool) -> usize {
         self.events
             .lock()
@@ -276,12 +288,7 @@ async fn sends_get_a_server_ack_an_echo_and_receipts() {
         .await
         .unwrap();
     assert_eq!(ack.id.as_str(), "3EB0AAAA0001");
-    let (_, echo) = c
-        .wait("echo", |e| matches!(e, WaEvent::Message(m) if m.is_from_me))
-        .await;
-    let WaEvent::Message(echo) = echo else {
-        unreachable!()
-    };
+    let echo = c.message("echo", |m| m.is_from_me).await;
     assert_eq!(
         (echo.id.as_str(), &echo.chat),
         ("3EB0AAAA0001", &contact.jid())
@@ -361,26 +368,11 @@ async fn dms_and_groups_carry_lid_and_phone_addresses() {
     let (c, _) = paired(&net, &n).await;
     let dm_id = net.contact_sends(&n, &contact, "hi", None);
     let group_id = net.contact_sends(&n, &contact, "hi all", Some("120363-42"));
-    let find = |id: MessageId| {
-        let c = &c;
-        async move {
-            let (_, e) = c
-                .wait(
-                    "message",
-                    |e| matches!(e, WaEvent::Message(m) if m.id == id),
-                )
-                .await;
-            let WaEvent::Message(m) = e else {
-                unreachable!()
-            };
-            m
-        }
-    };
-    let dm: InboundMessage = find(dm_id).await;
+    let dm = c.message("dm", |m| m.id == dm_id).await;
     assert_eq!(dm.chat, contact.jid());
     assert!(!dm.chat.is_group() && !dm.is_from_me);
     assert_eq!(dm.sender_alt.as_ref().map(Jid::server), Some(Server::Lid));
-    let group = find(group_id).await;
+    let group = c.message("group message", |m| m.id == group_id).await;
     assert!(group.chat.is_group());
     assert_eq!(
         group.sender.server(),
@@ -403,14 +395,8 @@ async fn unacknowledged_inbound_is_redelivered_after_a_disconnect() {
     let (c, _) = paired(&net, &n).await;
     let m1 = net.contact_sends(&n, &contact, "one", None);
     let m2 = net.contact_sends(&n, &contact, "two", None);
-    let (_, e1) = c
-        .wait("m1", |e| matches!(e, WaEvent::Message(m) if m.id == m1))
-        .await;
-    c.wait("m2", |e| matches!(e, WaEvent::Message(m) if m.id == m2))
-        .await;
-    let WaEvent::Message(e1) = e1 else {
-        unreachable!()
-    };
+    let e1 = c.message("m1", |m| m.id == m1).await;
+    c.message("m2", |m| m.id == m2).await;
     c.session.ack(&e1.chat, &e1.sender, &e1.id);
     tokio::time::sleep(Duration::from_millis(10)).await;
     c.clear();

@@ -8,7 +8,8 @@ use std::time::Duration;
 use serde_json::{Value, json};
 use switchboard::sim::{Dialer, Network, SimConfig, SimConnector, server};
 use switchboard_actors::transport::{
-    AccountSpec, Credentials, MessageId, OutboundText, SendError, WaConnector, WaEvent, WaSession,
+    AccountSpec, Credentials, InboundMessage, MessageId, OutboundText, SendError, WaConnector,
+    WaEvent, WaSession,
 };
 use switchboard_actors::{Jid, PhoneNumber};
 
@@ -52,6 +53,20 @@ impl Client {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         panic!("no {what}; events: {:?}", self.events.lock().unwrap());
+    }
+
+    /// Waits for the message with id `id` and returns it.
+    async fn message(&self, what: &str, id: &str) -> InboundMessage {
+        match self
+            .wait(
+                what,
+                |e| matches!(e, WaEvent::Message(m) if m.id.as_str() == id),
+            )
+            .await
+        {
+            WaEvent::Message(m) => m,
+            other => unreachable!("{other:?}"),
+        }
     }
 
     fn count(&self, pred: impl Fn(&WaEvent) -> bool) -> usize {
@@ -174,15 +189,7 @@ async fn every_control_route_and_the_ledger_agree_with_what_happened() {
         )
         .await;
     let id1 = body["id"].as_str().unwrap().to_owned();
-    let WaEvent::Message(m1) = c1
-        .wait(
-            "inbound",
-            |e| matches!(e, WaEvent::Message(m) if m.id.as_str() == id1),
-        )
-        .await
-    else {
-        unreachable!()
-    };
+    let m1 = c1.message("inbound", &id1).await;
     c1.session.ack(&m1.chat, &m1.sender, &m1.id);
     c1.session
         .send_text(out("3EB0R1", contact, Some(&id1)))
@@ -228,15 +235,7 @@ async fn every_control_route_and_the_ledger_agree_with_what_happened() {
         )
         .await;
     let gid = g["id"].as_str().unwrap().to_owned();
-    let WaEvent::Message(gm) = c1
-        .wait(
-            "group message",
-            |e| matches!(e, WaEvent::Message(m) if m.id.as_str() == gid),
-        )
-        .await
-    else {
-        unreachable!()
-    };
+    let gm = c1.message("group message", &gid).await;
     assert_eq!(gm.chat, Jid::group("120363-5").unwrap());
     assert_eq!(
         api.post(
