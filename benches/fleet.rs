@@ -12,9 +12,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use switchboard::sim::{Dialer, Network, SimConfig, SimConnector};
-use switchboard_actors::dead_letter::MemoryDeadLetters;
 use switchboard_actors::number::NumberMsg;
-use switchboard_actors::session_store::{MemorySessionStore, SessionStore};
+use switchboard_actors::store::{Coordinator, Fence, MemoryStore, Store};
 use switchboard_actors::transport::Credentials;
 use switchboard_actors::{Deps, Fleet, FleetCounters, NumberPhase, PhoneNumber, Settings};
 use tokio::time::Instant;
@@ -37,13 +36,17 @@ fn main() -> anyhow::Result<()> {
 
 async fn run(n: usize) -> anyhow::Result<serde_json::Value> {
     let network = Network::new(SimConfig::default());
-    let sessions = Arc::new(MemorySessionStore::default());
+    let store = Arc::new(MemoryStore::default());
     let numbers: Vec<PhoneNumber> = (1..=n)
         .map(|i| PhoneNumber::parse(&format!("+1555{i:07}")))
         .collect::<Result<_, _>>()?;
     for number in &numbers {
         let creds = network.create_paired_account(number);
-        sessions.save(number, &Credentials(creds)).await?;
+        let fence = Fence {
+            number: number.clone(),
+            token: store.acquire(number).await?,
+        };
+        store.save_session(&fence, &Credentials(creds)).await?;
     }
     let settings = Settings {
         typing_per_char: Duration::ZERO,
@@ -53,8 +56,8 @@ async fn run(n: usize) -> anyhow::Result<serde_json::Value> {
         connector: Arc::new(SimConnector::new(Dialer::Local(network.clone()))),
         responder: Arc::new(switchboard::bot::KeywordBot),
         ai: Arc::new(switchboard::bot::CannedModel),
-        sessions,
-        dead_letters: Arc::new(MemoryDeadLetters::new(100)),
+        store: store.clone(),
+        coordinator: store,
         settings,
         counters: Arc::new(FleetCounters::default()),
     };

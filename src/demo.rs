@@ -18,10 +18,9 @@ use axum::routing::get;
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use serde::Serialize;
-use switchboard_actors::dead_letter::MemoryDeadLetters;
 use switchboard_actors::number::NumberMsg;
 use switchboard_actors::responder::Responder;
-use switchboard_actors::session_store::MemorySessionStore;
+use switchboard_actors::store::MemoryStore;
 use switchboard_actors::{Deps, Fleet, FleetCounters, NumberPhase, PhoneNumber, Settings};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -115,12 +114,13 @@ pub async fn run(
     } else {
         Arc::new(KeywordBot)
     };
+    let store = Arc::new(MemoryStore::default());
     let deps = Deps {
         connector: Arc::new(SimConnector::new(Dialer::Local(network.clone()))),
         responder,
         ai: Arc::new(CannedModel),
-        sessions: Arc::new(MemorySessionStore::default()),
-        dead_letters: Arc::new(MemoryDeadLetters::new(10_000)),
+        store: store.clone(),
+        coordinator: store,
         settings: Settings::default(),
         counters: Arc::new(FleetCounters::default()),
     };

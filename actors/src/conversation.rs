@@ -1,10 +1,13 @@
 //! The conversation actor: one per chat, started on its first message, stopped when idle.
 //!
-//! It asks the [`Responder`](crate::responder::Responder) for each message, queues the reply on
-//! the number's pacer with an id derived from the inbound id, and reports the message processed
-//! to its supervisor, which acknowledges it to the network. Replies that need a model run in an
-//! AI job actor; the message counts as processed when the job's answer (or the fallback) is
-//! queued. A crash loses nothing: the supervisor redelivers every unprocessed message.
+//! It asks the [`Responder`](crate::responder::Responder) for each message and commits the
+//! outcome in one store transaction ([`Store::complete`](crate::store::Store::complete)): the
+//! message's processed mark, its reply as an outbox row with an id derived from the inbound id
+//! and step, and the chat's checkpoint. Then it hands the reply to the number's pacer and reports
+//! the message processed to its supervisor, which acknowledges it to the network. Replies that
+//! need a model run in an AI job actor; the message is completed when the job's answer (or the
+//! fallback) is ready. A crash loses nothing: the supervisor redelivers every unprocessed
+//! message, and a reply already in the outbox is never queued twice.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -16,9 +19,10 @@ use crate::addr::Addr;
 use crate::ai_job::{AiJobActor, AiJobArgs};
 use crate::conversations::ConversationsMsg;
 use crate::deps::Deps;
-use crate::ids::{Jid, PhoneNumber};
+use crate::ids::Jid;
 use crate::pacer::PacerHandle;
 use crate::responder::{AiError, ChatContext, Reply};
+use crate::store::{Completion, Fence};
 use crate::telemetry::Mailbox;
 use crate::transport::{InboundMessage, MessageId, OutboundText};
 
@@ -42,8 +46,8 @@ pub enum ConversationMsg {
 
 /// What a conversation is started with.
 pub struct ConversationArgs {
-    /// The number it belongs to.
-    pub number: PhoneNumber,
+    /// The number it belongs to, with its ownership's token.
+    pub fence: Fence,
     /// The chat.
     pub chat: Jid,
     /// Its own mailbox counter (the supervisor holds the same).
@@ -93,6 +97,10 @@ impl Actor for ConversationActor {
         let addr = Addr::new(myself, state.args.mailbox.clone());
         schedule_idle_check(&addr, state.args.deps.settings.conversation_idle);
         state.myself = Some(addr);
+        let a = &state.args;
+        if let Some(ctx) = a.deps.store.checkpoint(&a.fence.number, &a.chat).await? {
+            state.ctx = ctx;
+        }
         Ok(())
     }
 
@@ -105,10 +113,7 @@ impl Actor for ConversationActor {
         state.args.mailbox.dequeued();
         match message {
             ConversationMsg::Deliver(msg) => deliver(&myself, state, msg).await,
-            ConversationMsg::AiDone { inbound, result } => {
-                ai_done(state, &inbound, result);
-                Ok(())
-            }
+            ConversationMsg::AiDone { inbound, result } => ai_done(state, &inbound, result).await,
             ConversationMsg::IdleCheck => {
                 idle_check(&myself, state);
                 Ok(())
@@ -129,7 +134,7 @@ impl Actor for ConversationActor {
             tracing::warn!(error = %err, "AI job crashed");
             if let Some((msg, fallback)) = state.jobs.remove(&cell.get_id()) {
                 metrics::counter!(crate::telemetry::AI_JOBS, "outcome" => "crashed").increment(1);
-                answer(state, &msg, fallback);
+                answer(state, &msg, Some(fallback)).await?;
             }
         }
         Ok(())
@@ -144,8 +149,8 @@ async fn deliver(
     state.last_activity = Instant::now();
     state.ctx.turns += 1;
     match state.args.deps.responder.respond(&state.ctx, &msg) {
-        Reply::Text(text) => answer(state, &msg, text),
-        Reply::Nothing => processed(state, &msg),
+        Reply::Text(text) => answer(state, &msg, Some(text)).await?,
+        Reply::Nothing => answer(state, &msg, None).await?,
         Reply::Ai { prompt, fallback } => {
             let Some(reply_to) = state.myself.clone() else {
                 return Err("conversation used before post_start".into());
@@ -165,41 +170,64 @@ async fn deliver(
     Ok(())
 }
 
-fn ai_done(state: &mut ConversationState, inbound: &MessageId, result: Result<String, AiError>) {
+async fn ai_done(
+    state: &mut ConversationState,
+    inbound: &MessageId,
+    result: Result<String, AiError>,
+) -> Result<(), ActorProcessingErr> {
     let Some(job) = state
         .jobs
         .iter()
         .find_map(|(id, (msg, _))| (msg.id == *inbound).then_some(*id))
     else {
-        return;
+        return Ok(());
     };
     if let Some((msg, fallback)) = state.jobs.remove(&job) {
         let text = result.unwrap_or_else(|e| {
             tracing::warn!(error = %e, "AI job failed; answering with the fallback");
             fallback
         });
-        answer(state, &msg, text);
+        answer(state, &msg, Some(text)).await?;
     }
+    Ok(())
 }
 
-/// Queues `text` as the reply to `msg`, then reports `msg` processed.
-fn answer(state: &mut ConversationState, msg: &InboundMessage, text: String) {
+/// Commits `msg` as processed with `text` as its reply, hands the reply to the pacer if it is
+/// newly queued, and reports `msg` processed. A store error crashes the conversation: the
+/// supervisor redelivers the message to a fresh one.
+async fn answer(
+    state: &mut ConversationState,
+    msg: &InboundMessage,
+    text: Option<String>,
+) -> Result<(), ActorProcessingErr> {
     let a = &state.args;
-    let reply = OutboundText {
-        id: MessageId::derived(&a.number, &a.chat, &msg.id, 0),
-        to: a.chat.clone(),
-        text,
-        reply_to: Some(msg.id.clone()),
+    let replies: Vec<OutboundText> = text
+        .into_iter()
+        .map(|text| OutboundText {
+            id: MessageId::derived(&a.fence.number, &a.chat, &msg.id, 0),
+            to: a.chat.clone(),
+            text,
+            reply_to: Some(msg.id.clone()),
+        })
+        .collect();
+    let done = Completion {
+        chat: a.chat.clone(),
+        sender: msg.sender.clone(),
+        inbound: msg.id.clone(),
+        replies: replies.clone(),
+        checkpoint: state.ctx.clone(),
     };
-    a.pacer.enqueue(reply);
-    processed(state, msg);
-}
-
-fn processed(state: &ConversationState, msg: &InboundMessage) {
-    let _ = state.args.parent.cast(ConversationsMsg::Processed {
-        chat: state.args.chat.clone(),
+    let queued = a.deps.store.complete(&a.fence, done).await?;
+    for reply in replies {
+        if queued.contains(&reply.id) {
+            a.pacer.enqueue(reply);
+        }
+    }
+    let _ = a.parent.cast(ConversationsMsg::Processed {
+        chat: a.chat.clone(),
         id: msg.id.clone(),
     });
+    Ok(())
 }
 
 fn idle_check(myself: &ActorRef<ConversationMsg>, state: &ConversationState) {

@@ -1,12 +1,15 @@
 //! The conversation supervisor: one per number, one child per chat.
 //!
-//! It is the number's intake. Every inbound message stays in its chat's `pending` queue until the
-//! conversation reports it processed; only then is it acknowledged to the network. So when a
-//! conversation panics (and ractor drops its queued messages), nothing is lost: the supervisor
-//! restarts the child under its own [`RestartTracker`] and redelivers the pending messages in
-//! order. When the child's budget is spent, the chat is parked `failed` for a cooldown and its
-//! pending messages are dead-lettered with the reason — never silently dropped. Siblings and the
-//! number are untouched.
+//! It is the number's intake. Every inbound message is committed to the store's inbound log
+//! (deduplicated) before its conversation sees it, and stays in its chat's `pending` queue until
+//! the conversation reports it processed; only then is it acknowledged to the network. A chat's
+//! messages reach its conversation in arrival order: only the committed prefix of the queue is
+//! delivered. So when a conversation panics (and ractor drops its queued messages), nothing is
+//! lost: the supervisor restarts the child under its own [`RestartTracker`] and redelivers the
+//! pending messages in order; and when the whole node dies, the log still holds them and the
+//! supervisor reloads them on start. When the child's budget is spent, the chat is parked
+//! `failed` for a cooldown and its pending messages are dead-lettered with the reason — never
+//! silently dropped. Siblings and the number are untouched.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
@@ -16,12 +19,14 @@ use tokio::time::Instant;
 
 use crate::addr::Addr;
 use crate::conversation::{ConversationActor, ConversationArgs, ConversationMsg};
-use crate::dead_letter::{DeadLetter, DeadLetterReason};
+use crate::dead_letter::DeadLetterReason;
 use crate::deps::{Deps, FleetCounters, NumberResources};
-use crate::ids::{Jid, PhoneNumber};
-use crate::pacer::PacerHandle;
+use crate::ids::Jid;
+use crate::number::NumberMsg;
+use crate::pacer::{PacerHandle, retry_delays};
 use crate::restart::{Decision, Exit, RestartTracker};
-use crate::telemetry::{ActorKind, CONVERSATIONS_ACTIVE, Mailbox, PARKED, RESTARTS};
+use crate::store::{Fence, Recorded, StoreError};
+use crate::telemetry::{ActorKind, CONVERSATIONS_ACTIVE, DEAD_LETTERS, Mailbox, PARKED, RESTARTS};
 use crate::transport::{InboundMessage, MessageId};
 
 /// How many processed message ids a chat remembers to drop redeliveries.
@@ -34,6 +39,15 @@ pub struct ConversationsActor;
 pub enum ConversationsMsg {
     /// A message for one of the chats.
     Inbound(InboundMessage),
+    /// The store answered for a message: committed, or already there.
+    Committed {
+        /// The chat.
+        chat: Jid,
+        /// The message.
+        id: MessageId,
+        /// What the store found.
+        result: Result<Recorded, StoreError>,
+    },
     /// A conversation finished a message.
     Processed {
         /// The chat.
@@ -80,8 +94,10 @@ pub enum ChatPhase {
 
 /// What the supervisor is started with.
 pub struct ConversationsArgs {
-    /// The number.
-    pub number: PhoneNumber,
+    /// The number and its ownership's token, carried by every write.
+    pub fence: Fence,
+    /// The number actor, told when a write is fenced.
+    pub number: Addr<NumberMsg>,
     /// Its own mailbox counter.
     pub mailbox: Mailbox,
     /// The number's session and tasks.
@@ -92,9 +108,18 @@ pub struct ConversationsArgs {
     pub deps: Deps,
 }
 
+/// A message waiting to be processed.
+struct Entry {
+    msg: InboundMessage,
+    /// In the inbound log.
+    committed: bool,
+    /// Handed to the running conversation actor.
+    delivered: bool,
+}
+
 struct Chat {
     actor: Option<Addr<ConversationMsg>>,
-    pending: VecDeque<InboundMessage>,
+    pending: VecDeque<Entry>,
     tracker: RestartTracker,
     phase: ChatPhase,
     seen: HashSet<MessageId>,
@@ -128,6 +153,36 @@ impl Actor for ConversationsActor {
         })
     }
 
+    async fn post_start(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        // Whatever earlier owners committed and did not finish is processed first.
+        let left = state
+            .args
+            .deps
+            .store
+            .unprocessed(&state.args.fence.number)
+            .await?;
+        if !left.is_empty() {
+            tracing::info!(number = %state.args.fence.number, count = left.len(), "resuming");
+        }
+        for msg in left {
+            let jid = msg.chat.clone();
+            chat_of(state, &jid).pending.push_back(Entry {
+                msg,
+                committed: true,
+                delivered: false,
+            });
+        }
+        let idle: Vec<Jid> = state.chats.keys().cloned().collect();
+        for jid in idle {
+            start(state, &jid).await;
+        }
+        Ok(())
+    }
+
     async fn post_stop(
         &self,
         _myself: ActorRef<Self::Msg>,
@@ -147,7 +202,10 @@ impl Actor for ConversationsActor {
         state.args.mailbox.dequeued();
         match message {
             ConversationsMsg::Inbound(msg) => inbound(state, msg).await,
-            ConversationsMsg::Processed { chat, id } => processed(state, &chat, &id),
+            ConversationsMsg::Committed { chat, id, result } => {
+                committed(state, &chat, &id, result);
+            }
+            ConversationsMsg::Processed { chat, id } => done(state, &chat, &id),
             ConversationsMsg::Respawn(chat) => {
                 let due = state
                     .chats
@@ -183,23 +241,27 @@ impl Actor for ConversationsActor {
     }
 }
 
-async fn inbound(state: &mut ConversationsState, msg: InboundMessage) {
+fn chat_of<'a>(state: &'a mut ConversationsState, jid: &Jid) -> &'a mut Chat {
     let policy = state.args.deps.settings.conversation_policy;
-    let chat = state.chats.entry(msg.chat.clone()).or_insert_with(|| Chat {
+    state.chats.entry(jid.clone()).or_insert_with(|| Chat {
         actor: None,
         pending: VecDeque::new(),
-        tracker: RestartTracker::new(policy, Instant::now(), seed_of(&msg.chat)),
+        tracker: RestartTracker::new(policy, Instant::now(), seed_of(jid)),
         phase: ChatPhase::Idle,
         seen: HashSet::new(),
         seen_order: VecDeque::new(),
         restarts: 0,
-    });
+    })
+}
+
+async fn inbound(state: &mut ConversationsState, msg: InboundMessage) {
+    let chat = chat_of(state, &msg.chat);
     if chat.seen.contains(&msg.id) {
         // A redelivery of something already processed: our ack was lost; ack again.
         ack(&state.args.resources, &msg);
         return;
     }
-    if chat.pending.iter().any(|p| p.id == msg.id) {
+    if chat.pending.iter().any(|p| p.msg.id == msg.id) {
         return;
     }
     if let ChatPhase::Parked { last_error, until } = &chat.phase {
@@ -213,16 +275,84 @@ async fn inbound(state: &mut ConversationsState, msg: InboundMessage) {
         chat.tracker.reset(Instant::now());
         chat.phase = ChatPhase::Idle;
     }
-    chat.pending.push_back(msg.clone());
-    match (&chat.phase, &chat.actor) {
-        (ChatPhase::Running, Some(actor)) => {
-            let _ = actor.cast(ConversationMsg::Deliver(msg));
+    chat.pending.push_back(Entry {
+        msg: msg.clone(),
+        committed: false,
+        delivered: false,
+    });
+    let idle = chat.phase == ChatPhase::Idle;
+    record(state, msg.clone());
+    if idle {
+        start(state, &msg.chat).await;
+    }
+}
+
+/// Commits `msg` to the inbound log, retrying while the store is unavailable, and reports back.
+fn record(state: &ConversationsState, msg: InboundMessage) {
+    let store = state.args.deps.store.clone();
+    let fence = state.args.fence.clone();
+    let myself = state.myself.clone();
+    let first = store.record_inbound(&fence, &msg);
+    tokio::spawn(async move {
+        let mut result = first.await;
+        let mut delays = retry_delays();
+        while let Err(StoreError::Unavailable(e)) = &result {
+            tracing::warn!(number = %fence.number, error = %e, "inbound not committed; retrying");
+            tokio::time::sleep(delays.next().unwrap_or(std::time::Duration::from_secs(30))).await;
+            result = store.record_inbound(&fence, &msg).await;
         }
-        (ChatPhase::Idle, _) => {
-            let jid = msg.chat.clone();
-            start(state, &jid).await;
+        let _ = myself.cast(ConversationsMsg::Committed {
+            chat: msg.chat,
+            id: msg.id,
+            result,
+        });
+    });
+}
+
+fn committed(
+    state: &mut ConversationsState,
+    jid: &Jid,
+    id: &MessageId,
+    result: Result<Recorded, StoreError>,
+) {
+    let Some(chat) = state.chats.get_mut(jid) else {
+        return;
+    };
+    let Some(pos) = chat.pending.iter().position(|e| e.msg.id == *id) else {
+        return;
+    };
+    match result {
+        Ok(Recorded::New | Recorded::Duplicate { processed: false }) => {
+            if let Some(entry) = chat.pending.get_mut(pos) {
+                entry.committed = true;
+            }
+            deliver_ready(chat);
         }
-        _ => {}
+        Ok(Recorded::Duplicate { processed: true }) => done(state, jid, id),
+        Err(e @ StoreError::Fenced { .. }) => {
+            let _ = state.args.number.cast(NumberMsg::Fenced(e));
+        }
+        Err(e) => {
+            // Not acknowledged: the network redelivers it after the next reconnect.
+            tracing::error!(chat = %jid, message_id = %id, error = %e, "inbound not committed");
+            chat.pending.remove(pos);
+        }
+    }
+}
+
+/// Hands the running conversation the committed prefix of the queue it has not seen yet.
+fn deliver_ready(chat: &mut Chat) {
+    let (ChatPhase::Running, Some(actor)) = (&chat.phase, &chat.actor) else {
+        return;
+    };
+    for entry in chat.pending.iter_mut() {
+        if !entry.committed {
+            break;
+        }
+        if !entry.delivered {
+            entry.delivered = true;
+            let _ = actor.cast(ConversationMsg::Deliver(entry.msg.clone()));
+        }
     }
 }
 
@@ -230,7 +360,7 @@ async fn inbound(state: &mut ConversationsState, msg: InboundMessage) {
 async fn start(state: &mut ConversationsState, jid: &Jid) {
     let mailbox = Mailbox::new(ActorKind::Conversation);
     let args = ConversationArgs {
-        number: state.args.number.clone(),
+        fence: state.args.fence.clone(),
         chat: jid.clone(),
         mailbox: mailbox.clone(),
         parent: state.myself.clone(),
@@ -247,12 +377,13 @@ async fn start(state: &mut ConversationsState, jid: &Jid) {
             metrics::gauge!(CONVERSATIONS_ACTIVE).increment(1.0);
             let addr = Addr::new(actor, mailbox);
             state.by_actor.insert(addr.actor().get_id(), jid.clone());
-            for msg in &chat.pending {
-                let _ = addr.cast(ConversationMsg::Deliver(msg.clone()));
-            }
             chat.actor = Some(addr);
             chat.phase = ChatPhase::Running;
             chat.tracker.started(Instant::now());
+            for entry in chat.pending.iter_mut() {
+                entry.delivered = false;
+            }
+            deliver_ready(chat);
         }
         Err(e) => {
             tracing::error!(error = %e, chat = %jid, "conversation failed to start");
@@ -265,14 +396,15 @@ async fn start(state: &mut ConversationsState, jid: &Jid) {
     }
 }
 
-fn processed(state: &mut ConversationsState, jid: &Jid, id: &MessageId) {
+/// The message is processed (its outcome committed): acknowledge it and remember its id.
+fn done(state: &mut ConversationsState, jid: &Jid, id: &MessageId) {
     let Some(chat) = state.chats.get_mut(jid) else {
         return;
     };
-    let Some(pos) = chat.pending.iter().position(|m| m.id == *id) else {
+    let Some(pos) = chat.pending.iter().position(|e| e.msg.id == *id) else {
         return;
     };
-    if let Some(msg) = chat.pending.remove(pos) {
+    if let Some(Entry { msg, .. }) = chat.pending.remove(pos) {
         ack(&state.args.resources, &msg);
         if chat.seen_order.len() == SEEN_CAPACITY
             && let Some(old) = chat.seen_order.pop_front()
@@ -330,7 +462,7 @@ fn park(state: &mut ConversationsState, jid: &Jid, last_error: String) {
         last_error: last_error.clone(),
         until: Instant::now() + state.args.deps.settings.park_cooldown,
     };
-    let pending: Vec<_> = chat.pending.drain(..).collect();
+    let pending: Vec<_> = chat.pending.drain(..).map(|e| e.msg).collect();
     for msg in pending {
         let reason = DeadLetterReason::RestartBudgetSpent {
             last_error: last_error.clone(),
@@ -339,14 +471,29 @@ fn park(state: &mut ConversationsState, jid: &Jid, last_error: String) {
     }
 }
 
-/// Sets a message aside with its reason and acknowledges it: it is accounted for.
+/// Sets a message aside with its reason and acknowledges it once that is committed: it is
+/// accounted for.
 fn dead_letter(args: &ConversationsArgs, message: InboundMessage, reason: DeadLetterReason) {
-    ack(&args.resources, &message);
+    tracing::warn!(
+        number = %args.fence.number,
+        message_id = %message.id,
+        %reason,
+        "message dead-lettered"
+    );
+    metrics::counter!(DEAD_LETTERS, "reason" => reason.label()).increment(1);
     FleetCounters::bump(&args.deps.counters.dead_letters);
-    args.deps.dead_letters.put(DeadLetter {
-        number: args.number.clone(),
-        message,
-        reason,
+    let store = args.deps.store.clone();
+    let fence = args.fence.clone();
+    let resources = args.resources.clone();
+    let number = args.number.clone();
+    tokio::spawn(async move {
+        match store.dead_letter(&fence, &message, &reason).await {
+            Ok(()) => ack(&resources, &message),
+            Err(e @ StoreError::Fenced { .. }) => {
+                let _ = number.cast(NumberMsg::Fenced(e));
+            }
+            Err(e) => tracing::error!(message_id = %message.id, error = %e, "dead letter lost"),
+        }
     });
 }
 

@@ -6,10 +6,9 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-use crate::dead_letter::DeadLetterSink;
 use crate::responder::{AiBackend, Responder};
 use crate::restart::RestartPolicy;
-use crate::session_store::SessionStore;
+use crate::store::{Coordinator, Store};
 use crate::telemetry::NUMBERS;
 use crate::transport::{WaConnector, WaSession};
 
@@ -80,10 +79,10 @@ pub struct Deps {
     pub responder: Arc<dyn Responder>,
     /// Answers AI jobs.
     pub ai: Arc<dyn AiBackend>,
-    /// Keeps paired credentials.
-    pub sessions: Arc<dyn SessionStore>,
-    /// Receives messages that could not be handled.
-    pub dead_letters: Arc<dyn DeadLetterSink>,
+    /// The durable message path, sessions and dead letters.
+    pub store: Arc<dyn Store>,
+    /// Hands out ownership of numbers with fencing tokens.
+    pub coordinator: Arc<dyn Coordinator>,
     /// Tunables.
     pub settings: Settings,
     /// Live counters for progress lines and status.

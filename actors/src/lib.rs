@@ -12,8 +12,9 @@
 //!
 //! - [`restart`]: the policies (permanent / transient / temporary, budgets, backoff) as pure,
 //!   tested bookkeeping.
-//! - Ports: [`transport`] (WhatsApp sessions), [`responder`] (replies and AI), [`session_store`]
-//!   (paired credentials), [`dead_letter`] (messages that could not be handled).
+//! - Ports: [`transport`] (WhatsApp sessions), [`responder`] (replies and AI), [`store`] (the
+//!   durable message path: inbound log, outbox, checkpoints, sessions, dead letters, fencing;
+//!   and the [`store::Coordinator`] that hands out ownership with fencing tokens).
 //! - [`telemetry`]: metric names and mailbox-depth counting; [`addr`]: counted actor addresses.
 //!
 //! ractor facts that shape the tree: its default `handle_supervisor_evt` stops the supervisor
@@ -35,7 +36,7 @@ pub mod number;
 pub mod pacer;
 pub mod responder;
 pub mod restart;
-pub mod session_store;
+pub mod store;
 pub mod telemetry;
 pub mod transport;
 

@@ -5,16 +5,21 @@
 //! state machine: pairing → connecting ⇄ online, and the terminal states. After a stream
 //! replacement it stops its session and never reconnects by itself: another connection owns the
 //! account now.
+//!
+//! On start it takes ownership of the number from the [`Coordinator`](crate::store::Coordinator)
+//! and every write it and its children make carries that [`Fence`]. A write refused as fenced
+//! means a newer owner exists: the number stops at once.
 
 use std::sync::Arc;
 
-use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
+use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
 
 use crate::addr::Addr;
 use crate::conversations::{ConversationsActor, ConversationsArgs, ConversationsMsg};
 use crate::deps::{Deps, FleetCounters, NumberPhase, NumberResources};
 use crate::ids::PhoneNumber;
-use crate::pacer;
+use crate::pacer::{self, PacerHandle};
+use crate::store::{Fence, StoreError};
 use crate::telemetry::{ActorKind, DISCONNECTS, MESSAGES_RECEIVED, Mailbox};
 use crate::transport::{AccountSpec, EventSink, InboundMessage, SessionStats, WaEvent};
 
@@ -33,6 +38,8 @@ pub enum NumberMsg {
     Reconnect,
     /// Fault injection for chaos runs: fail this actor with the given error.
     Crash(String),
+    /// A write of ours was refused as fenced: a newer owner exists, stop.
+    Fenced(StoreError),
 }
 
 /// A number as its actor sees it.
@@ -66,6 +73,9 @@ pub struct NumberArgs {
 pub struct NumberState {
     args: NumberArgs,
     myself: Addr<NumberMsg>,
+    /// This ownership's fence, taken in `post_start`.
+    fence: Option<Fence>,
+    pacer: Option<PacerHandle>,
     conversations: Option<Addr<ConversationsMsg>>,
     qr: Option<String>,
     pair_code: Option<String>,
@@ -84,6 +94,8 @@ impl Actor for NumberActor {
         Ok(NumberState {
             myself: Addr::new(myself, args.mailbox.clone()),
             args,
+            fence: None,
+            pacer: None,
             conversations: None,
             qr: None,
             pair_code: None,
@@ -96,19 +108,23 @@ impl Actor for NumberActor {
         state: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
         let a = &state.args;
-        let pacer = pacer::spawn(
-            a.resources.clone(),
-            &a.deps.settings,
-            a.deps.counters.clone(),
-        );
+        let token = a.deps.coordinator.acquire(&a.number).await?;
+        let fence = Fence {
+            number: a.number.clone(),
+            token,
+        };
+        let pacer = pacer::spawn(a.resources.clone(), &a.deps, fence.clone());
         let mailbox = Mailbox::new(ActorKind::ConversationSupervisor);
         let args = ConversationsArgs {
-            number: a.number.clone(),
+            fence: fence.clone(),
             mailbox: mailbox.clone(),
             resources: a.resources.clone(),
-            pacer,
+            pacer: pacer.clone(),
+            number: state.myself.clone(),
             deps: a.deps.clone(),
         };
+        state.fence = Some(fence);
+        state.pacer = Some(pacer);
         let (conv, _) =
             ConversationsActor::spawn_linked(None, ConversationsActor, args, myself.get_cell())
                 .await?;
@@ -146,15 +162,44 @@ impl Actor for NumberActor {
                 }
             }
             NumberMsg::Crash(reason) => return Err(reason.into()),
+            NumberMsg::Fenced(err) => {
+                tracing::warn!(number = %state.args.number, error = %err, "fenced; stopping");
+                state.args.resources.release().await;
+                return Err(err.into());
+            }
         }
         Ok(())
     }
+
+    async fn handle_supervisor_evt(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        event: SupervisionEvent,
+        _state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        // The only child is the conversation supervisor, which never stops on its own: if it
+        // fails, the number fails with it and the fleet restarts both under the number's policy.
+        match event {
+            SupervisionEvent::ActorFailed(_, err) => {
+                Err(format!("conversation supervisor failed: {err}").into())
+            }
+            SupervisionEvent::ActorTerminated(..) => Err("conversation supervisor stopped".into()),
+            _ => Ok(()),
+        }
+    }
+}
+
+fn fence(state: &NumberState) -> Result<&Fence, ActorProcessingErr> {
+    state
+        .fence
+        .as_ref()
+        .ok_or_else(|| "number used before post_start".into())
 }
 
 /// Opens a session with the stored credentials (pairing if there are none).
 async fn open_session(state: &mut NumberState) -> Result<(), ActorProcessingErr> {
     let a = &state.args;
-    let credentials = a.deps.sessions.load(&a.number).await?;
+    let credentials = a.deps.store.load_session(&a.number).await?;
     a.resources.set_state(if credentials.is_some() {
         NumberPhase::Connecting
     } else {
@@ -179,7 +224,13 @@ async fn open_session(state: &mut NumberState) -> Result<(), ActorProcessingErr>
 async fn on_event(state: &mut NumberState, event: WaEvent) -> Result<(), ActorProcessingErr> {
     let r = state.args.resources.clone();
     match event {
-        WaEvent::Message(msg) => on_message(state, msg),
+        WaEvent::Message(msg) => on_message(state, msg)?,
+        WaEvent::OfflineSyncCompleted { count } => {
+            tracing::debug!(number = %state.args.number, count, "offline sync completed");
+            if let Some(pacer) = &state.pacer {
+                pacer.synced();
+            }
+        }
         WaEvent::Receipt(receipt) => {
             tracing::trace!(id = %receipt.id, kind = ?receipt.kind, "receipt");
         }
@@ -194,12 +245,8 @@ async fn on_event(state: &mut NumberState, event: WaEvent) -> Result<(), ActorPr
         WaEvent::PairSuccess { credentials } => {
             state.qr = None;
             state.pair_code = None;
-            state
-                .args
-                .deps
-                .sessions
-                .save(&state.args.number, &credentials)
-                .await?;
+            let store = &state.args.deps.store;
+            store.save_session(fence(state)?, &credentials).await?;
             r.set_state(NumberPhase::Connecting);
         }
         WaEvent::Connected => r.set_state(NumberPhase::Online),
@@ -208,7 +255,7 @@ async fn on_event(state: &mut NumberState, event: WaEvent) -> Result<(), ActorPr
             r.set_state(NumberPhase::Connecting);
         }
         WaEvent::LoggedOut => {
-            state.args.deps.sessions.clear(&state.args.number).await?;
+            state.args.deps.store.clear_session(fence(state)?).await?;
             end_session(state, "logged_out", NumberPhase::LoggedOut);
         }
         WaEvent::StreamReplaced => end_session(state, "stream_replaced", NumberPhase::Replaced),
@@ -224,21 +271,19 @@ async fn on_event(state: &mut NumberState, event: WaEvent) -> Result<(), ActorPr
     Ok(())
 }
 
-fn on_message(state: &NumberState, msg: InboundMessage) {
+fn on_message(state: &NumberState, msg: InboundMessage) -> Result<(), ActorProcessingErr> {
     let resources = &state.args.resources;
-    let ignore = if msg.is_from_me {
-        Some("echo")
-    } else if msg.chat.is_group() && !state.args.deps.settings.groups_enabled {
-        Some("group_ignored")
-    } else {
-        None
-    };
-    if let Some(kind) = ignore {
-        metrics::counter!(MESSAGES_RECEIVED, "kind" => kind).increment(1);
+    if msg.is_from_me {
+        metrics::counter!(MESSAGES_RECEIVED, "kind" => "echo").increment(1);
+        on_echo(state, msg)?;
+        return Ok(());
+    }
+    if msg.chat.is_group() && !state.args.deps.settings.groups_enabled {
+        metrics::counter!(MESSAGES_RECEIVED, "kind" => "group_ignored").increment(1);
         if let Some(session) = resources.session() {
             session.ack(&msg.chat, &msg.sender, &msg.id);
         }
-        return;
+        return Ok(());
     }
     let kind = if msg.chat.is_group() {
         "group"
@@ -250,6 +295,33 @@ fn on_message(state: &NumberState, msg: InboundMessage) {
     if let Some(conv) = &state.conversations {
         let _ = conv.cast(ConversationsMsg::Inbound(msg));
     }
+    Ok(())
+}
+
+/// Our own send came back: the network has it. Tell the pacer at once (so a send whose outcome
+/// was unknown is not repeated), record it, and acknowledge the echo once that is committed, so
+/// that it is redelivered if we die first.
+fn on_echo(state: &NumberState, msg: InboundMessage) -> Result<(), ActorProcessingErr> {
+    if let Some(pacer) = &state.pacer {
+        pacer.confirmed(msg.id.clone());
+    }
+    let committed = state.args.deps.store.mark_sent(fence(state)?, &msg.id);
+    let resources = state.args.resources.clone();
+    let myself = state.myself.clone();
+    tokio::spawn(async move {
+        match committed.await {
+            Ok(_) => {
+                if let Some(session) = resources.session() {
+                    session.ack(&msg.chat, &msg.sender, &msg.id);
+                }
+            }
+            Err(e @ StoreError::Fenced { .. }) => {
+                let _ = myself.cast(NumberMsg::Fenced(e));
+            }
+            Err(e) => tracing::warn!(message_id = %msg.id, error = %e, "recording an echo"),
+        }
+    });
+    Ok(())
 }
 
 /// A terminal event: close the session (it does not reconnect) and record the state.

@@ -1,49 +1,85 @@
-//! The outbound pacer: one task per number that sends replies in order, under the account's rate
-//! limit, with a typing indicator proportional to the length, retrying with the same message id.
+//! The outbound pacer: one task per number that sends the number's outbox in order, under the
+//! account's rate limit, with a typing indicator proportional to the length.
+//!
+//! Exactly once in effect: a reply keeps the id it was given when it was queued, for every
+//! attempt. A send whose outcome is unknown (the connection dropped before the server's ack, or
+//! the node restarted) is not retried blindly: the pacer waits until the next connection's
+//! offline sync has completed. By then the network has redelivered the echo of every send it
+//! received, the number actor has confirmed those ([`PacerHandle::confirmed`]), and only the
+//! sends the network never saw are tried again.
 //!
 //! A task rather than an actor: it spends its life waiting on timers and server acks, which would
 //! block an actor's mailbox. It is cancelled with the number's token.
 
+use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
+use backon::{BackoffBuilder, ExponentialBuilder};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
-use crate::deps::{FleetCounters, NumberResources, SendRate, Settings};
+use crate::deps::{Deps, FleetCounters, NumberResources, SendRate};
+use crate::store::{Fence, StoreError};
 use crate::telemetry::{MESSAGES_SENT, OUTBOUND_QUEUE};
-use crate::transport::{OutboundText, SendError};
+use crate::transport::{MessageId, OutboundText, SendError, WaSession};
 
-/// Queues replies for a number's pacer.
+/// Sends that fail this many times in a row (not counting waits for a connection) are given up
+/// and marked failed in the outbox.
+const MAX_ATTEMPTS: u32 = 20;
+
+/// What the pacer is told.
+#[derive(Debug)]
+enum Command {
+    /// Send this reply (already committed to the outbox).
+    Send(OutboundText),
+    /// The network has this message (its echo arrived): never send it again.
+    Confirmed(MessageId),
+    /// The session finished its offline sync: unknown outcomes are settled.
+    Synced,
+}
+
+/// Talks to a number's pacer.
 #[derive(Debug, Clone)]
 pub struct PacerHandle {
-    tx: mpsc::UnboundedSender<OutboundText>,
+    tx: mpsc::UnboundedSender<Command>,
 }
 
 impl PacerHandle {
-    /// Queues `msg`; false if the pacer has stopped.
+    /// Queues a reply that is committed to the outbox; false if the pacer has stopped.
     pub fn enqueue(&self, msg: OutboundText) -> bool {
-        let queued = self.tx.send(msg).is_ok();
+        let queued = self.tx.send(Command::Send(msg)).is_ok();
         if queued {
             metrics::gauge!(OUTBOUND_QUEUE).increment(1.0);
         }
         queued
     }
+
+    /// The network has `id`: drop it from the queue.
+    pub fn confirmed(&self, id: MessageId) {
+        let _ = self.tx.send(Command::Confirmed(id));
+    }
+
+    /// The session's offline sync completed.
+    pub fn synced(&self) {
+        let _ = self.tx.send(Command::Synced);
+    }
 }
 
-/// Starts the pacer of a number.
-pub fn spawn(
-    resources: Arc<NumberResources>,
-    settings: &Settings,
-    counters: Arc<FleetCounters>,
-) -> PacerHandle {
+/// Starts the pacer of a number; it first loads the number's unsent outbox.
+pub fn spawn(resources: Arc<NumberResources>, deps: &Deps, fence: Fence) -> PacerHandle {
     let (tx, rx) = mpsc::unbounded_channel();
+    let settings = &deps.settings;
     let pacer = Pacer {
         bucket: Bucket::new(settings.send_rate),
         typing_per_char: settings.typing_per_char,
         typing_max: settings.typing_max,
         resources,
-        counters,
+        deps: deps.clone(),
+        fence,
+        queue: VecDeque::new(),
+        confirmed: HashSet::new(),
+        synced: false,
     };
     tokio::spawn(pacer.run(rx));
     PacerHandle { tx }
@@ -54,73 +90,179 @@ struct Pacer {
     typing_per_char: Duration,
     typing_max: Duration,
     resources: Arc<NumberResources>,
-    counters: Arc<FleetCounters>,
+    deps: Deps,
+    fence: Fence,
+    queue: VecDeque<OutboundText>,
+    /// Ids the network is known to have, among those queued.
+    confirmed: HashSet<MessageId>,
+    /// Whether sends may go out: false until the session's offline sync, and again after a send
+    /// whose outcome is unknown.
+    synced: bool,
+}
+
+/// How one delivery ended.
+enum Outcome {
+    /// Acknowledged, given up, or confirmed: next message.
+    Done,
+    /// Unknown or not connected: wait for the next sync, then try again.
+    Unsettled,
 }
 
 impl Pacer {
-    async fn run(mut self, mut rx: mpsc::UnboundedReceiver<OutboundText>) {
+    async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Command>) {
         let cancel = self.resources.cancel.clone();
+        tokio::select! {
+            () = cancel.cancelled() => return,
+            () = self.load() => {}
+        }
         loop {
-            let msg = tokio::select! {
-                () = cancel.cancelled() => break,
-                msg = rx.recv() => match msg {
-                    Some(msg) => msg,
-                    None => break,
-                },
+            while let Ok(cmd) = rx.try_recv() {
+                self.apply(cmd);
+            }
+            let next = if self.synced { self.next() } else { None };
+            let Some(msg) = next else {
+                tokio::select! {
+                    () = cancel.cancelled() => break,
+                    cmd = rx.recv() => match cmd {
+                        Some(cmd) => self.apply(cmd),
+                        None => break,
+                    },
+                }
+                continue;
             };
-            metrics::gauge!(OUTBOUND_QUEUE).decrement(1.0);
-            tokio::select! {
+            let outcome = tokio::select! {
                 () = cancel.cancelled() => break,
-                () = self.deliver(msg) => {}
+                outcome = self.deliver(&msg) => outcome,
+            };
+            if let Outcome::Unsettled = outcome {
+                self.synced = false;
+                self.queue.push_front(msg);
+                metrics::gauge!(OUTBOUND_QUEUE).increment(1.0);
             }
         }
+        metrics::gauge!(OUTBOUND_QUEUE).decrement(self.queue.len() as f64);
         let left = rx.len();
         if left > 0 {
             metrics::gauge!(OUTBOUND_QUEUE).decrement(left as f64);
         }
     }
 
-    /// Sends one message, retrying until the server acks it or refuses it for good.
-    async fn deliver(&mut self, msg: OutboundText) {
-        let mut retry = Duration::from_millis(500);
+    /// Loads what earlier owners of the number left unsent. Their outcome is unknown until the
+    /// first offline sync.
+    async fn load(&mut self) {
+        let mut delays = retry_delays();
+        loop {
+            match self.deps.store.unsent(&self.fence.number).await {
+                Ok(rows) => {
+                    metrics::gauge!(OUTBOUND_QUEUE).increment(rows.len() as f64);
+                    self.queue.extend(rows);
+                    return;
+                }
+                Err(e) => {
+                    tracing::warn!(number = %self.fence.number, error = %e, "loading the outbox");
+                    tokio::time::sleep(delays.next().unwrap_or(Duration::from_secs(30))).await;
+                }
+            }
+        }
+    }
+
+    fn apply(&mut self, cmd: Command) {
+        match cmd {
+            Command::Send(msg) => {
+                if !self.queue.iter().any(|m| m.id == msg.id) {
+                    self.queue.push_back(msg);
+                } else {
+                    metrics::gauge!(OUTBOUND_QUEUE).decrement(1.0);
+                }
+            }
+            Command::Confirmed(id) => {
+                if self.queue.iter().any(|m| m.id == id) {
+                    self.confirmed.insert(id);
+                }
+            }
+            Command::Synced => self.synced = true,
+        }
+    }
+
+    /// The next message to send, skipping the confirmed ones.
+    fn next(&mut self) -> Option<OutboundText> {
+        while let Some(msg) = self.queue.pop_front() {
+            metrics::gauge!(OUTBOUND_QUEUE).decrement(1.0);
+            if !self.confirmed.remove(&msg.id) {
+                return Some(msg);
+            }
+        }
+        None
+    }
+
+    /// Sends one message, retrying a refusal for rate with backoff; reports an unknown outcome.
+    async fn deliver(&mut self, msg: &OutboundText) -> Outcome {
+        let mut delays = retry_delays();
+        let mut attempts = 0;
         loop {
             let Some(session) = self.resources.session() else {
-                tokio::time::sleep(retry).await;
-                retry = (retry * 2).min(Duration::from_secs(30));
-                continue;
+                return Outcome::Unsettled;
             };
-            self.type_for(&msg, session.as_ref()).await;
+            self.type_for(msg, session.as_ref()).await;
             // The token is taken right before the send, so the network sees sends spaced by the
             // bucket whatever the typing times were.
             self.bucket.take().await;
             let outcome = session.send_text(msg.clone()).await;
-            let label = match &outcome {
-                Ok(_) => "ok",
-                Err(SendError::RateOverlimit) => "rate_overlimit",
-                Err(SendError::NotConnected) => "not_connected",
-                Err(SendError::Timeout(_)) => "timeout",
-                Err(SendError::Refused(_)) => "refused",
-                Err(SendError::Closed) => "closed",
-            };
-            metrics::counter!(MESSAGES_SENT, "outcome" => label).increment(1);
-            match outcome {
+            metrics::counter!(MESSAGES_SENT, "outcome" => label(&outcome)).increment(1);
+            attempts += 1;
+            let error = match outcome {
                 Ok(_) => {
-                    FleetCounters::bump(&self.counters.messages_out);
-                    return;
+                    FleetCounters::bump(&self.deps.counters.messages_out);
+                    self.settle(msg, None, false);
+                    return Outcome::Done;
                 }
                 Err(SendError::Refused(reason)) => {
                     tracing::warn!(message_id = %msg.id, %reason, "send refused by the server");
-                    return;
+                    self.settle(msg, Some(reason), true);
+                    return Outcome::Done;
                 }
-                Err(SendError::RateOverlimit) => self.bucket.drain(),
-                Err(SendError::NotConnected | SendError::Timeout(_) | SendError::Closed) => {}
+                Err(SendError::RateOverlimit) => {
+                    self.bucket.drain();
+                    "rate-overlimit"
+                }
+                Err(SendError::NotConnected | SendError::Timeout(_) | SendError::Closed) => {
+                    return Outcome::Unsettled;
+                }
+            };
+            if attempts >= MAX_ATTEMPTS {
+                self.settle(msg, Some(error.to_owned()), true);
+                return Outcome::Done;
             }
-            tokio::time::sleep(retry).await;
-            retry = (retry * 2).min(Duration::from_secs(30));
+            self.settle(msg, Some(error.to_owned()), false);
+            tokio::time::sleep(delays.next().unwrap_or(Duration::from_secs(30))).await;
         }
     }
 
-    async fn type_for(&self, msg: &OutboundText, session: &dyn crate::transport::WaSession) {
+    /// Records the attempt's outcome in the outbox, off the send path.
+    fn settle(&self, msg: &OutboundText, error: Option<String>, give_up: bool) {
+        let store = self.deps.store.clone();
+        let fence = self.fence.clone();
+        let id = msg.id.clone();
+        let resources = self.resources.clone();
+        let sent = error.is_none().then(|| store.mark_sent(&fence, &id));
+        tokio::spawn(async move {
+            let result = match (sent, error) {
+                (Some(sent), _) => sent.await.map(|_| ()),
+                (None, Some(error)) => store.send_failed(&fence, &id, &error, give_up).await,
+                (None, None) => Ok(()),
+            };
+            match result {
+                Ok(()) => {}
+                Err(StoreError::Fenced { .. }) => {
+                    tracing::warn!(number = %fence.number, "outbox write fenced; stopping sends");
+                    resources.cancel.cancel();
+                }
+                Err(e) => tracing::warn!(message_id = %id, error = %e, "recording a send"),
+            }
+        });
+    }
+
+    async fn type_for(&self, msg: &OutboundText, session: &dyn WaSession) {
         let chars = u32::try_from(msg.text.chars().count()).unwrap_or(u32::MAX);
         let typing = self
             .typing_per_char
@@ -134,6 +276,27 @@ impl Pacer {
             let _ = session.send_typing(&msg.to, false).await;
         }
     }
+}
+
+fn label<T>(outcome: &Result<T, SendError>) -> &'static str {
+    match outcome {
+        Ok(_) => "ok",
+        Err(SendError::RateOverlimit) => "rate_overlimit",
+        Err(SendError::NotConnected) => "not_connected",
+        Err(SendError::Timeout(_)) => "timeout",
+        Err(SendError::Refused(_)) => "refused",
+        Err(SendError::Closed) => "closed",
+    }
+}
+
+/// Delays between retries: exponential from 500 ms, jittered, capped at 30 s, never ending.
+pub fn retry_delays() -> impl Iterator<Item = Duration> {
+    ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(500))
+        .with_max_delay(Duration::from_secs(30))
+        .with_jitter()
+        .without_max_times()
+        .build()
 }
 
 /// A token bucket: `burst` sends at once, refilled at `per_second`.

@@ -9,9 +9,9 @@ use async_trait::async_trait;
 use crate::transport::InboundMessage;
 
 /// What a conversation knows of its chat when it decides.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct ChatContext {
-    /// Messages of this chat handled since the conversation actor started.
+    /// Messages of this chat handled so far (restored from the checkpoint after a restart).
     pub turns: u64,
 }
 

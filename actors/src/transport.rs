@@ -222,8 +222,16 @@ pub enum WaEvent {
         /// How long the ban lasts.
         duration: Duration,
     },
-    /// A message arrived; acknowledge it with [`WaSession::ack`] once it is committed.
+    /// A message arrived; acknowledge it with [`WaSession::ack`] once it is committed. Our own
+    /// sends come back as messages with `is_from_me` (redelivered after a reconnect until
+    /// acknowledged), which is how a restarted node learns that a send it lost track of arrived.
     Message(InboundMessage),
+    /// After connecting, the server has delivered everything queued while we were offline
+    /// (WhatsApp's offline-sync marker). Sends whose outcome was unknown can now be settled.
+    OfflineSyncCompleted {
+        /// Messages delivered from the offline queue.
+        count: usize,
+    },
     /// A receipt for a message we sent.
     Receipt(Receipt),
 }

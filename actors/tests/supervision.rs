@@ -9,11 +9,11 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use switchboard_actors::conversations::{ChatPhase, ChatStatus, ConversationsMsg};
-use switchboard_actors::dead_letter::{DeadLetterReason, MemoryDeadLetters};
+use switchboard_actors::dead_letter::DeadLetterReason;
 use switchboard_actors::deps::SendRate;
 use switchboard_actors::number::NumberMsg;
 use switchboard_actors::responder::{AiBackend, AiError, ChatContext, Reply, Responder};
-use switchboard_actors::session_store::MemorySessionStore;
+use switchboard_actors::store::MemoryStore;
 use switchboard_actors::transport::{
     AccountSpec, EventSink, InboundMessage, MessageId, OutboundText, SendError, ServerAck,
     SessionStats, TransportError, WaConnector, WaEvent, WaSession,
@@ -70,6 +70,7 @@ impl WaConnector for FakeConnector {
             .or_default()
             .push(session.clone());
         events(WaEvent::Connected);
+        events(WaEvent::OfflineSyncCompleted { count: 0 });
         Ok(session)
     }
 }
@@ -178,13 +179,13 @@ struct Harness {
     net: Arc<FakeNet>,
     fleet: Fleet,
     responder: Arc<Scripted>,
-    dead: Arc<MemoryDeadLetters>,
+    store: Arc<MemoryStore>,
 }
 
 async fn harness(numbers: &[&PhoneNumber], model_delay: Duration) -> Harness {
     let net = Arc::new(FakeNet::default());
     let responder = Arc::new(Scripted::default());
-    let dead = Arc::new(MemoryDeadLetters::new(100));
+    let store = Arc::new(MemoryStore::default());
     let settings = Settings {
         typing_per_char: Duration::ZERO,
         send_rate: SendRate {
@@ -198,8 +199,8 @@ async fn harness(numbers: &[&PhoneNumber], model_delay: Duration) -> Harness {
         connector: Arc::new(FakeConnector(net.clone())),
         responder: responder.clone(),
         ai: Arc::new(SlowModel(model_delay)),
-        sessions: Arc::new(MemorySessionStore::default()),
-        dead_letters: dead.clone(),
+        store: store.clone(),
+        coordinator: store.clone(),
         settings,
         counters: Arc::new(FleetCounters::default()),
     };
@@ -211,7 +212,7 @@ async fn harness(numbers: &[&PhoneNumber], model_delay: Duration) -> Harness {
         net,
         fleet,
         responder,
-        dead,
+        store,
     };
     let want = numbers.len() as i64;
     eventually("all numbers online", || {
@@ -328,7 +329,7 @@ async fn a_crashing_message_is_processed_after_the_restart_and_siblings_carry_on
         h.net.latest(&n).acked.lock().unwrap().len() == 3
     })
     .await;
-    assert!(h.dead.snapshot().is_empty());
+    assert!(h.store.dead_letters().is_empty());
 }
 
 #[tokio::test(start_paused = true)]
@@ -340,13 +341,13 @@ async fn a_poison_message_spends_the_budget_is_dead_lettered_and_parks_only_its_
     s.inject(dm(&alice, "P1", "poison"));
     s.inject(dm(&alice, "P2", "queued behind poison"));
 
-    eventually("dead letters", || h.dead.snapshot().len() == 2).await;
-    let letters = h.dead.snapshot();
-    assert_eq!(letters[0].message.id.as_str(), "P1");
+    eventually("dead letters", || h.store.dead_letters().len() == 2).await;
+    let letters = h.store.dead_letters();
+    assert_eq!(letters[0].1.id.as_str(), "P1");
     assert!(
-        matches!(&letters[0].reason, DeadLetterReason::RestartBudgetSpent { last_error } if last_error.contains("poison message"))
+        matches!(&letters[0].2, DeadLetterReason::RestartBudgetSpent { last_error } if last_error.contains("poison message"))
     );
-    assert_eq!(letters[1].message.id.as_str(), "P2");
+    assert_eq!(letters[1].1.id.as_str(), "P2");
     // 1 first try + 5 restarts (the conversation default budget).
     let attempts = h
         .responder
@@ -365,9 +366,9 @@ async fn a_poison_message_spends_the_budget_is_dead_lettered_and_parks_only_its_
 
     // While parked, new messages of that chat are dead-lettered with the reason.
     s.inject(dm(&alice, "P3", "hello again"));
-    eventually("parked dead letter", || h.dead.snapshot().len() == 3).await;
+    eventually("parked dead letter", || h.store.dead_letters().len() == 3).await;
     assert!(matches!(
-        h.dead.snapshot()[2].reason,
+        h.store.dead_letters()[2].2,
         DeadLetterReason::ConversationParked { .. }
     ));
 
@@ -393,7 +394,7 @@ async fn restart_delays_follow_the_policy() {
     h.net
         .latest(&n)
         .inject(dm(&phone("+4915100005"), "P1", "poison"));
-    eventually("parked", || h.dead.snapshot().len() == 1).await;
+    eventually("parked", || h.store.dead_letters().len() == 1).await;
     let times: Vec<Instant> = h
         .responder
         .attempts

@@ -311,6 +311,7 @@ fn on_frame(shared: &Shared, frame: ServerFrame) -> Option<End> {
             WaEvent::Connected
         }
         ServerFrame::Message { message } => WaEvent::Message(message),
+        ServerFrame::OfflineSyncCompleted { count } => WaEvent::OfflineSyncCompleted { count },
         ServerFrame::Receipt { receipt } => WaEvent::Receipt(receipt),
         ServerFrame::SendAck { id, server_time_ms } => {
             resolve(shared, &id.clone(), Ok(ServerAck { id, server_time_ms }));

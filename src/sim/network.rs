@@ -732,6 +732,11 @@ impl Network {
             text,
             timestamp_ms: EPOCH_MS + at_ms,
         };
+        // The echo is queued like any inbound message: redelivered after a reconnect until the
+        // client acknowledges it.
+        if let Some(acct) = st.accounts.get_mut(number) {
+            acct.unacked.push_back((echo.clone(), true));
+        }
         self.send(st, conn, ServerFrame::Message { message: echo });
         let (lo, hi) = cfg.delivery_delay;
         let delivered = st.rng.random_range(lo..=hi);
@@ -839,9 +844,11 @@ impl Network {
                 .collect(),
             None => Vec::new(),
         };
+        let count = redeliver.len();
         for message in redeliver {
             self.send(st, conn, ServerFrame::Message { message });
         }
+        self.send(st, conn, ServerFrame::OfflineSyncCompleted { count });
     }
 
     fn ban_locked(&self, st: &mut State, number: &PhoneNumber, conn: u64) {

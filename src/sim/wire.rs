@@ -100,6 +100,11 @@ pub enum ServerFrame {
         /// The message.
         message: InboundMessage,
     },
+    /// Everything queued while the client was offline has been delivered.
+    OfflineSyncCompleted {
+        /// How many messages were delivered from the offline queue.
+        count: usize,
+    },
     /// A send was accepted.
     SendAck {
         /// The sender's id.

@@ -1,0 +1,447 @@
+//! The store port: the durable half of the message path, and the fencing that keeps a number's
+//! writes to its one owner.
+//!
+//! The message path through the store:
+//! 1. [`Store::record_inbound`] commits an inbound message (deduplicated on number + chat +
+//!    sender + message id) before it is acknowledged to the network.
+//! 2. The conversation processes it and [`Store::complete`] commits, in one transaction, the
+//!    message's processed mark, its replies as outbox rows with deterministic ids, and the chat's
+//!    checkpoint. After any crash, [`Store::unprocessed`] is what is left to do.
+//! 3. The pacer sends what [`Store::unsent`] holds and [`Store::mark_sent`] records the server's
+//!    ack (or the message's own echo, redelivered after a crash).
+//!
+//! The hot-path methods return a [`Pending`] future: the write is queued *when the method is
+//! called* (so writes keep the caller's order) and the future resolves once it is committed.
+//! Implementations group-commit them.
+//!
+//! Every write that belongs to a number carries its [`Fence`]. The store keeps the highest token
+//! seen per number and refuses a lower one with [`StoreError::Fenced`], in the same transaction
+//! as the write.
+
+use std::collections::{HashMap, HashSet};
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Mutex;
+
+use async_trait::async_trait;
+
+use crate::dead_letter::DeadLetterReason;
+use crate::ids::{Jid, PhoneNumber};
+use crate::responder::ChatContext;
+use crate::transport::{Credentials, InboundMessage, MessageId, OutboundText};
+
+/// A fencing token: issued with each ownership of a number, higher than every earlier one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct FencingToken(u64);
+
+impl FencingToken {
+    /// A token; `None` for zero, which no owner ever holds.
+    pub fn new(value: u64) -> Option<Self> {
+        (value > 0).then_some(Self(value))
+    }
+
+    /// The token's value.
+    pub fn get(self) -> u64 {
+        self.0
+    }
+}
+
+impl fmt::Display for FencingToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+/// Who writes for a number: the number and the token of its current ownership.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Fence {
+    /// The number written for.
+    pub number: PhoneNumber,
+    /// The token of this ownership.
+    pub token: FencingToken,
+}
+
+/// Why the store failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StoreError {
+    /// A newer owner of the number has written: this writer must stop.
+    #[error("number {number}: fencing token {token} is older than {highest}")]
+    Fenced {
+        /// The number.
+        number: PhoneNumber,
+        /// The token that was refused.
+        token: u64,
+        /// The highest token the store has seen.
+        highest: u64,
+    },
+    /// The database could not be reached or refused the statement.
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
+    /// Stored data could not be read back (bad ciphertext, unknown key, bad encoding).
+    #[error("stored data unreadable: {0}")]
+    Corrupt(String),
+    /// The row a write refers to does not exist.
+    #[error("not found: {0}")]
+    NotFound(String),
+    /// The write conflicts with an existing row.
+    #[error("conflict: {0}")]
+    Conflict(String),
+    /// The store is shutting down.
+    #[error("store closed")]
+    Closed,
+}
+
+/// A write queued by a hot-path method; resolves when it is committed.
+pub type Pending<T> = Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send + 'static>>;
+
+/// What recording an inbound message found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Recorded {
+    /// First time: committed, to be processed.
+    New,
+    /// Already in the log (a redelivery).
+    Duplicate {
+        /// Whether it was already processed (or dead-lettered).
+        processed: bool,
+    },
+}
+
+/// The outcome of processing one inbound message.
+#[derive(Debug, Clone)]
+pub struct Completion {
+    /// The message's chat.
+    pub chat: Jid,
+    /// Its sender.
+    pub sender: Jid,
+    /// Its id.
+    pub inbound: MessageId,
+    /// The replies to send, with ids derived from the inbound id and step.
+    pub replies: Vec<OutboundText>,
+    /// The chat's state after the message.
+    pub checkpoint: ChatContext,
+}
+
+/// The durable message path, sessions and dead letters. See the module docs.
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// Commits `msg` to the inbound log unless it is there already.
+    fn record_inbound(&self, fence: &Fence, msg: &InboundMessage) -> Pending<Recorded>;
+
+    /// Marks a message processed, queues its replies and saves the chat's checkpoint, at once.
+    /// Resolves to the ids of the replies newly queued (a reply already in the outbox is not
+    /// queued again).
+    fn complete(&self, fence: &Fence, done: Completion) -> Pending<Vec<MessageId>>;
+
+    /// Records that the network has `id`; resolves to whether it is one of our outbox rows.
+    fn mark_sent(&self, fence: &Fence, id: &MessageId) -> Pending<bool>;
+
+    /// Sets an inbound message aside, unprocessed, with the reason.
+    async fn dead_letter(
+        &self,
+        fence: &Fence,
+        msg: &InboundMessage,
+        reason: &DeadLetterReason,
+    ) -> Result<(), StoreError>;
+
+    /// Records a failed send attempt; `give_up` ends the row's retries (it is marked failed).
+    async fn send_failed(
+        &self,
+        fence: &Fence,
+        id: &MessageId,
+        error: &str,
+        give_up: bool,
+    ) -> Result<(), StoreError>;
+
+    /// Inbound messages committed and neither processed nor dead-lettered, oldest first.
+    async fn unprocessed(&self, number: &PhoneNumber) -> Result<Vec<InboundMessage>, StoreError>;
+
+    /// Replies queued and not yet acknowledged by the network, oldest first.
+    async fn unsent(&self, number: &PhoneNumber) -> Result<Vec<OutboundText>, StoreError>;
+
+    /// The chat's last checkpoint.
+    async fn checkpoint(
+        &self,
+        number: &PhoneNumber,
+        chat: &Jid,
+    ) -> Result<Option<ChatContext>, StoreError>;
+
+    /// The number's paired credentials.
+    async fn load_session(&self, number: &PhoneNumber) -> Result<Option<Credentials>, StoreError>;
+
+    /// Stores credentials after pairing.
+    async fn save_session(&self, fence: &Fence, creds: &Credentials) -> Result<(), StoreError>;
+
+    /// Forgets credentials after a logout.
+    async fn clear_session(&self, fence: &Fence) -> Result<(), StoreError>;
+}
+
+/// Hands out ownership of numbers, with fencing tokens.
+#[async_trait]
+pub trait Coordinator: Send + Sync + 'static {
+    /// Takes ownership of `number`, returning a token higher than any issued before.
+    async fn acquire(&self, number: &PhoneNumber) -> Result<FencingToken, StoreError>;
+}
+
+/// One inbound row of the memory store.
+#[derive(Debug, Clone)]
+struct MemInbound {
+    msg: InboundMessage,
+    done: bool,
+}
+
+/// One outbox row of the memory store.
+#[derive(Debug, Clone)]
+struct MemOutbox {
+    msg: OutboundText,
+    sent: bool,
+    failed: bool,
+}
+
+#[derive(Debug, Default)]
+struct MemState {
+    fences: HashMap<PhoneNumber, u64>,
+    inbound: HashMap<PhoneNumber, Vec<MemInbound>>,
+    inbound_keys: HashSet<(PhoneNumber, Jid, Jid, MessageId)>,
+    outbox: HashMap<PhoneNumber, Vec<MemOutbox>>,
+    checkpoints: HashMap<(PhoneNumber, Jid), ChatContext>,
+    sessions: HashMap<PhoneNumber, Credentials>,
+    dead: Vec<(PhoneNumber, InboundMessage, DeadLetterReason)>,
+}
+
+impl MemState {
+    fn fence(&mut self, fence: &Fence) -> Result<(), StoreError> {
+        let highest = self.fences.entry(fence.number.clone()).or_insert(0);
+        if fence.token.get() < *highest {
+            return Err(StoreError::Fenced {
+                number: fence.number.clone(),
+                token: fence.token.get(),
+                highest: *highest,
+            });
+        }
+        *highest = fence.token.get();
+        Ok(())
+    }
+}
+
+/// A store in memory with the same semantics as the SQL stores: for actor tests and for runs
+/// that need no durability across processes. It is also an in-process [`Coordinator`].
+#[derive(Debug, Default)]
+pub struct MemoryStore {
+    state: Mutex<MemState>,
+}
+
+impl MemoryStore {
+    fn lock(&self) -> std::sync::MutexGuard<'_, MemState> {
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The dead letters kept so far, oldest first.
+    pub fn dead_letters(&self) -> Vec<(PhoneNumber, InboundMessage, DeadLetterReason)> {
+        self.lock().dead.clone()
+    }
+
+    fn with<T: Send + 'static>(
+        &self,
+        fence: &Fence,
+        f: impl FnOnce(&mut MemState) -> T,
+    ) -> Result<T, StoreError> {
+        let mut st = self.lock();
+        st.fence(fence)?;
+        Ok(f(&mut st))
+    }
+}
+
+fn ready<T: Send + 'static>(r: Result<T, StoreError>) -> Pending<T> {
+    Box::pin(std::future::ready(r))
+}
+
+#[async_trait]
+impl Store for MemoryStore {
+    fn record_inbound(&self, fence: &Fence, msg: &InboundMessage) -> Pending<Recorded> {
+        ready(self.with(fence, |st| {
+            let key = (
+                fence.number.clone(),
+                msg.chat.clone(),
+                msg.sender.clone(),
+                msg.id.clone(),
+            );
+            if st.inbound_keys.insert(key) {
+                st.inbound
+                    .entry(fence.number.clone())
+                    .or_default()
+                    .push(MemInbound {
+                        msg: msg.clone(),
+                        done: false,
+                    });
+                return Recorded::New;
+            }
+            let processed = st.inbound.get(&fence.number).is_some_and(|rows| {
+                rows.iter()
+                    .any(|r| r.done && r.msg.id == msg.id && r.msg.chat == msg.chat)
+            });
+            Recorded::Duplicate { processed }
+        }))
+    }
+
+    fn complete(&self, fence: &Fence, done: Completion) -> Pending<Vec<MessageId>> {
+        ready(self.with(fence, |st| {
+            if let Some(row) = st.inbound.get_mut(&fence.number).and_then(|rows| {
+                rows.iter_mut().find(|r| {
+                    r.msg.id == done.inbound
+                        && r.msg.chat == done.chat
+                        && r.msg.sender == done.sender
+                })
+            }) {
+                row.done = true;
+            }
+            st.checkpoints
+                .insert((fence.number.clone(), done.chat.clone()), done.checkpoint);
+            let outbox = st.outbox.entry(fence.number.clone()).or_default();
+            let mut queued = Vec::new();
+            for reply in done.replies {
+                if outbox.iter().all(|o| o.msg.id != reply.id) {
+                    queued.push(reply.id.clone());
+                    outbox.push(MemOutbox {
+                        msg: reply,
+                        sent: false,
+                        failed: false,
+                    });
+                }
+            }
+            queued
+        }))
+    }
+
+    fn mark_sent(&self, fence: &Fence, id: &MessageId) -> Pending<bool> {
+        ready(self.with(fence, |st| {
+            let row = st
+                .outbox
+                .get_mut(&fence.number)
+                .and_then(|rows| rows.iter_mut().find(|o| o.msg.id == *id));
+            row.map(|r| r.sent = true).is_some()
+        }))
+    }
+
+    async fn dead_letter(
+        &self,
+        fence: &Fence,
+        msg: &InboundMessage,
+        reason: &DeadLetterReason,
+    ) -> Result<(), StoreError> {
+        self.with(fence, |st| {
+            if let Some(row) = st
+                .inbound
+                .get_mut(&fence.number)
+                .and_then(|rows| rows.iter_mut().find(|r| r.msg == *msg))
+            {
+                row.done = true;
+            }
+            st.dead
+                .push((fence.number.clone(), msg.clone(), reason.clone()));
+        })
+    }
+
+    async fn send_failed(
+        &self,
+        fence: &Fence,
+        id: &MessageId,
+        _error: &str,
+        give_up: bool,
+    ) -> Result<(), StoreError> {
+        self.with(fence, |st| {
+            if let Some(row) = st
+                .outbox
+                .get_mut(&fence.number)
+                .and_then(|rows| rows.iter_mut().find(|o| o.msg.id == *id))
+            {
+                row.failed |= give_up;
+            }
+        })
+    }
+
+    async fn unprocessed(&self, number: &PhoneNumber) -> Result<Vec<InboundMessage>, StoreError> {
+        let st = self.lock();
+        let rows = st.inbound.get(number).map(Vec::as_slice).unwrap_or(&[]);
+        Ok(rows
+            .iter()
+            .filter(|r| !r.done)
+            .map(|r| r.msg.clone())
+            .collect())
+    }
+
+    async fn unsent(&self, number: &PhoneNumber) -> Result<Vec<OutboundText>, StoreError> {
+        let st = self.lock();
+        let rows = st.outbox.get(number).map(Vec::as_slice).unwrap_or(&[]);
+        Ok(rows
+            .iter()
+            .filter(|o| !o.sent && !o.failed)
+            .map(|o| o.msg.clone())
+            .collect())
+    }
+
+    async fn checkpoint(
+        &self,
+        number: &PhoneNumber,
+        chat: &Jid,
+    ) -> Result<Option<ChatContext>, StoreError> {
+        let key = (number.clone(), chat.clone());
+        Ok(self.lock().checkpoints.get(&key).cloned())
+    }
+
+    async fn load_session(&self, number: &PhoneNumber) -> Result<Option<Credentials>, StoreError> {
+        Ok(self.lock().sessions.get(number).cloned())
+    }
+
+    async fn save_session(&self, fence: &Fence, creds: &Credentials) -> Result<(), StoreError> {
+        self.with(fence, |st| {
+            st.sessions.insert(fence.number.clone(), creds.clone());
+        })
+    }
+
+    async fn clear_session(&self, fence: &Fence) -> Result<(), StoreError> {
+        self.with(fence, |st| {
+            st.sessions.remove(&fence.number);
+        })
+    }
+}
+
+#[async_trait]
+impl Coordinator for MemoryStore {
+    async fn acquire(&self, number: &PhoneNumber) -> Result<FencingToken, StoreError> {
+        let mut st = self.lock();
+        let highest = st.fences.entry(number.clone()).or_insert(0);
+        *highest += 1;
+        FencingToken::new(*highest).ok_or_else(|| StoreError::Corrupt("token overflow".into()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn number() -> PhoneNumber {
+        PhoneNumber::parse("+15550001").expect("valid number")
+    }
+
+    #[tokio::test]
+    async fn lower_token_is_refused_after_a_higher_one_wrote() {
+        let store = MemoryStore::default();
+        let old = store.acquire(&number()).await.expect("token");
+        let new = store.acquire(&number()).await.expect("token");
+        assert!(new > old);
+        let fence = |token| Fence {
+            number: number(),
+            token,
+        };
+        let creds = Credentials("c".into());
+        store
+            .save_session(&fence(new), &creds)
+            .await
+            .expect("new owner writes");
+        let err = store.save_session(&fence(old), &creds).await;
+        assert!(matches!(err, Err(StoreError::Fenced { .. })), "{err:?}");
+    }
+}
