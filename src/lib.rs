@@ -15,4 +15,5 @@ pub mod cli;
 pub mod demo;
 pub mod problem;
 pub mod sim;
+pub mod store;
 pub mod telemetry;

@@ -1,0 +1,381 @@
+//! The SQL store: one implementation of the [`Store`] port over SQLite (the embedded default) and
+//! PostgreSQL (the cluster choice), with identical behaviour.
+//!
+//! - [`SqlStore::connect`] opens the pool (SQLite: a file, WAL mode, one writer connection;
+//!   PostgreSQL: pooled) and applies the migrations of its dialect (`migrations/sqlite`,
+//!   `migrations/postgres`), embedded in the binary.
+//! - `batch`: the group-commit batcher. Hot-path writes (inbound, completions, sent marks) queue
+//!   to one task per store, which commits them together on N rows or T ms.
+//! - `path`: the message path of the port (inbound log, outbox, checkpoints, sessions,
+//!   dead letters) and the embedded [`Coordinator`].
+//! - `admin`: tenants, numbers, contacts, conversations, flows, AI jobs.
+//! - `events`: the event outbox for webhooks, and the audit log.
+//! - `cipher`: AES-256-GCM for session blobs, keys by id so they can rotate.
+//!
+//! Every write that belongs to a number checks its fencing token in the same transaction:
+//! `fences` keeps the highest token seen per number and a lower one fails with
+//! [`StoreError::Fenced`]. SQL lives in this module only. Times are Unix milliseconds.
+
+mod admin;
+mod batch;
+mod cipher;
+mod events;
+mod path;
+
+use std::collections::HashMap;
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use sqlx::any::{AnyConnectOptions, AnyPoolOptions, AnyRow};
+use sqlx::{Any, AnyPool, Row, Transaction};
+use switchboard_actors::store::{Coordinator, Fence, Store, StoreError};
+
+pub use admin::{AiJobRecord, AiJobStatus};
+pub use admin::{ConversationRecord, FlowRecord, FlowStatus, NumberRecord, OptIn, TenantRecord};
+pub use cipher::{CipherError, SessionCipher};
+pub use events::{AuditEntry, EventRecord};
+
+/// Texts are kept as a preview of this many characters once processed, unless the tenant keeps
+/// full transcripts.
+pub const PREVIEW_CHARS: usize = 100;
+
+/// Which SQL dialect a store speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dialect {
+    /// SQLite: embedded, one file.
+    Sqlite,
+    /// PostgreSQL: the cluster store.
+    Postgres,
+}
+
+impl Dialect {
+    /// The dialect of a database URL.
+    pub fn of_url(url: &str) -> Option<Self> {
+        if url.starts_with("sqlite:") {
+            Some(Self::Sqlite)
+        } else if url.starts_with("postgres:") || url.starts_with("postgresql:") {
+            Some(Self::Postgres)
+        } else {
+            None
+        }
+    }
+
+    /// The label used in config, metrics and benchmarks.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Sqlite => "sqlite",
+            Self::Postgres => "postgres",
+        }
+    }
+}
+
+/// How to open a store.
+#[derive(Debug, Clone)]
+pub struct StoreOptions {
+    /// `sqlite://path?mode=rwc` or `postgres://…`.
+    pub url: String,
+    /// Pool size (PostgreSQL; SQLite has one writer connection).
+    pub max_connections: u32,
+    /// A batch is committed when it holds this many writes…
+    pub batch_max: usize,
+    /// …or when its first write has waited this long.
+    pub batch_wait: Duration,
+    /// Encrypts session blobs.
+    pub cipher: Arc<SessionCipher>,
+}
+
+/// The SQL store. Cheap to clone.
+#[derive(Clone)]
+pub struct SqlStore {
+    pool: AnyPool,
+    dialect: Dialect,
+    cipher: Arc<SessionCipher>,
+    batch: batch::Handle,
+}
+
+impl std::fmt::Debug for SqlStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SqlStore")
+            .field("dialect", &self.dialect)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Durable commits (WAL, fsync per commit: the batcher makes commits rare), foreign keys on.
+const SQLITE_PRAGMAS: [&str; 4] = [
+    "PRAGMA journal_mode = WAL",
+    "PRAGMA synchronous = FULL",
+    "PRAGMA foreign_keys = ON",
+    "PRAGMA busy_timeout = 5000",
+];
+
+static SQLITE_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("migrations/sqlite");
+static POSTGRES_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("migrations/postgres");
+
+impl SqlStore {
+    /// Opens the database, applies pending migrations and starts the batcher.
+    pub async fn connect(opts: StoreOptions) -> Result<Self, StoreError> {
+        let pool = open_pool(&opts.url, opts.max_connections).await?;
+        let dialect = Dialect::of_url(&opts.url)
+            .ok_or_else(|| StoreError::Unavailable("unsupported database URL".into()))?;
+        migrate_pool(&pool, dialect).await?;
+        let batch = batch::Handle::spawn(pool.clone(), opts.batch_max, opts.batch_wait);
+        Ok(Self {
+            pool,
+            dialect,
+            cipher: opts.cipher,
+            batch,
+        })
+    }
+
+    /// The dialect.
+    pub fn dialect(&self) -> Dialect {
+        self.dialect
+    }
+
+    /// The pool, for tests and benchmarks that check what is really stored.
+    pub fn pool(&self) -> &AnyPool {
+        &self.pool
+    }
+
+    /// This store as the ports the actors use.
+    pub fn ports(&self) -> (Arc<dyn Store>, Arc<dyn Coordinator>) {
+        let me = Arc::new(self.clone());
+        (me.clone(), me)
+    }
+
+    /// Commits what is queued and closes the pool.
+    pub async fn close(&self) {
+        self.batch.close().await;
+        self.pool.close().await;
+    }
+
+    /// Opens a transaction that has checked `fence`: the token is at least the highest seen for
+    /// the number, and is now the highest.
+    async fn fenced(&self, fence: &Fence) -> Result<Transaction<'static, Any>, StoreError> {
+        let mut tx = self.pool.begin().await.map_err(db)?;
+        let highest = raise_fences(&mut tx, &[(fence.number.as_str(), fence.token.get())]).await?;
+        check_fence(fence, &highest)?;
+        Ok(tx)
+    }
+}
+
+/// Applies pending migrations to the database at `url` (the `switchboard migrate` command).
+/// Returns the dialect and how many migrations were applied.
+pub async fn migrate(url: &str) -> Result<(Dialect, usize), StoreError> {
+    let dialect = Dialect::of_url(url)
+        .ok_or_else(|| StoreError::Unavailable("unsupported database URL".into()))?;
+    let pool = open_pool(url, 1).await?;
+    let before = applied(&pool).await;
+    migrate_pool(&pool, dialect).await?;
+    let after = applied(&pool).await;
+    pool.close().await;
+    Ok((dialect, after.saturating_sub(before)))
+}
+
+async fn applied(pool: &AnyPool) -> usize {
+    sqlx::query("SELECT COUNT(*) FROM _sqlx_migrations")
+        .fetch_one(pool)
+        .await
+        .and_then(|row| row.try_get::<i64, _>(0))
+        .map_or(0, |n| usize::try_from(n).unwrap_or(0))
+}
+
+async fn open_pool(url: &str, max_connections: u32) -> Result<AnyPool, StoreError> {
+    sqlx::any::install_default_drivers();
+    let dialect = Dialect::of_url(url).ok_or_else(|| {
+        StoreError::Unavailable("database URL must start with sqlite: or postgres:".into())
+    })?;
+    if dialect == Dialect::Sqlite {
+        create_sqlite_dir(url)?;
+    }
+    let options = AnyConnectOptions::from_str(url).map_err(db)?;
+    let pool = match dialect {
+        // One connection: SQLite has one writer at a time, and a single connection never fails a
+        // write with SQLITE_BUSY under contention.
+        Dialect::Sqlite => AnyPoolOptions::new()
+            .max_connections(1)
+            .after_connect(|conn, _| {
+                Box::pin(async move {
+                    for pragma in SQLITE_PRAGMAS {
+                        sqlx::Executor::execute(&mut *conn, pragma).await?;
+                    }
+                    Ok(())
+                })
+            }),
+        Dialect::Postgres => AnyPoolOptions::new().max_connections(max_connections.max(2)),
+    };
+    pool.acquire_timeout(Duration::from_secs(10))
+        .connect_with(options)
+        .await
+        .map_err(db)
+}
+
+fn create_sqlite_dir(url: &str) -> Result<(), StoreError> {
+    let path = url
+        .trim_start_matches("sqlite://")
+        .trim_start_matches("sqlite:");
+    let path = path.split('?').next().unwrap_or_default();
+    if path.is_empty() || path == ":memory:" {
+        return Ok(());
+    }
+    if let Some(dir) = std::path::Path::new(path).parent()
+        && !dir.as_os_str().is_empty()
+    {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| StoreError::Unavailable(format!("creating {}: {e}", dir.display())))?;
+    }
+    Ok(())
+}
+
+async fn migrate_pool(pool: &AnyPool, dialect: Dialect) -> Result<(), StoreError> {
+    let migrator = match dialect {
+        Dialect::Sqlite => &SQLITE_MIGRATIONS,
+        Dialect::Postgres => &POSTGRES_MIGRATIONS,
+    };
+    migrator
+        .run(pool)
+        .await
+        .map_err(|e| StoreError::Unavailable(format!("migrations: {e}")))
+}
+
+/// Raises the stored token of each number to the highest given (never lowers it) and returns
+/// the highest token now stored per number. Locks those rows until the transaction ends.
+async fn raise_fences(
+    tx: &mut Transaction<'static, Any>,
+    tokens: &[(&str, u64)],
+) -> Result<HashMap<String, u64>, StoreError> {
+    let mut highest: HashMap<&str, u64> = HashMap::new();
+    for (number, token) in tokens {
+        let t = highest.entry(number).or_insert(0);
+        *t = (*t).max(*token);
+    }
+    let mut out = HashMap::new();
+    let rows: Vec<(&str, u64)> = highest.into_iter().collect();
+    for chunk in rows.chunks(500) {
+        let sql = format!(
+            "INSERT INTO fences (number, token) VALUES {} ON CONFLICT (number) DO UPDATE SET \
+             token = CASE WHEN excluded.token > fences.token THEN excluded.token \
+             ELSE fences.token END RETURNING number, token",
+            values(chunk.len(), 2)
+        );
+        let mut q = sqlx::query(&sql);
+        for (number, token) in chunk {
+            q = q.bind(*number).bind(to_i64(*token));
+        }
+        for row in q.fetch_all(&mut **tx).await.map_err(db)? {
+            let number: String = row.try_get(0).map_err(db)?;
+            let token: i64 = row.try_get(1).map_err(db)?;
+            out.insert(number, u64::try_from(token).unwrap_or(0));
+        }
+    }
+    Ok(out)
+}
+
+/// Fails with [`StoreError::Fenced`] if a higher token than the fence's is stored.
+fn check_fence(fence: &Fence, highest: &HashMap<String, u64>) -> Result<(), StoreError> {
+    let stored = highest
+        .get(fence.number.as_str())
+        .copied()
+        .unwrap_or_default();
+    if fence.token.get() < stored {
+        return Err(StoreError::Fenced {
+            number: fence.number.clone(),
+            token: fence.token.get(),
+            highest: stored,
+        });
+    }
+    Ok(())
+}
+
+/// `($1, $2), ($3, $4)…`: placeholders for `rows` rows of `cols` columns.
+fn values(rows: usize, cols: usize) -> String {
+    values_from(1, rows, cols)
+}
+
+/// Like [`values`], numbering from `first`.
+fn values_from(first: usize, rows: usize, cols: usize) -> String {
+    let mut out = String::with_capacity(rows * cols * 5);
+    for r in 0..rows {
+        if r > 0 {
+            out.push_str(", ");
+        }
+        out.push('(');
+        for c in 0..cols {
+            if c > 0 {
+                out.push_str(", ");
+            }
+            out.push('$');
+            out.push_str(&(first + r * cols + c).to_string());
+        }
+        out.push(')');
+    }
+    out
+}
+
+/// Maps a database error onto the port's error: unique violations are conflicts.
+fn db(e: sqlx::Error) -> StoreError {
+    match &e {
+        sqlx::Error::Database(d) if d.is_unique_violation() => {
+            StoreError::Conflict(d.message().to_owned())
+        }
+        sqlx::Error::Database(d) if d.is_foreign_key_violation() => {
+            StoreError::NotFound(d.message().to_owned())
+        }
+        sqlx::Error::ColumnDecode { .. } | sqlx::Error::Decode(_) => {
+            StoreError::Corrupt(e.to_string())
+        }
+        sqlx::Error::PoolClosed => StoreError::Closed,
+        _ => StoreError::Unavailable(e.to_string()),
+    }
+}
+
+/// Reads a boolean column: PostgreSQL has booleans, SQLite stores 0 or 1.
+fn flag(row: &AnyRow, col: &str) -> Result<bool, StoreError> {
+    match row.try_get::<bool, _>(col) {
+        Ok(b) => Ok(b),
+        Err(_) => row.try_get::<i64, _>(col).map(|v| v != 0).map_err(db),
+    }
+}
+
+/// Now, in Unix milliseconds.
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+fn to_i64(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+/// The first [`PREVIEW_CHARS`] characters of `text`.
+pub fn preview(text: &str) -> String {
+    text.chars().take(PREVIEW_CHARS).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn placeholders_number_rows_in_order() {
+        assert_eq!(values(2, 3), "($1, $2, $3), ($4, $5, $6)");
+        assert_eq!(values_from(3, 1, 2), "($3, $4)");
+    }
+
+    #[test]
+    fn previews_cut_on_characters_not_bytes() {
+        let text = "é".repeat(150);
+        assert_eq!(preview(&text).chars().count(), PREVIEW_CHARS);
+        assert_eq!(preview("short"), "short");
+    }
+
+    #[test]
+    fn dialects_follow_the_url_scheme() {
+        assert_eq!(Dialect::of_url("sqlite://data/x.db"), Some(Dialect::Sqlite));
+        assert_eq!(Dialect::of_url("postgres://h/db"), Some(Dialect::Postgres));
+        assert_eq!(Dialect::of_url("mysql://h/db"), None);
+    }
+}

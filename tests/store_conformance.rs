@@ -1,0 +1,711 @@
+//! The store conformance suite: every behaviour of the store, run against SQLite and PostgreSQL,
+//! each test on a fresh database.
+#![allow(clippy::unwrap_used, clippy::panic)]
+
+#[path = "support/db.rs"]
+mod db;
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use db::TestDb;
+use sqlx::Row;
+use switchboard::store::{
+    AiJobRecord, AiJobStatus, AuditEntry, Dialect, FlowStatus, NumberRecord, OptIn, PREVIEW_CHARS,
+    SessionCipher, SqlStore, TenantRecord,
+};
+use switchboard_actors::dead_letter::DeadLetterReason;
+use switchboard_actors::responder::ChatContext;
+use switchboard_actors::store::{Completion, Coordinator, Fence, Recorded, Store, StoreError};
+use switchboard_actors::transport::{Credentials, InboundMessage, MessageId, OutboundText};
+use switchboard_actors::{Jid, PhoneNumber};
+
+// ---- fixtures ---------------------------------------------------------------------------
+
+fn phone(s: &str) -> PhoneNumber {
+    PhoneNumber::parse(s).unwrap()
+}
+
+const N1: &str = "+15550001";
+const N2: &str = "+15550002";
+
+/// A store with tenant `t1` (previews only) and numbers N1 and N2.
+async fn seeded(db: &TestDb) -> SqlStore {
+    let store = db.store().await;
+    tenant(&store, "t1", false).await;
+    for n in [N1, N2] {
+        add(&store, n, "t1").await;
+    }
+    store
+}
+
+async fn tenant(store: &SqlStore, id: &str, full_transcripts: bool) {
+    store
+        .create_tenant(&TenantRecord {
+            id: id.into(),
+            name: format!("Tenant {id}"),
+            full_transcripts,
+        })
+        .await
+        .unwrap();
+}
+
+async fn add(store: &SqlStore, n: &str, tenant: &str) {
+    store
+        .add_number(&NumberRecord {
+            number: phone(n),
+            tenant: tenant.into(),
+            pinned_node: None,
+            settings: serde_json::json!({"greeting": "hi"}),
+        })
+        .await
+        .unwrap();
+}
+
+async fn own(store: &SqlStore, n: &str) -> Fence {
+    Fence {
+        number: phone(n),
+        token: store.acquire(&phone(n)).await.unwrap(),
+    }
+}
+
+fn msg(from: &str, id: &str, text: &str) -> InboundMessage {
+    InboundMessage {
+        id: MessageId::parse(id).unwrap(),
+        chat: phone(from).jid(),
+        sender: phone(from).jid(),
+        sender_alt: Some(Jid::lid("123456789").unwrap()),
+        is_from_me: false,
+        text: text.into(),
+        timestamp_ms: 1_767_225_600_000,
+    }
+}
+
+fn completion(fence: &Fence, m: &InboundMessage, reply: Option<&str>, turns: u64) -> Completion {
+    Completion {
+        chat: m.chat.clone(),
+        sender: m.sender.clone(),
+        inbound: m.id.clone(),
+        replies: reply
+            .map(|text| OutboundText {
+                id: MessageId::derived(&fence.number, &m.chat, &m.id, 0),
+                to: m.chat.clone(),
+                text: text.into(),
+                reply_to: Some(m.id.clone()),
+            })
+            .into_iter()
+            .collect(),
+        checkpoint: ChatContext { turns },
+    }
+}
+
+async fn raw_inbound(store: &SqlStore, id: &str) -> (Option<String>, String, String) {
+    let row = sqlx::query("SELECT body, preview, status FROM inbound WHERE message_id = $1")
+        .bind(id)
+        .fetch_one(store.pool())
+        .await
+        .unwrap();
+    (
+        row.try_get("body").unwrap(),
+        row.try_get("preview").unwrap(),
+        row.try_get("status").unwrap(),
+    )
+}
+
+macro_rules! conformance {
+    ($($test:ident),* $(,)?) => {
+        mod sqlite {
+            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $test() {
+                let db = super::TestDb::new(super::Dialect::Sqlite).await;
+                super::$test(&db).await;
+            })*
+        }
+        mod postgres {
+            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $test() {
+                let db = super::TestDb::new(super::Dialect::Postgres).await;
+                super::$test(&db).await;
+            })*
+        }
+    };
+}
+
+conformance!(
+    migrations_apply_once,
+    tenants_and_numbers,
+    inbound_is_deduplicated_and_resumable,
+    replies_are_queued_once_and_marked_sent_once,
+    texts_are_previews_after_processing_unless_the_tenant_keeps_transcripts,
+    lower_fencing_tokens_are_refused_in_the_same_transaction,
+    sessions_are_encrypted_at_rest,
+    dead_letters_keep_the_reason_and_are_not_resumed,
+    failed_sends_count_attempts_and_give_up,
+    checkpoints_takeover_and_contacts,
+    flows_are_versioned_and_published,
+    ai_jobs_commit_their_result_once,
+    events_are_claimed_leased_and_settled,
+    audit_log_is_newest_first,
+    concurrent_writers_lose_nothing_and_duplicate_nothing,
+);
+
+// ---- the suite --------------------------------------------------------------------------
+
+async fn migrations_apply_once(db: &TestDb) {
+    let (_, first) = switchboard::store::migrate(&db.url).await.unwrap();
+    assert!(first >= 1);
+    let (_, again) = switchboard::store::migrate(&db.url).await.unwrap();
+    assert_eq!(again, 0);
+    // Connecting to a migrated database applies nothing and works.
+    let store = db.store().await;
+    assert!(store.numbers().await.unwrap().is_empty());
+}
+
+async fn tenants_and_numbers(db: &TestDb) {
+    let store = seeded(db).await;
+    let dup = store
+        .create_tenant(&TenantRecord {
+            id: "t1".into(),
+            name: "again".into(),
+            full_transcripts: false,
+        })
+        .await;
+    assert!(matches!(dup, Err(StoreError::Conflict(_))), "{dup:?}");
+    assert!(!store.tenant("t1").await.unwrap().unwrap().full_transcripts);
+    store.set_full_transcripts("t1", true).await.unwrap();
+    assert!(store.tenant("t1").await.unwrap().unwrap().full_transcripts);
+    assert!(store.tenant("nope").await.unwrap().is_none());
+    assert!(matches!(
+        store.set_full_transcripts("nope", true).await,
+        Err(StoreError::NotFound(_))
+    ));
+
+    let all = store.numbers().await.unwrap();
+    assert_eq!(
+        all.iter().map(|n| n.number.as_str()).collect::<Vec<_>>(),
+        [N1, N2]
+    );
+    assert_eq!(all[0].settings["greeting"], "hi");
+    let again = store
+        .add_number(&NumberRecord {
+            number: phone(N1),
+            tenant: "t1".into(),
+            pinned_node: None,
+            settings: serde_json::json!({}),
+        })
+        .await;
+    assert!(matches!(again, Err(StoreError::Conflict(_))), "{again:?}");
+    let orphan = store
+        .add_number(&NumberRecord {
+            number: phone("+15550009"),
+            tenant: "nope".into(),
+            pinned_node: None,
+            settings: serde_json::json!({}),
+        })
+        .await;
+    assert!(matches!(orphan, Err(StoreError::NotFound(_))), "{orphan:?}");
+
+    store.pin_number(&phone(N1), Some("node-b")).await.unwrap();
+    let n1 = store.number(&phone(N1)).await.unwrap().unwrap();
+    assert_eq!(n1.pinned_node.as_deref(), Some("node-b"));
+
+    let fence = own(&store, N2).await;
+    let m = msg("+4915100001", "R1", "hello");
+    store.record_inbound(&fence, &m).await.unwrap();
+    store.remove_number(&phone(N2)).await.unwrap();
+    assert!(store.number(&phone(N2)).await.unwrap().is_none());
+    assert!(store.unprocessed(&phone(N2)).await.unwrap().is_empty());
+    assert!(matches!(
+        store.remove_number(&phone(N2)).await,
+        Err(StoreError::NotFound(_))
+    ));
+}
+
+async fn inbound_is_deduplicated_and_resumable(db: &TestDb) {
+    let store = seeded(db).await;
+    let fence = own(&store, N1).await;
+    let m = msg("+4915100001", "A1", "hello");
+    assert_eq!(store.record_inbound(&fence, &m).await, Ok(Recorded::New));
+    assert_eq!(
+        store.record_inbound(&fence, &m).await,
+        Ok(Recorded::Duplicate { processed: false })
+    );
+    // The same id from another sender, or for another number, is another message.
+    let other = msg("+4915100002", "A1", "hi");
+    assert_eq!(
+        store.record_inbound(&fence, &other).await,
+        Ok(Recorded::New)
+    );
+    let fence2 = own(&store, N2).await;
+    assert_eq!(store.record_inbound(&fence2, &m).await, Ok(Recorded::New));
+
+    let left = store.unprocessed(&phone(N1)).await.unwrap();
+    assert_eq!(
+        left,
+        vec![m.clone(), other.clone()],
+        "in arrival order, whole"
+    );
+
+    store
+        .complete(&fence, completion(&fence, &m, None, 1))
+        .await
+        .unwrap();
+    assert_eq!(
+        store.record_inbound(&fence, &m).await,
+        Ok(Recorded::Duplicate { processed: true })
+    );
+    assert_eq!(store.unprocessed(&phone(N1)).await.unwrap(), vec![other]);
+}
+
+async fn replies_are_queued_once_and_marked_sent_once(db: &TestDb) {
+    let store = seeded(db).await;
+    let fence = own(&store, N1).await;
+    let m = msg("+4915100001", "B1", "hello");
+    store.record_inbound(&fence, &m).await.unwrap();
+    let done = completion(&fence, &m, Some("hi there"), 1);
+    let reply = done.replies[0].clone();
+    let queued = store.complete(&fence, done.clone()).await.unwrap();
+    assert_eq!(queued, vec![reply.id.clone()]);
+    // Processing the same message again (after a crash) queues nothing new.
+    assert!(store.complete(&fence, done).await.unwrap().is_empty());
+    assert_eq!(store.unsent(&phone(N1)).await.unwrap(), vec![reply.clone()]);
+
+    assert!(store.mark_sent(&fence, &reply.id).await.unwrap());
+    assert!(
+        !store.mark_sent(&fence, &reply.id).await.unwrap(),
+        "already sent"
+    );
+    let foreign = MessageId::parse("3EB0FROMPHONE").unwrap();
+    assert!(
+        !store.mark_sent(&fence, &foreign).await.unwrap(),
+        "not ours"
+    );
+    assert!(store.unsent(&phone(N1)).await.unwrap().is_empty());
+}
+
+async fn texts_are_previews_after_processing_unless_the_tenant_keeps_transcripts(db: &TestDb) {
+    let store = seeded(db).await;
+    tenant(&store, "t2", true).await;
+    add(&store, "+15550003", "t2").await;
+    let long: String = "abcdefghij".repeat(30);
+
+    let fence = own(&store, N1).await;
+    let m = msg("+4915100001", "C1", &long);
+    store.record_inbound(&fence, &m).await.unwrap();
+    let (body, preview, _) = raw_inbound(&store, "C1").await;
+    assert_eq!(
+        body.as_deref(),
+        Some(long.as_str()),
+        "whole until processed"
+    );
+    assert_eq!(preview.chars().count(), PREVIEW_CHARS);
+    store
+        .complete(&fence, completion(&fence, &m, None, 1))
+        .await
+        .unwrap();
+    let (body, preview, status) = raw_inbound(&store, "C1").await;
+    assert_eq!(body, None, "only the preview is kept");
+    assert_eq!(preview, long[..PREVIEW_CHARS]);
+    assert_eq!(status, "processed");
+
+    let fence3 = own(&store, "+15550003").await;
+    let m = msg("+4915100001", "C2", &long);
+    store.record_inbound(&fence3, &m).await.unwrap();
+    store
+        .complete(&fence3, completion(&fence3, &m, None, 1))
+        .await
+        .unwrap();
+    let (body, _, _) = raw_inbound(&store, "C2").await;
+    assert_eq!(
+        body.as_deref(),
+        Some(long.as_str()),
+        "tenant keeps transcripts"
+    );
+}
+
+async fn lower_fencing_tokens_are_refused_in_the_same_transaction(db: &TestDb) {
+    let store = seeded(db).await;
+    let old = own(&store, N1).await;
+    let new = own(&store, N1).await;
+    assert!(new.token > old.token);
+    assert_eq!(
+        store.highest_token(&phone(N1)).await.unwrap(),
+        Some(new.token.get())
+    );
+
+    // A stale write in a batch fails alone: the other number's write in the same batch commits.
+    let other = own(&store, N2).await;
+    let m = msg("+4915100001", "D1", "from the old owner");
+    let stale = store.record_inbound(&old, &m);
+    let fine = store.record_inbound(&other, &m);
+    let stale = stale.await;
+    assert!(
+        matches!(&stale, Err(StoreError::Fenced { token, highest, .. }) if *token == old.token.get() && *highest == new.token.get()),
+        "{stale:?}"
+    );
+    assert_eq!(fine.await, Ok(Recorded::New));
+    assert!(
+        store.unprocessed(&phone(N1)).await.unwrap().is_empty(),
+        "nothing written"
+    );
+
+    let creds = Credentials("device".into());
+    assert!(matches!(
+        store.save_session(&old, &creds).await,
+        Err(StoreError::Fenced { .. })
+    ));
+    assert_eq!(store.load_session(&phone(N1)).await.unwrap(), None);
+    assert!(matches!(
+        store
+            .mark_sent(&old, &MessageId::parse("X1").unwrap())
+            .await,
+        Err(StoreError::Fenced { .. })
+    ));
+    // The current owner writes; a token handed out later by another coordinator (higher) too.
+    store.save_session(&new, &creds).await.unwrap();
+    assert_eq!(store.load_session(&phone(N1)).await.unwrap(), Some(creds));
+}
+
+async fn sessions_are_encrypted_at_rest(db: &TestDb) {
+    let keys = SessionCipher::generate("k1");
+    let store = db.store_with_keys(&keys).await;
+    tenant(&store, "t1", false).await;
+    add(&store, N1, "t1").await;
+    let fence = own(&store, N1).await;
+    let secret = "noise-key:0123456789abcdef-identity";
+    store
+        .save_session(&fence, &Credentials(secret.into()))
+        .await
+        .unwrap();
+    let row = sqlx::query("SELECT key_id, ciphertext FROM sessions WHERE number = $1")
+        .bind(N1)
+        .fetch_one(store.pool())
+        .await
+        .unwrap();
+    let key_id: String = row.try_get("key_id").unwrap();
+    let raw: Vec<u8> = row.try_get("ciphertext").unwrap();
+    assert_eq!(key_id, "k1");
+    assert!(
+        !raw.windows(8)
+            .any(|w| secret.as_bytes().windows(8).any(|s| s == w)),
+        "no plaintext in the stored column"
+    );
+    assert_eq!(
+        store.load_session(&phone(N1)).await.unwrap(),
+        Some(Credentials(secret.into()))
+    );
+
+    // Rotation: a new key first, the old one kept, reads the old blob and writes with the new.
+    let rotated = db
+        .store_with_keys(&format!("{},{keys}", SessionCipher::generate("k2")))
+        .await;
+    assert_eq!(
+        rotated.load_session(&phone(N1)).await.unwrap(),
+        Some(Credentials(secret.into()))
+    );
+    // Without the old key the blob is unreadable, and says so.
+    let stranger = db.store_with_keys(&SessionCipher::generate("k3")).await;
+    assert!(matches!(
+        stranger.load_session(&phone(N1)).await,
+        Err(StoreError::Corrupt(_))
+    ));
+
+    store.clear_session(&fence).await.unwrap();
+    assert_eq!(store.load_session(&phone(N1)).await.unwrap(), None);
+}
+
+async fn dead_letters_keep_the_reason_and_are_not_resumed(db: &TestDb) {
+    let store = seeded(db).await;
+    let fence = own(&store, N1).await;
+    let committed = msg("+4915100001", "E1", "poison");
+    store.record_inbound(&fence, &committed).await.unwrap();
+    let reason = DeadLetterReason::RestartBudgetSpent {
+        last_error: "panicked".into(),
+    };
+    store
+        .dead_letter(&fence, &committed, &reason)
+        .await
+        .unwrap();
+    // A message never committed can be dead-lettered too (its chat was parked).
+    let fresh = msg("+4915100001", "E2", "while parked");
+    let parked = DeadLetterReason::ConversationParked {
+        last_error: "panicked".into(),
+    };
+    store.dead_letter(&fence, &fresh, &parked).await.unwrap();
+
+    assert!(store.unprocessed(&phone(N1)).await.unwrap().is_empty());
+    let letters = store.dead_letters(&phone(N1)).await.unwrap();
+    assert_eq!(letters.len(), 2);
+    assert_eq!(letters[0].0, committed);
+    assert!(
+        letters[0].1.contains("restart budget spent"),
+        "{}",
+        letters[0].1
+    );
+    assert!(letters[1].1.contains("parked"));
+    assert_eq!(
+        store.record_inbound(&fence, &fresh).await,
+        Ok(Recorded::Duplicate { processed: true })
+    );
+}
+
+async fn failed_sends_count_attempts_and_give_up(db: &TestDb) {
+    let store = seeded(db).await;
+    let fence = own(&store, N1).await;
+    let m = msg("+4915100001", "F1", "hello");
+    store.record_inbound(&fence, &m).await.unwrap();
+    let done = completion(&fence, &m, Some("reply"), 1);
+    let id = done.replies[0].id.clone();
+    store.complete(&fence, done).await.unwrap();
+    store
+        .send_failed(&fence, &id, "rate-overlimit", false)
+        .await
+        .unwrap();
+    assert_eq!(store.unsent(&phone(N1)).await.unwrap().len(), 1, "retried");
+    store
+        .send_failed(&fence, &id, "refused", true)
+        .await
+        .unwrap();
+    assert!(
+        store.unsent(&phone(N1)).await.unwrap().is_empty(),
+        "given up"
+    );
+    let row = sqlx::query("SELECT attempts, status, last_error FROM outbox WHERE message_id = $1")
+        .bind(id.as_str())
+        .fetch_one(store.pool())
+        .await
+        .unwrap();
+    assert_eq!(row.try_get::<i64, _>("attempts").unwrap(), 2);
+    assert_eq!(row.try_get::<String, _>("status").unwrap(), "failed");
+    assert_eq!(row.try_get::<String, _>("last_error").unwrap(), "refused");
+}
+
+async fn checkpoints_takeover_and_contacts(db: &TestDb) {
+    let store = seeded(db).await;
+    let fence = own(&store, N1).await;
+    let m = msg("+4915100001", "G1", "hello");
+    let chat = m.chat.clone();
+    assert_eq!(store.checkpoint(&phone(N1), &chat).await.unwrap(), None);
+    store.record_inbound(&fence, &m).await.unwrap();
+    store
+        .complete(&fence, completion(&fence, &m, None, 7))
+        .await
+        .unwrap();
+    assert_eq!(
+        store.checkpoint(&phone(N1), &chat).await.unwrap(),
+        Some(ChatContext { turns: 7 })
+    );
+    store.set_human_takeover(&fence, &chat, true).await.unwrap();
+    let conv = store
+        .conversation(&phone(N1), &chat)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(conv.human_takeover);
+    assert!(
+        conv.checkpoint.contains("\"turns\":7"),
+        "takeover keeps the checkpoint"
+    );
+
+    assert_eq!(
+        store.opt_in(&phone(N1), &chat).await.unwrap(),
+        OptIn::Unknown
+    );
+    store
+        .set_opt_in(&fence, &chat, OptIn::OptedIn)
+        .await
+        .unwrap();
+    assert_eq!(
+        store.opt_in(&phone(N1), &chat).await.unwrap(),
+        OptIn::OptedIn
+    );
+    store
+        .set_opt_in(&fence, &chat, OptIn::OptedOut)
+        .await
+        .unwrap();
+    assert_eq!(
+        store.opt_in(&phone(N1), &chat).await.unwrap(),
+        OptIn::OptedOut
+    );
+    assert_eq!(
+        store.opt_in(&phone(N2), &chat).await.unwrap(),
+        OptIn::Unknown,
+        "per number"
+    );
+}
+
+async fn flows_are_versioned_and_published(db: &TestDb) {
+    let store = seeded(db).await;
+    let v1 = store
+        .save_flow_draft("t1", "welcome", &serde_json::json!({"start": "a"}))
+        .await
+        .unwrap();
+    assert_eq!(v1, 1);
+    assert!(
+        store
+            .published_flow("t1", "welcome")
+            .await
+            .unwrap()
+            .is_none()
+    );
+    store.publish_flow("t1", "welcome", v1).await.unwrap();
+    let v2 = store
+        .save_flow_draft("t1", "welcome", &serde_json::json!({"start": "b"}))
+        .await
+        .unwrap();
+    assert_eq!(v2, 2);
+    store.publish_flow("t1", "welcome", v2).await.unwrap();
+    let live = store
+        .published_flow("t1", "welcome")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (live.version, live.definition["start"].as_str()),
+        (2, Some("b"))
+    );
+    let versions = store.flow_versions("t1", "welcome").await.unwrap();
+    assert_eq!(
+        versions.iter().map(|f| f.status).collect::<Vec<_>>(),
+        [FlowStatus::Retired, FlowStatus::Published]
+    );
+    assert!(matches!(
+        store.publish_flow("t1", "welcome", 9).await,
+        Err(StoreError::NotFound(_))
+    ));
+}
+
+async fn ai_jobs_commit_their_result_once(db: &TestDb) {
+    let store = seeded(db).await;
+    let fence = own(&store, N1).await;
+    let job = AiJobRecord {
+        id: "job-1".into(),
+        chat: phone("+4915100001").jid(),
+        inbound_id: "H1".into(),
+        prompt: "what are your hours?".into(),
+        status: AiJobStatus::Running,
+    };
+    store.start_ai_job(&fence, &job).await.unwrap();
+    store.start_ai_job(&fence, &job).await.unwrap();
+    assert_eq!(store.ai_job("job-1").await.unwrap(), Some(job.clone()));
+    store
+        .finish_ai_job(&fence, "job-1", Ok("9 to 5"))
+        .await
+        .unwrap();
+    store
+        .finish_ai_job(&fence, "job-1", Err("late duplicate"))
+        .await
+        .unwrap();
+    assert_eq!(
+        store.ai_job("job-1").await.unwrap().unwrap().status,
+        AiJobStatus::Done("9 to 5".into())
+    );
+    assert_eq!(store.ai_job("nope").await.unwrap(), None);
+}
+
+async fn events_are_claimed_leased_and_settled(db: &TestDb) {
+    let store = seeded(db).await;
+    let mut seqs = Vec::new();
+    for i in 0..3 {
+        let payload = serde_json::json!({ "i": i });
+        seqs.push(
+            store
+                .enqueue_event("t1", "message.received", &payload)
+                .await
+                .unwrap(),
+        );
+    }
+    let lease = Duration::from_secs(60);
+    let first = store.claim_events(2, lease).await.unwrap();
+    assert_eq!(first.iter().map(|e| e.seq).collect::<Vec<_>>(), seqs[..2]);
+    assert_eq!(first[0].payload["i"], 0);
+    let second = store.claim_events(10, lease).await.unwrap();
+    assert_eq!(second.len(), 1, "leased events are not handed out twice");
+    assert_eq!(second[0].seq, seqs[2]);
+    assert!(store.claim_events(10, lease).await.unwrap().is_empty());
+
+    store.event_delivered(seqs[0]).await.unwrap();
+    store
+        .event_failed(seqs[1], "HTTP 500", Some(Duration::ZERO))
+        .await
+        .unwrap();
+    store.event_failed(seqs[2], "HTTP 410", None).await.unwrap();
+    let retried = store.claim_events(10, lease).await.unwrap();
+    assert_eq!(retried.len(), 1);
+    assert_eq!((retried[0].seq, retried[0].attempts), (seqs[1], 1));
+}
+
+async fn audit_log_is_newest_first(db: &TestDb) {
+    let store = seeded(db).await;
+    for action in ["number.add", "flow.publish"] {
+        store
+            .audit(&AuditEntry {
+                tenant: Some("t1".into()),
+                actor: "token:admin".into(),
+                action: action.into(),
+                target: N1.into(),
+                detail: serde_json::json!({ "via": "api" }),
+            })
+            .await
+            .unwrap();
+    }
+    let log = store.audit_log("t1", 10).await.unwrap();
+    assert_eq!(
+        log.iter().map(|e| e.action.as_str()).collect::<Vec<_>>(),
+        ["flow.publish", "number.add"]
+    );
+    assert_eq!(log[0].detail["via"], "api");
+    assert!(store.audit_log("t2", 10).await.unwrap().is_empty());
+}
+
+async fn concurrent_writers_lose_nothing_and_duplicate_nothing(db: &TestDb) {
+    let store = seeded(db).await;
+    // Many owners handed out at once get distinct, rising tokens.
+    let n1 = phone(N1);
+    let tokens = futures_util::future::join_all((0..16).map(|_| store.acquire(&n1))).await;
+    let tokens: HashSet<u64> = tokens.into_iter().map(|t| t.unwrap().get()).collect();
+    assert_eq!(tokens.len(), 16);
+
+    let fences = [own(&store, N1).await, own(&store, N2).await];
+    let mut tasks = Vec::new();
+    for writer in 0..8_u32 {
+        let store = store.clone();
+        let fences = fences.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut new = 0;
+            for i in 0..100_u32 {
+                // Writers overlap: each message is offered by two writers.
+                let id = format!("W{}", (writer / 2) * 100 + i);
+                let fence = &fences[(i % 2) as usize];
+                let m = msg("+4915100001", &id, "concurrent");
+                if store.record_inbound(fence, &m).await.unwrap() == Recorded::New {
+                    new += 1;
+                }
+                let done = completion(fence, &m, Some("ok"), 1);
+                store.complete(fence, done).await.unwrap();
+            }
+            new
+        }));
+    }
+    let mut new = 0;
+    for t in tasks {
+        new += t.await.unwrap();
+    }
+    assert_eq!(
+        new, 400,
+        "each distinct message recorded as new exactly once"
+    );
+    for n in [N1, N2] {
+        let count: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM inbound WHERE number = $1")
+            .bind(n)
+            .fetch_one(store.pool())
+            .await
+            .unwrap();
+        assert_eq!(count, 200);
+        assert_eq!(
+            store.unsent(&phone(n)).await.unwrap().len(),
+            200,
+            "one reply each"
+        );
+    }
+}
