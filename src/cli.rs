@@ -1,11 +1,20 @@
 //! The command line.
 //!
 //! ```text
+//! switchboard serve   [--config FILE]        the runtime on the configured store and transport
+//! switchboard migrate [--config FILE]        apply pending database migrations
+//! switchboard numbers add [--tenant T] NUMBER…  |  list  |  remove NUMBER…
 //! switchboard demo [--numbers N] [--duration 30s] [--chaos] [--listen ADDR] [--seed S]
 //! switchboard sim serve [--listen ADDR] [--seed S]
 //! ```
+//!
+//! Configuration errors are all printed together and the process exits with code 64.
+//!
+//! ```text
+//! ```
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
@@ -22,6 +31,19 @@ pub struct Cli {
 /// Subcommands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Run the numbers registered in the store (embedded defaults: SQLite, simulator).
+    Serve(ConfigArg),
+    /// Apply pending database migrations and exit.
+    Migrate(ConfigArg),
+    /// Register, list or remove numbers.
+    Numbers {
+        /// Where the config is.
+        #[command(flatten)]
+        config: ConfigArg,
+        /// What to do.
+        #[command(subcommand)]
+        command: NumbersCommand,
+    },
     /// Run a simulated fleet on the embedded defaults and print a JSON report.
     Demo(DemoArgs),
     /// The WhatsApp simulator.
@@ -29,6 +51,36 @@ pub enum Command {
         /// Simulator subcommands.
         #[command(subcommand)]
         command: SimCommand,
+    },
+}
+
+/// The config file option shared by commands that use the store.
+#[derive(Debug, Args)]
+pub struct ConfigArg {
+    /// A TOML file layered over the defaults (environment variables still win).
+    #[arg(long, global = true)]
+    pub config: Option<PathBuf>,
+}
+
+/// `switchboard numbers …`.
+#[derive(Debug, Subcommand)]
+pub enum NumbersCommand {
+    /// Register numbers (E.164) to run; the tenant is created if it does not exist.
+    Add {
+        /// The tenant that owns them.
+        #[arg(long, default_value = "default")]
+        tenant: String,
+        /// The numbers.
+        #[arg(required = true)]
+        numbers: Vec<String>,
+    },
+    /// List the registered numbers.
+    List,
+    /// Remove numbers and everything stored for them.
+    Remove {
+        /// The numbers.
+        #[arg(required = true)]
+        numbers: Vec<String>,
     },
 }
 

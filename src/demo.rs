@@ -18,7 +18,6 @@ use axum::routing::get;
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use serde::Serialize;
-use switchboard_actors::number::NumberMsg;
 use switchboard_actors::responder::Responder;
 use switchboard_actors::store::MemoryStore;
 use switchboard_actors::{Deps, Fleet, FleetCounters, NumberPhase, PhoneNumber, Settings};
@@ -211,15 +210,7 @@ async fn chaos(
         let _ = network.fault(FaultKind::Drop, n, 0, outage);
         if round.is_multiple_of(10) {
             let victim = numbers[rng.random_range(0..numbers.len())].clone();
-            let get = fleet_addr
-                .call(
-                    |r| switchboard_actors::fleet::FleetMsg::Get(victim, r),
-                    Duration::from_secs(5),
-                )
-                .await;
-            if let Ok(Some(number)) = get {
-                let _ = number.cast(NumberMsg::Crash("chaos: injected number crash".to_owned()));
-            }
+            crate::serve::crash_number(&fleet_addr, victim).await;
         }
     }
 }

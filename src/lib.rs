@@ -3,6 +3,9 @@
 //! The supervision tree and the ports live in the `switchboard-actors` crate; this crate wires
 //! them to the world:
 //!
+//! - [`config`]: typed, layered configuration (`config/default.toml`, a file, the environment).
+//! - [`store`]: the SQL store (SQLite embedded, PostgreSQL for clusters).
+//! - [`serve`]: `switchboard serve`, the runtime on the configured store and transport.
 //! - [`sim`]: the WhatsApp simulator (network, referee ledger, `sim` transport, `sim serve`).
 //! - [`bot`]: the demo's keyword/echo bot, a canned model and the chaos wrapper.
 //! - [`demo`]: `switchboard demo`, the simulated fleet.
@@ -12,8 +15,10 @@
 
 pub mod bot;
 pub mod cli;
+pub mod config;
 pub mod demo;
 pub mod problem;
+pub mod serve;
 pub mod sim;
 pub mod store;
 pub mod telemetry;

@@ -3,8 +3,10 @@
 
 use std::process::ExitCode;
 
+use anyhow::Context;
 use clap::Parser;
-use switchboard::cli::{Cli, Command, SimCommand};
+use switchboard::cli::{Cli, Command, ConfigArg, NumbersCommand, SimCommand};
+use switchboard::config::{Config, ConfigErrors};
 use switchboard::demo::{self, DemoOptions};
 use switchboard::sim::{Network, SimConfig, server};
 
@@ -13,15 +15,43 @@ async fn main() -> ExitCode {
     let cli = Cli::parse();
     match run(cli).await {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("switchboard: {e:#}");
-            ExitCode::FAILURE
-        }
+        Err(e) => match e.downcast_ref::<ConfigErrors>() {
+            Some(errors) => {
+                eprint!("switchboard: {errors}");
+                // Exit code 64 (EX_USAGE): the configuration is wrong, retrying will not help.
+                ExitCode::from(64)
+            }
+            None => {
+                eprintln!("switchboard: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
     }
+}
+
+fn load(arg: &ConfigArg) -> anyhow::Result<Config> {
+    Ok(Config::load(arg.config.as_deref())?)
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
+        Command::Serve(arg) => {
+            let config = load(&arg)?;
+            switchboard::telemetry::init_logging("info,switchboard::panic=warn", false);
+            switchboard::serve::run(config, shutdown_signal()).await
+        }
+        Command::Migrate(arg) => {
+            let config = load(&arg)?;
+            let url = secrecy::ExposeSecret::expose_secret(&config.store.url).to_owned();
+            let (dialect, applied) = switchboard::store::migrate(&url).await?;
+            println!("{}: {applied} migration(s) applied", dialect.as_str());
+            Ok(())
+        }
+        Command::Numbers { config, command } => {
+            let config = load(&config)?;
+            switchboard::telemetry::init_logging("warn", false);
+            numbers(&config, command).await
+        }
         Command::Demo(args) => {
             // Chaos panics are expected and counted as restarts; keep them off the progress line.
             let filter = if args.chaos {
@@ -57,6 +87,54 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+async fn numbers(config: &Config, command: NumbersCommand) -> anyhow::Result<()> {
+    use switchboard::store::{NumberRecord, TenantRecord};
+    use switchboard_actors::PhoneNumber;
+    let store = switchboard::serve::open_store(&config.store).await?;
+    match command {
+        NumbersCommand::Add { tenant, numbers } => {
+            if store.tenant(&tenant).await?.is_none() {
+                let record = TenantRecord {
+                    id: tenant.clone(),
+                    name: tenant.clone(),
+                    full_transcripts: false,
+                };
+                store.create_tenant(&record).await?;
+            }
+            for raw in numbers {
+                let number = PhoneNumber::parse(&raw).with_context(|| format!("{raw:?}"))?;
+                let record = NumberRecord {
+                    number,
+                    tenant: tenant.clone(),
+                    pinned_node: None,
+                    settings: serde_json::json!({}),
+                };
+                match store.add_number(&record).await {
+                    Ok(()) => println!("added {raw}"),
+                    Err(switchboard_actors::store::StoreError::Conflict(_)) => {
+                        println!("{raw} is registered already");
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+            }
+        }
+        NumbersCommand::List => {
+            for n in store.numbers().await? {
+                println!("{}\t{}", n.number, n.tenant);
+            }
+        }
+        NumbersCommand::Remove { numbers } => {
+            for raw in numbers {
+                let number = PhoneNumber::parse(&raw).with_context(|| format!("{raw:?}"))?;
+                store.remove_number(&number).await?;
+                println!("removed {raw}");
+            }
+        }
+    }
+    store.close().await;
+    Ok(())
 }
 
 /// Resolves on Ctrl-C or SIGTERM.

@@ -24,6 +24,10 @@ use crate::store::{Fence, StoreError};
 use crate::telemetry::{MESSAGES_SENT, OUTBOUND_QUEUE};
 use crate::transport::{MessageId, OutboundText, SendError, WaSession};
 
+/// A send whose outcome is unknown is tried again after this long even if no new offline sync
+/// came (the connection stayed up but the server's ack never arrived).
+const UNSETTLED_WAIT: Duration = Duration::from_secs(30);
+
 /// Sends that fail this many times in a row (not counting waits for a connection) are given up
 /// and marked failed in the outbox.
 const MAX_ATTEMPTS: u32 = 20;
@@ -80,6 +84,7 @@ pub fn spawn(resources: Arc<NumberResources>, deps: &Deps, fence: Fence) -> Pace
         queue: VecDeque::new(),
         confirmed: HashSet::new(),
         synced: false,
+        settle_by: None,
     };
     tokio::spawn(pacer.run(rx));
     PacerHandle { tx }
@@ -98,6 +103,8 @@ struct Pacer {
     /// Whether sends may go out: false until the session's offline sync, and again after a send
     /// whose outcome is unknown.
     synced: bool,
+    /// When an unknown outcome is settled by waiting if no sync comes first.
+    settle_by: Option<Instant>,
 }
 
 /// How one delivery ended.
@@ -121,12 +128,17 @@ impl Pacer {
             }
             let next = if self.synced { self.next() } else { None };
             let Some(msg) = next else {
+                let settle_by = self.settle_by;
                 tokio::select! {
                     () = cancel.cancelled() => break,
                     cmd = rx.recv() => match cmd {
                         Some(cmd) => self.apply(cmd),
                         None => break,
                     },
+                    () = sleep_until(settle_by) => {
+                        self.synced = true;
+                        self.settle_by = None;
+                    }
                 }
                 continue;
             };
@@ -136,6 +148,7 @@ impl Pacer {
             };
             if let Outcome::Unsettled = outcome {
                 self.synced = false;
+                self.settle_by = Some(Instant::now() + UNSETTLED_WAIT);
                 self.queue.push_front(msg);
                 metrics::gauge!(OUTBOUND_QUEUE).increment(1.0);
             }
@@ -180,7 +193,10 @@ impl Pacer {
                     self.confirmed.insert(id);
                 }
             }
-            Command::Synced => self.synced = true,
+            Command::Synced => {
+                self.synced = true;
+                self.settle_by = None;
+            }
         }
     }
 
@@ -278,6 +294,13 @@ impl Pacer {
     }
 }
 
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
 fn label<T>(outcome: &Result<T, SendError>) -> &'static str {
     match outcome {
         Ok(_) => "ok",
@@ -307,10 +330,12 @@ struct Bucket {
 }
 
 impl Bucket {
+    /// Starts empty: the number's previous pacer (before a restart of the actor or the node)
+    /// may have spent the account's burst moments ago, and the network remembers.
     fn new(rate: SendRate) -> Self {
         Self {
             rate,
-            tokens: f64::from(rate.burst),
+            tokens: 0.0,
             refilled: Instant::now(),
         }
     }
