@@ -120,7 +120,7 @@ impl SqlStore {
         let dialect = Dialect::of_url(&opts.url)
             .ok_or_else(|| StoreError::Unavailable("unsupported database URL".into()))?;
         migrate_pool(&pool, dialect).await?;
-        let batch = batch::Handle::spawn(pool.clone(), opts.batch_max, opts.batch_wait);
+        let batch = batch::Handle::spawn(pool.clone(), dialect, opts.batch_max, opts.batch_wait);
         Ok(Self {
             pool,
             dialect,
@@ -145,6 +145,44 @@ impl SqlStore {
         (me.clone(), me)
     }
 
+    /// Commits `writes` as one batch right now, bypassing the batcher's queue: the same
+    /// statements and transaction as a group commit. For benchmarks (the write ceiling).
+    pub async fn commit_batch(&self, writes: Vec<HotWrite>) -> Result<(), StoreError> {
+        use tokio::sync::oneshot::channel;
+        let (mut recorded, mut completed, mut sent) = (Vec::new(), Vec::new(), Vec::new());
+        let ops = writes
+            .into_iter()
+            .map(|w| match w {
+                HotWrite::Inbound(fence, msg) => {
+                    let (reply, rx) = channel();
+                    recorded.push(rx);
+                    batch::Op::Inbound { fence, msg, reply }
+                }
+                HotWrite::Complete(fence, done) => {
+                    let (reply, rx) = channel();
+                    completed.push(rx);
+                    batch::Op::Complete { fence, done, reply }
+                }
+                HotWrite::Sent(fence, id) => {
+                    let (reply, rx) = channel();
+                    sent.push(rx);
+                    batch::Op::Sent { fence, id, reply }
+                }
+            })
+            .collect();
+        batch::flush(&self.pool, self.dialect, ops).await;
+        for rx in recorded {
+            rx.await.unwrap_or(Err(StoreError::Closed))?;
+        }
+        for rx in completed {
+            rx.await.unwrap_or(Err(StoreError::Closed))?;
+        }
+        for rx in sent {
+            rx.await.unwrap_or(Err(StoreError::Closed))?;
+        }
+        Ok(())
+    }
+
     /// Commits what is queued and closes the pool.
     pub async fn close(&self) {
         self.batch.close().await;
@@ -159,6 +197,17 @@ impl SqlStore {
         check_fence(fence, &highest)?;
         Ok(tx)
     }
+}
+
+/// A hot-path write, for [`SqlStore::commit_batch`].
+#[derive(Debug, Clone)]
+pub enum HotWrite {
+    /// Record an inbound message.
+    Inbound(Fence, switchboard_actors::transport::InboundMessage),
+    /// Complete a processed message.
+    Complete(Fence, switchboard_actors::store::Completion),
+    /// Mark a reply sent.
+    Sent(Fence, switchboard_actors::transport::MessageId),
 }
 
 /// Applies pending migrations to the database at `url` (the `switchboard migrate` command).
@@ -240,6 +289,51 @@ async fn migrate_pool(pool: &AnyPool, dialect: Dialect) -> Result<(), StoreError
         .map_err(|e| StoreError::Unavailable(format!("migrations: {e}")))
 }
 
+/// Locks the fences of `tokens`' numbers for this transaction, raising stored tokens where a
+/// higher one is given, and returns the highest token now stored per number. PostgreSQL takes
+/// shared locks (concurrent writers of a number share them; [`Coordinator::acquire`] waits for
+/// them), exclusive only to raise; SQLite has a single writer.
+async fn lock_fences(
+    tx: &mut Transaction<'static, Any>,
+    dialect: Dialect,
+    tokens: &[(&str, u64)],
+) -> Result<HashMap<String, u64>, StoreError> {
+    if dialect == Dialect::Sqlite {
+        return raise_fences(tx, tokens).await;
+    }
+    let mut wanted: Vec<&str> = tokens.iter().map(|(n, _)| *n).collect();
+    wanted.sort_unstable();
+    wanted.dedup();
+    let mut highest = HashMap::new();
+    for chunk in wanted.chunks(MAX_STATEMENT_ROWS) {
+        let list = (1..=chunk.len())
+            .map(|i| format!("${i}"))
+            .collect::<Vec<_>>();
+        let sql = format!(
+            "SELECT number, token FROM fences WHERE number IN ({}) ORDER BY number FOR SHARE",
+            list.join(", ")
+        );
+        let mut q = sqlx::query(&sql);
+        for number in chunk {
+            q = q.bind(*number);
+        }
+        for row in q.fetch_all(&mut **tx).await.map_err(db)? {
+            let number: String = row.try_get(0).map_err(db)?;
+            let token: i64 = row.try_get(1).map_err(db)?;
+            highest.insert(number, u64::try_from(token).unwrap_or(0));
+        }
+    }
+    let raise: Vec<(&str, u64)> = tokens
+        .iter()
+        .filter(|(n, t)| highest.get(*n).is_none_or(|h| t > h))
+        .copied()
+        .collect();
+    if !raise.is_empty() {
+        highest.extend(raise_fences(tx, &raise).await?);
+    }
+    Ok(highest)
+}
+
 /// Raises the stored token of each number to the highest given (never lowers it) and returns
 /// the highest token now stored per number. Locks those rows until the transaction ends.
 async fn raise_fences(
@@ -252,8 +346,10 @@ async fn raise_fences(
         *t = (*t).max(*token);
     }
     let mut out = HashMap::new();
-    let rows: Vec<(&str, u64)> = highest.into_iter().collect();
-    for chunk in rows.chunks(500) {
+    let mut rows: Vec<(&str, u64)> = highest.into_iter().collect();
+    // One lock order for every transaction: concurrent writers never deadlock on fences.
+    rows.sort_unstable();
+    for chunk in rows.chunks(MAX_STATEMENT_ROWS) {
         let sql = format!(
             "INSERT INTO fences (number, token) VALUES {} ON CONFLICT (number) DO UPDATE SET \
              token = CASE WHEN excluded.token > fences.token THEN excluded.token \
@@ -289,6 +385,31 @@ fn check_fence(fence: &Fence, highest: &HashMap<String, u64>) -> Result<(), Stor
     Ok(())
 }
 
+/// Rows per multi-row fence statement: well under both dialects' bind-parameter limits.
+const MAX_STATEMENT_ROWS: usize = 256;
+
+/// A query on either dialect.
+type AnyQuery<'q> = sqlx::query::Query<'q, Any, sqlx::any::AnyArguments<'q>>;
+
+/// Binds an inbound row in column order: number, chat, sender, message_id, sender_alt, body,
+/// preview, sent_at, received_at (= `now`).
+fn bind_inbound_row<'q>(
+    q: AnyQuery<'q>,
+    fence: &'q Fence,
+    msg: &'q switchboard_actors::transport::InboundMessage,
+    now: i64,
+) -> AnyQuery<'q> {
+    q.bind(fence.number.as_str())
+        .bind(msg.chat.to_string())
+        .bind(msg.sender.to_string())
+        .bind(msg.id.as_str())
+        .bind(msg.sender_alt.as_ref().map(ToString::to_string))
+        .bind(msg.text.as_str())
+        .bind(preview(&msg.text))
+        .bind(to_i64(msg.timestamp_ms))
+        .bind(now)
+}
+
 /// `($1, $2), ($3, $4)…`: placeholders for `rows` rows of `cols` columns.
 fn values(rows: usize, cols: usize) -> String {
     values_from(1, rows, cols)
@@ -314,9 +435,16 @@ fn values_from(first: usize, rows: usize, cols: usize) -> String {
     out
 }
 
+/// Starts the message of an error that a retry of the whole transaction may cure.
+const RETRY_MARK: &str = "transaction lost a race: ";
+
 /// Maps a database error onto the port's error: unique violations are conflicts.
 fn db(e: sqlx::Error) -> StoreError {
     match &e {
+        // PostgreSQL: deadlock_detected, serialization_failure.
+        sqlx::Error::Database(d) if matches!(d.code().as_deref(), Some("40P01" | "40001")) => {
+            StoreError::Unavailable(format!("{RETRY_MARK}{e}"))
+        }
         sqlx::Error::Database(d) if d.is_unique_violation() => {
             StoreError::Conflict(d.message().to_owned())
         }

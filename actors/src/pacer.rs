@@ -2,7 +2,9 @@
 //! account's rate limit, with a typing indicator proportional to the length.
 //!
 //! Exactly once in effect: a reply keeps the id it was given when it was queued, for every
-//! attempt. A send whose outcome is unknown (the connection dropped before the server's ack, or
+//! attempt. It is marked sent in the outbox when its echo arrives (the number actor does that,
+//! and acknowledges the echo only once the mark is committed, so an echo lost to a crash is
+//! redelivered): one write per reply, made by one party. A send whose outcome is unknown (the connection dropped before the server's ack, or
 //! the node restarted) is not retried blindly: the pacer waits until the next connection's
 //! offline sync has completed. By then the network has redelivered the echo of every send it
 //! received, the number actor has confirmed those ([`PacerHandle::confirmed`]), and only the
@@ -229,12 +231,11 @@ impl Pacer {
             let error = match outcome {
                 Ok(_) => {
                     FleetCounters::bump(&self.deps.counters.messages_out);
-                    self.settle(msg, None, false);
                     return Outcome::Done;
                 }
                 Err(SendError::Refused(reason)) => {
                     tracing::warn!(message_id = %msg.id, %reason, "send refused by the server");
-                    self.settle(msg, Some(reason), true);
+                    self.failed(msg, reason, true);
                     return Outcome::Done;
                 }
                 Err(SendError::RateOverlimit) => {
@@ -246,28 +247,22 @@ impl Pacer {
                 }
             };
             if attempts >= MAX_ATTEMPTS {
-                self.settle(msg, Some(error.to_owned()), true);
+                self.failed(msg, error.to_owned(), true);
                 return Outcome::Done;
             }
-            self.settle(msg, Some(error.to_owned()), false);
+            self.failed(msg, error.to_owned(), false);
             tokio::time::sleep(delays.next().unwrap_or(Duration::from_secs(30))).await;
         }
     }
 
-    /// Records the attempt's outcome in the outbox, off the send path.
-    fn settle(&self, msg: &OutboundText, error: Option<String>, give_up: bool) {
+    /// Records a failed attempt in the outbox, off the send path.
+    fn failed(&self, msg: &OutboundText, error: String, give_up: bool) {
         let store = self.deps.store.clone();
         let fence = self.fence.clone();
         let id = msg.id.clone();
         let resources = self.resources.clone();
-        let sent = error.is_none().then(|| store.mark_sent(&fence, &id));
         tokio::spawn(async move {
-            let result = match (sent, error) {
-                (Some(sent), _) => sent.await.map(|_| ()),
-                (None, Some(error)) => store.send_failed(&fence, &id, &error, give_up).await,
-                (None, None) => Ok(()),
-            };
-            match result {
+            match store.send_failed(&fence, &id, &error, give_up).await {
                 Ok(()) => {}
                 Err(StoreError::Fenced { .. }) => {
                     tracing::warn!(number = %fence.number, "outbox write fenced; stopping sends");

@@ -50,8 +50,10 @@ CREATE TABLE conversations (
     PRIMARY KEY (number, chat)
 );
 
+-- Keyed by what identifies a message; seq keeps arrival order (no index of its own: the
+-- partial indexes carry it), so a row costs as few index entries as possible.
 CREATE TABLE inbound (
-    seq          BIGSERIAL PRIMARY KEY,
+    seq          BIGSERIAL,
     number       TEXT NOT NULL REFERENCES numbers (number) ON DELETE CASCADE,
     chat         TEXT NOT NULL,
     sender       TEXT NOT NULL,
@@ -64,13 +66,13 @@ CREATE TABLE inbound (
     status       TEXT NOT NULL DEFAULT 'pending', -- pending | processed | dead
     processed_at BIGINT,
     error        TEXT,                          -- why it was dead-lettered
-    UNIQUE (number, chat, sender, message_id)
+    PRIMARY KEY (number, chat, sender, message_id)
 );
 CREATE INDEX inbound_pending ON inbound (number, seq) WHERE status = 'pending';
 CREATE INDEX inbound_dead ON inbound (number, seq) WHERE status = 'dead';
 
 CREATE TABLE outbox (
-    seq         BIGSERIAL PRIMARY KEY,
+    seq         BIGSERIAL,
     number      TEXT NOT NULL REFERENCES numbers (number) ON DELETE CASCADE,
     message_id  TEXT NOT NULL,                  -- deterministic: from the inbound id and step
     chat        TEXT NOT NULL,
@@ -81,7 +83,7 @@ CREATE TABLE outbox (
     last_error  TEXT,
     created_at  BIGINT NOT NULL,
     sent_at     BIGINT,
-    UNIQUE (number, message_id)
+    PRIMARY KEY (number, message_id)
 );
 CREATE INDEX outbox_queued ON outbox (number, seq) WHERE status = 'queued';
 

@@ -120,6 +120,9 @@ pub struct Ledger {
     offered: HashSet<InboundKey>,
     acked: HashSet<InboundKey>,
     replies: HashMap<InboundKey, Vec<MessageId>>,
+    /// Offered inbound messages with at least one reply (kept as replies arrive, so the
+    /// summary is O(1) however long the run).
+    answered: u64,
     outbound_ids: HashSet<(PhoneNumber, MessageId)>,
     /// (account, client label) → when that label's connection was last replaced.
     replaced_at: HashMap<(PhoneNumber, String), u64>,
@@ -128,13 +131,8 @@ pub struct Ledger {
 impl Ledger {
     /// The totals.
     pub fn summary(&self) -> Summary {
-        let answered = self
-            .replies
-            .keys()
-            .filter(|k| self.offered.contains(*k))
-            .count() as u64;
         Summary {
-            inbound_unanswered: self.summary.inbound - answered,
+            inbound_unanswered: self.summary.inbound - self.answered,
             ..self.summary.clone()
         }
     }
@@ -214,10 +212,12 @@ impl Ledger {
             self.summary.duplicate_outbound_ids += 1;
         }
         if let Some(inbound) = reply_to {
-            let ids = self
-                .replies
-                .entry((number.clone(), to.clone(), inbound.clone()))
-                .or_default();
+            let key = (number.clone(), to.clone(), inbound.clone());
+            let offered = self.offered.contains(&key);
+            let ids = self.replies.entry(key).or_default();
+            if ids.is_empty() && offered {
+                self.answered += 1;
+            }
             if !ids.contains(id) {
                 ids.push(id.clone());
                 if ids.len() == 2 {

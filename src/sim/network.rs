@@ -17,6 +17,37 @@ use tokio_util::sync::CancellationToken;
 use super::ledger::{Ledger, LedgerEvent, Summary};
 use super::wire::{ClientFrame, Refusal, ServerFrame};
 
+/// An account's messages waiting for the client's acknowledgement, in order, found by key in
+/// O(log n) (a busy account may have thousands).
+#[derive(Debug, Default)]
+struct Unacked {
+    next: u64,
+    order: std::collections::BTreeMap<u64, InboundMessage>,
+    index: HashMap<(Jid, MessageId), u64>,
+}
+
+impl Unacked {
+    fn push(&mut self, m: InboundMessage) {
+        let key = (m.chat.clone(), m.id.clone());
+        if self.index.contains_key(&key) {
+            return;
+        }
+        self.order.insert(self.next, m);
+        self.index.insert(key, self.next);
+        self.next += 1;
+    }
+
+    fn ack(&mut self, chat: &Jid, id: &MessageId) {
+        if let Some(seq) = self.index.remove(&(chat.clone(), id.clone())) {
+            self.order.remove(&seq);
+        }
+    }
+
+    fn all(&self) -> Vec<InboundMessage> {
+        self.order.values().cloned().collect()
+    }
+}
+
 /// Server timestamps start here (2026-01-01T00:00:00Z) and advance with tokio time.
 const EPOCH_MS: u64 = 1_767_225_600_000;
 
@@ -204,8 +235,8 @@ struct Account {
     credentials: Option<String>,
     live: Option<u64>,
     pairing: Option<Pairing>,
-    /// Offered and not acknowledged, in order; `true` once sent on the live connection.
-    unacked: VecDeque<(InboundMessage, bool)>,
+    /// Offered (or echoed) and not acknowledged, in order: redelivered on every connect.
+    unacked: Unacked,
     tokens: f64,
     refilled: Instant,
     overlimits: VecDeque<Instant>,
@@ -221,7 +252,7 @@ impl Account {
             credentials: None,
             live: None,
             pairing: None,
-            unacked: VecDeque::new(),
+            unacked: Unacked::default(),
             tokens: f64::from(burst),
             refilled: now,
             overlimits: VecDeque::new(),
@@ -387,7 +418,7 @@ impl Network {
         let live = st.accounts.get(number).and_then(|a| a.live);
         let online = live.is_some_and(|c| st.conns.get(&c).is_some_and(|c| c.authenticated));
         if let Some(acct) = st.accounts.get_mut(number) {
-            acct.unacked.push_back((message.clone(), online));
+            acct.unacked.push(message.clone());
         }
         if let (true, Some(conn)) = (online, live) {
             self.send(&mut st, conn, ServerFrame::Message { message });
@@ -649,8 +680,7 @@ impl Network {
                 let at_ms = self.now_ms();
                 st.ledger.inbound_acked(at_ms, &number, &chat, &id);
                 if let Some(acct) = st.accounts.get_mut(&number) {
-                    acct.unacked
-                        .retain(|(m, _)| !(m.id == id && m.chat == chat));
+                    acct.unacked.ack(&chat, &id);
                 }
             }
             ClientFrame::PairCode => self.start_pair_code(&mut st, &number, conn),
@@ -735,7 +765,7 @@ impl Network {
         // The echo is queued like any inbound message: redelivered after a reconnect until the
         // client acknowledges it.
         if let Some(acct) = st.accounts.get_mut(number) {
-            acct.unacked.push_back((echo.clone(), true));
+            acct.unacked.push(echo.clone());
         }
         self.send(st, conn, ServerFrame::Message { message: echo });
         let (lo, hi) = cfg.delivery_delay;
@@ -833,15 +863,8 @@ impl Network {
         c.authenticated = true;
         let number = c.number.clone();
         self.send(st, conn, ServerFrame::Connected);
-        let redeliver: Vec<InboundMessage> = match st.accounts.get_mut(&number) {
-            Some(acct) => acct
-                .unacked
-                .iter_mut()
-                .map(|(m, sent)| {
-                    *sent = true;
-                    m.clone()
-                })
-                .collect(),
+        let redeliver: Vec<InboundMessage> = match st.accounts.get(&number) {
+            Some(acct) => acct.unacked.all(),
             None => Vec::new(),
         };
         let count = redeliver.len();
@@ -880,9 +903,6 @@ impl Network {
         if let Some(acct) = st.accounts.get_mut(&c.number) {
             if acct.live == Some(conn) {
                 acct.live = None;
-                for (_, sent) in &mut acct.unacked {
-                    *sent = false;
-                }
             }
             if acct.pairing.as_ref().is_some_and(|p| p.conn == conn) {
                 acct.pairing = None;

@@ -2,24 +2,30 @@
 //! one transaction, on `batch_max` writes or `batch_wait` after the first, so throughput is not
 //! one fsync per message.
 //!
-//! Writes keep their queue order: a batch writes inbound rows first, then completions, then sent
-//! marks, and a caller only queues a completion or a sent mark for rows it has seen committed.
-//! Each write's fence is checked in the same transaction; a fenced write fails alone and the rest
-//! of the batch commits.
+//! A caller only queues a completion or a sent mark for rows it has seen committed, so batches
+//! never depend on each other and PostgreSQL commits several at once (SQLite: one at a time, it
+//! has one writer). Each write's fence is checked in the same transaction: PostgreSQL holds the
+//! fence rows `FOR SHARE` (concurrent batches share them; taking ownership waits for them); a
+//! fenced write fails alone and the rest of the batch commits. A batch that loses a deadlock
+//! or serialization race is rolled back and tried again whole: every write in it is idempotent.
+//! The statements are in `write`.
+
+mod write;
 
 use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
 use std::time::Duration;
 
-use sqlx::{Any, AnyPool, Row, Transaction};
+use sqlx::AnyPool;
 use switchboard_actors::store::{Completion, Fence, Recorded, StoreError};
 use switchboard_actors::transport::{InboundMessage, MessageId};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{Semaphore, mpsc, oneshot};
 use tokio::time::Instant;
 
-use super::{check_fence, db, now_ms, preview, raise_fences, to_i64, values};
+use super::{Dialect, RETRY_MARK, check_fence, db, lock_fences};
 
-/// Rows per statement: well under both dialects' bind-parameter limits.
-const ROWS_PER_STATEMENT: usize = 400;
+/// Times a batch that lost a deadlock is tried again before its writes fail.
+const RETRIES: u32 = 3;
 
 /// `switchboard_store_batch_rows`: writes per committed batch.
 pub const BATCH_ROWS: &str = "switchboard_store_batch_rows";
@@ -49,14 +55,6 @@ pub enum Op {
 }
 
 impl Op {
-    fn fence(&self) -> &Fence {
-        match self {
-            Self::Inbound { fence, .. }
-            | Self::Complete { fence, .. }
-            | Self::Sent { fence, .. } => fence,
-        }
-    }
-
     fn fail(self, e: StoreError) {
         match self {
             Self::Inbound { reply, .. } => drop(reply.send(Err(e))),
@@ -79,9 +77,20 @@ pub struct Handle {
 
 impl Handle {
     /// Starts the batcher of `pool`.
-    pub fn spawn(pool: AnyPool, max: usize, wait: Duration) -> Self {
+    pub fn spawn(pool: AnyPool, dialect: Dialect, max: usize, wait: Duration) -> Self {
         let (tx, rx) = mpsc::unbounded_channel();
-        tokio::spawn(run(pool, rx, max.max(1), wait));
+        let in_flight = match dialect {
+            Dialect::Sqlite => 1,
+            Dialect::Postgres => 4,
+        };
+        let batcher = Batcher {
+            pool,
+            dialect,
+            max: max.max(1),
+            wait,
+            in_flight,
+        };
+        tokio::spawn(batcher.run(rx));
         Self { tx }
     }
 
@@ -101,82 +110,103 @@ impl Handle {
     }
 }
 
-async fn run(pool: AnyPool, mut rx: mpsc::UnboundedReceiver<Msg>, max: usize, wait: Duration) {
-    let mut closing = None;
-    while closing.is_none() {
-        let Some(first) = rx.recv().await else {
-            return;
-        };
-        let mut batch = Vec::new();
-        match first {
-            Msg::Op(op) => batch.push(op),
-            Msg::Close(done) => closing = Some(done),
-        }
-        let deadline = Instant::now() + wait;
-        while closing.is_none() && batch.len() < max {
-            // Take what is already queued without waiting, then wait out the deadline.
-            let next = match rx.try_recv() {
-                Ok(m) => Some(m),
-                Err(_) => tokio::time::timeout_at(deadline, rx.recv())
-                    .await
-                    .ok()
-                    .flatten(),
+struct Batcher {
+    pool: AnyPool,
+    dialect: Dialect,
+    max: usize,
+    wait: Duration,
+    /// Batches committing at once.
+    in_flight: usize,
+}
+
+impl Batcher {
+    async fn run(self, mut rx: mpsc::UnboundedReceiver<Msg>) {
+        let permits = Arc::new(Semaphore::new(self.in_flight));
+        let mut closing = None;
+        while closing.is_none() {
+            let Some(first) = rx.recv().await else {
+                break;
             };
-            match next {
-                Some(Msg::Op(op)) => batch.push(op),
-                Some(Msg::Close(done)) => closing = Some(done),
-                None => break,
+            let mut batch = Vec::new();
+            match first {
+                Msg::Op(op) => batch.push(op),
+                Msg::Close(done) => closing = Some(done),
             }
+            let deadline = Instant::now() + self.wait;
+            while closing.is_none() && batch.len() < self.max {
+                // Take what is already queued without waiting, then wait out the deadline.
+                let next = match rx.try_recv() {
+                    Ok(m) => Some(m),
+                    Err(_) => tokio::time::timeout_at(deadline, rx.recv())
+                        .await
+                        .ok()
+                        .flatten(),
+                };
+                match next {
+                    Some(Msg::Op(op)) => batch.push(op),
+                    Some(Msg::Close(done)) => closing = Some(done),
+                    None => break,
+                }
+            }
+            if batch.is_empty() {
+                continue;
+            }
+            let Ok(permit) = permits.clone().acquire_owned().await else {
+                break;
+            };
+            let (pool, dialect) = (self.pool.clone(), self.dialect);
+            tokio::spawn(async move {
+                flush(&pool, dialect, batch).await;
+                drop(permit);
+            });
         }
-        if !batch.is_empty() {
-            flush(&pool, batch).await;
+        // Every batch in flight has committed before the close is answered.
+        let all = u32::try_from(self.in_flight).unwrap_or(u32::MAX);
+        let _ = permits.acquire_many(all).await;
+        if let Some(done) = closing {
+            let _ = done.send(());
         }
-    }
-    if let Some(done) = closing {
-        let _ = done.send(());
     }
 }
 
 /// Commits one batch and answers every write in it.
-async fn flush(pool: &AnyPool, batch: Vec<Op>) {
+pub async fn flush(pool: &AnyPool, dialect: Dialect, batch: Vec<Op>) {
     let started = Instant::now();
     let rows = batch.len();
-    let mut tx = match pool.begin().await {
-        Ok(tx) => tx,
-        Err(e) => return fail_all(batch, &db(e)),
-    };
-    let tokens: Vec<(&str, u64)> = batch
-        .iter()
-        .map(|op| (op.fence().number.as_str(), op.fence().token.get()))
-        .collect();
-    let highest = match raise_fences(&mut tx, &tokens).await {
-        Ok(h) => h,
-        Err(e) => return fail_all(batch, &e),
-    };
     let mut parts = Parts::default();
     for op in batch {
-        match check_fence(op.fence(), &highest) {
-            Ok(()) => parts.push(op),
-            Err(e) => op.fail(e),
-        }
+        parts.push(op);
     }
-    match write(&mut tx, &parts).await {
-        Ok(outcome) => match tx.commit().await {
-            Ok(()) => {
+    parts.sort();
+    let mut attempt = 0;
+    loop {
+        match attempt_once(pool, dialect, &parts).await {
+            Ok((outcome, highest)) => {
                 metrics::histogram!(BATCH_ROWS).record(rows as f64);
                 metrics::histogram!(COMMIT_SECONDS).record(started.elapsed().as_secs_f64());
-                parts.answer(outcome);
+                return parts.answer(outcome, &highest);
             }
-            Err(e) => parts.fail(&db(e)),
-        },
-        Err(e) => parts.fail(&e),
+            Err(StoreError::Unavailable(e)) if e.starts_with(RETRY_MARK) && attempt < RETRIES => {
+                attempt += 1;
+                tracing::debug!(attempt, error = %e, "batch lost a race; trying again");
+            }
+            Err(e) => return parts.fail(&e),
+        }
     }
 }
 
-fn fail_all(batch: Vec<Op>, e: &StoreError) {
-    for op in batch {
-        op.fail(e.clone());
-    }
+/// One try: lock the fences, write what passes them, commit.
+async fn attempt_once(
+    pool: &AnyPool,
+    dialect: Dialect,
+    parts: &Parts,
+) -> Result<(Outcome, HashMap<String, u64>), StoreError> {
+    let mut tx = pool.begin().await.map_err(db)?;
+    let tokens = parts.tokens();
+    let highest = lock_fences(&mut tx, dialect, &tokens).await?;
+    let outcome = write::write(&mut tx, dialect, parts, &highest).await?;
+    tx.commit().await.map_err(db)?;
+    Ok((outcome, highest))
 }
 
 /// Where a write's answer goes.
@@ -185,7 +215,7 @@ type InboundPart = (Fence, InboundMessage, Reply<Recorded>);
 type CompletePart = (Fence, Completion, Reply<Vec<MessageId>>);
 type SentPart = (Fence, MessageId, Reply<bool>);
 
-/// The writes of a batch that passed their fence, by kind.
+/// The writes of a batch, by kind.
 #[derive(Default)]
 struct Parts {
     inbound: Vec<InboundPart>,
@@ -207,6 +237,23 @@ struct Outcome {
 }
 
 impl Parts {
+    /// Rows in key order, so concurrent batches take row locks in the same order.
+    fn sort(&mut self) {
+        self.inbound
+            .sort_by_cached_key(|(fence, msg, _)| inbound_key(fence, msg));
+        self.complete
+            .sort_by_cached_key(|(fence, done, _)| (fence.number.clone(), done.chat.to_string()));
+        self.sent
+            .sort_by(|a, b| (&a.0.number, &a.1).cmp(&(&b.0.number, &b.1)));
+    }
+
+    fn tokens(&self) -> Vec<(&str, u64)> {
+        let fences = self.inbound.iter().map(|p| &p.0);
+        let fences = fences.chain(self.complete.iter().map(|p| &p.0));
+        let fences = fences.chain(self.sent.iter().map(|p| &p.0));
+        fences.map(|f| (f.number.as_str(), f.token.get())).collect()
+    }
+
     fn push(&mut self, op: Op) {
         match op {
             Op::Inbound { fence, msg, reply } => self.inbound.push((fence, msg, reply)),
@@ -227,8 +274,13 @@ impl Parts {
         }
     }
 
-    fn answer(self, mut out: Outcome) {
+    fn answer(self, mut out: Outcome, highest: &HashMap<String, u64>) {
+        let fenced = |fence: &Fence| check_fence(fence, highest).err();
         for (fence, msg, reply) in self.inbound {
+            if let Some(e) = fenced(&fence) {
+                let _ = reply.send(Err(e));
+                continue;
+            }
             let key = inbound_key(&fence, &msg);
             // The same message twice in one batch: the first write is the new one.
             let recorded = if out.new_inbound.remove(&key) {
@@ -241,6 +293,10 @@ impl Parts {
             let _ = reply.send(Ok(recorded));
         }
         for (fence, done, reply) in self.complete {
+            if let Some(e) = fenced(&fence) {
+                let _ = reply.send(Err(e));
+                continue;
+            }
             let number = fence.number.as_str();
             let queued = done
                 .replies
@@ -251,6 +307,10 @@ impl Parts {
             let _ = reply.send(Ok(queued));
         }
         for (fence, id, reply) in self.sent {
+            if let Some(e) = fenced(&fence) {
+                let _ = reply.send(Err(e));
+                continue;
+            }
             let key = (fence.number.to_string(), id.to_string());
             let _ = reply.send(Ok(out.marked.contains(&key)));
         }
@@ -264,185 +324,4 @@ fn inbound_key(fence: &Fence, msg: &InboundMessage) -> (String, String, String, 
         msg.sender.to_string(),
         msg.id.to_string(),
     )
-}
-
-async fn write(tx: &mut Transaction<'static, Any>, parts: &Parts) -> Result<Outcome, StoreError> {
-    let mut out = Outcome::default();
-    let now = now_ms();
-    insert_inbound(tx, &parts.inbound, now, &mut out).await?;
-    complete(tx, &parts.complete, now, &mut out).await?;
-    mark_sent(tx, &parts.sent, now, &mut out).await?;
-    Ok(out)
-}
-
-async fn insert_inbound(
-    tx: &mut Transaction<'static, Any>,
-    rows: &[InboundPart],
-    now: i64,
-    out: &mut Outcome,
-) -> Result<(), StoreError> {
-    for chunk in rows.chunks(ROWS_PER_STATEMENT) {
-        let sql = format!(
-            "INSERT INTO inbound (number, chat, sender, message_id, sender_alt, body, preview, \
-             sent_at, received_at) VALUES {} ON CONFLICT (number, chat, sender, message_id) \
-             DO NOTHING RETURNING number, chat, sender, message_id",
-            values(chunk.len(), 9)
-        );
-        let mut q = sqlx::query(&sql);
-        for (fence, msg, _) in chunk {
-            q = q
-                .bind(fence.number.as_str())
-                .bind(msg.chat.to_string())
-                .bind(msg.sender.to_string())
-                .bind(msg.id.as_str())
-                .bind(msg.sender_alt.as_ref().map(ToString::to_string))
-                .bind(msg.text.as_str())
-                .bind(preview(&msg.text))
-                .bind(to_i64(msg.timestamp_ms))
-                .bind(now);
-        }
-        for row in q.fetch_all(&mut **tx).await.map_err(db)? {
-            out.new_inbound.insert(key_of(&row)?);
-        }
-    }
-    for (fence, msg, _) in rows {
-        let key = inbound_key(fence, msg);
-        if out.new_inbound.contains(&key) || out.duplicates.contains_key(&key) {
-            continue;
-        }
-        let status: Option<String> = sqlx::query_scalar(
-            "SELECT status FROM inbound WHERE number = $1 AND chat = $2 AND sender = $3 \
-             AND message_id = $4",
-        )
-        .bind(&key.0)
-        .bind(&key.1)
-        .bind(&key.2)
-        .bind(&key.3)
-        .fetch_optional(&mut **tx)
-        .await
-        .map_err(db)?;
-        out.duplicates
-            .insert(key, status.is_some_and(|s| s != "pending"));
-    }
-    Ok(())
-}
-
-fn key_of(row: &sqlx::any::AnyRow) -> Result<(String, String, String, String), StoreError> {
-    Ok((
-        row.try_get(0).map_err(db)?,
-        row.try_get(1).map_err(db)?,
-        row.try_get(2).map_err(db)?,
-        row.try_get(3).map_err(db)?,
-    ))
-}
-
-/// Marks messages processed (dropping the whole text unless the tenant keeps transcripts),
-/// queues their replies and saves the chats' checkpoints.
-async fn complete(
-    tx: &mut Transaction<'static, Any>,
-    rows: &[CompletePart],
-    now: i64,
-    out: &mut Outcome,
-) -> Result<(), StoreError> {
-    for chunk in rows.chunks(ROWS_PER_STATEMENT) {
-        let sql = format!(
-            "UPDATE inbound SET status = 'processed', processed_at = $1, body = CASE WHEN \
-             (SELECT t.full_transcripts FROM numbers n JOIN tenants t ON t.id = n.tenant_id \
-             WHERE n.number = inbound.number) THEN body ELSE NULL END \
-             WHERE status = 'pending' AND (number, chat, sender, message_id) IN (VALUES {})",
-            super::values_from(2, chunk.len(), 4)
-        );
-        let mut q = sqlx::query(&sql).bind(now);
-        for (fence, done, _) in chunk {
-            q = q
-                .bind(fence.number.as_str())
-                .bind(done.chat.to_string())
-                .bind(done.sender.to_string())
-                .bind(done.inbound.as_str());
-        }
-        q.execute(&mut **tx).await.map_err(db)?;
-    }
-    let replies: Vec<_> = rows
-        .iter()
-        .flat_map(|(fence, done, _)| done.replies.iter().map(move |r| (fence, r)))
-        .collect();
-    for chunk in replies.chunks(ROWS_PER_STATEMENT) {
-        let sql = format!(
-            "INSERT INTO outbox (number, message_id, chat, body, reply_to, created_at) \
-             VALUES {} ON CONFLICT (number, message_id) DO NOTHING RETURNING number, message_id",
-            values(chunk.len(), 6)
-        );
-        let mut q = sqlx::query(&sql);
-        for (fence, r) in chunk {
-            q = q
-                .bind(fence.number.as_str())
-                .bind(r.id.as_str())
-                .bind(r.to.to_string())
-                .bind(r.text.as_str())
-                .bind(r.reply_to.as_ref().map(|id| id.as_str().to_owned()))
-                .bind(now);
-        }
-        for row in q.fetch_all(&mut **tx).await.map_err(db)? {
-            out.queued
-                .insert((row.try_get(0).map_err(db)?, row.try_get(1).map_err(db)?));
-        }
-    }
-    save_checkpoints(tx, rows, now).await
-}
-
-async fn save_checkpoints(
-    tx: &mut Transaction<'static, Any>,
-    rows: &[CompletePart],
-    now: i64,
-) -> Result<(), StoreError> {
-    // One row per chat (the latest): an upsert may not touch a row twice in one statement.
-    let mut latest: HashMap<(&str, String), String> = HashMap::new();
-    for (fence, done, _) in rows {
-        let json = serde_json::to_string(&done.checkpoint)
-            .map_err(|e| StoreError::Corrupt(e.to_string()))?;
-        latest.insert((fence.number.as_str(), done.chat.to_string()), json);
-    }
-    let latest: Vec<_> = latest.into_iter().collect();
-    for chunk in latest.chunks(ROWS_PER_STATEMENT) {
-        let sql = format!(
-            "INSERT INTO conversations (number, chat, checkpoint, updated_at) VALUES {} \
-             ON CONFLICT (number, chat) DO UPDATE SET checkpoint = excluded.checkpoint, \
-             updated_at = excluded.updated_at",
-            values(chunk.len(), 4)
-        );
-        let mut q = sqlx::query(&sql);
-        for ((number, chat), json) in chunk {
-            q = q
-                .bind(*number)
-                .bind(chat.as_str())
-                .bind(json.as_str())
-                .bind(now);
-        }
-        q.execute(&mut **tx).await.map_err(db)?;
-    }
-    Ok(())
-}
-
-async fn mark_sent(
-    tx: &mut Transaction<'static, Any>,
-    rows: &[SentPart],
-    now: i64,
-    out: &mut Outcome,
-) -> Result<(), StoreError> {
-    for chunk in rows.chunks(ROWS_PER_STATEMENT) {
-        let sql = format!(
-            "UPDATE outbox SET status = 'sent', sent_at = $1 WHERE status <> 'sent' AND \
-             (number, message_id) IN (VALUES {}) RETURNING number, message_id",
-            super::values_from(2, chunk.len(), 2)
-        );
-        let mut q = sqlx::query(&sql).bind(now);
-        for (fence, id, _) in chunk {
-            q = q.bind(fence.number.as_str()).bind(id.as_str());
-        }
-        for row in q.fetch_all(&mut **tx).await.map_err(db)? {
-            out.marked
-                .insert((row.try_get(0).map_err(db)?, row.try_get(1).map_err(db)?));
-        }
-    }
-    Ok(())
 }

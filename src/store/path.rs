@@ -14,7 +14,7 @@ use tokio::sync::oneshot;
 
 use super::batch::Op;
 use super::cipher::Sealed;
-use super::{SqlStore, db, now_ms, preview, to_i64};
+use super::{SqlStore, bind_inbound_row, db, now_ms};
 
 /// Queues `op` built around a fresh reply channel and returns the future of the answer.
 fn queued<T: Send + 'static>(
@@ -51,26 +51,18 @@ impl Store for SqlStore {
     ) -> Result<(), StoreError> {
         let mut tx = self.fenced(fence).await?;
         // Dead letters keep the whole text: they are there to be inspected and replayed.
-        sqlx::query(
+        let q = sqlx::query(
             "INSERT INTO inbound (number, chat, sender, message_id, sender_alt, body, preview, \
              sent_at, received_at, status, processed_at, error) \
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, 'dead', $9, $10) \
              ON CONFLICT (number, chat, sender, message_id) DO UPDATE SET status = 'dead', \
              processed_at = excluded.processed_at, error = excluded.error",
-        )
-        .bind(fence.number.as_str())
-        .bind(msg.chat.to_string())
-        .bind(msg.sender.to_string())
-        .bind(msg.id.as_str())
-        .bind(msg.sender_alt.as_ref().map(ToString::to_string))
-        .bind(msg.text.as_str())
-        .bind(preview(&msg.text))
-        .bind(to_i64(msg.timestamp_ms))
-        .bind(now_ms())
-        .bind(reason.to_string())
-        .execute(&mut *tx)
-        .await
-        .map_err(db)?;
+        );
+        bind_inbound_row(q, fence, msg, now_ms())
+            .bind(reason.to_string())
+            .execute(&mut *tx)
+            .await
+            .map_err(db)?;
         tx.commit().await.map_err(db)
     }
 
