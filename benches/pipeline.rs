@@ -43,8 +43,6 @@ use tokio::time::Instant;
 
 /// Per-message rows counted on both sides.
 const ROWS_PER_MESSAGE: f64 = 4.0;
-const BATCH_MAX: usize = 2048;
-const BATCH_WAIT: Duration = Duration::from_millis(1);
 
 struct Args {
     dialect: Dialect,
@@ -90,12 +88,18 @@ fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The store settings of `config/default.toml` (or `SWITCHBOARD__STORE__*` overrides).
+fn store_config() -> anyhow::Result<switchboard::config::StoreConfig> {
+    Ok(switchboard::config::Config::load(None)?.store)
+}
+
 async fn open(db: &db::TestDb) -> anyhow::Result<SqlStore> {
+    let c = store_config()?;
     Ok(SqlStore::connect(StoreOptions {
         url: db.url.clone(),
-        max_connections: 16,
-        batch_max: BATCH_MAX,
-        batch_wait: BATCH_WAIT,
+        max_connections: c.max_connections,
+        batch_max: c.batch_max,
+        batch_wait: c.batch_wait,
         cipher: Arc::new(SessionCipher::parse(&SessionCipher::generate("bench"))?),
     })
     .await?)
@@ -136,6 +140,7 @@ async fn run(a: Args) -> anyhow::Result<serde_json::Value> {
     let (p50, p99, max, unanswered_2, duplicates_2) = latency(&a, &numbers, max_rate / 2.0).await?;
     eprintln!("latency at half rate: p50 {p50} ms, p99 {p99} ms, max {max} ms");
     let ceiling_msgs_per_s = ceiling(&a, &numbers).await?;
+    let c = store_config()?;
     Ok(serde_json::json!({
         "store": a.dialect.as_str(),
         "messages": a.messages,
@@ -148,8 +153,8 @@ async fn run(a: Args) -> anyhow::Result<serde_json::Value> {
         "ceiling_rows_per_s": ceiling_msgs_per_s * ROWS_PER_MESSAGE,
         "pipeline_rows_per_s": max_rate * ROWS_PER_MESSAGE,
         "ratio": max_rate / ceiling_msgs_per_s,
-        "batch_max": BATCH_MAX,
-        "batch_wait_ms": BATCH_WAIT.as_millis(),
+        "batch_max": c.batch_max,
+        "batch_wait_ms": c.batch_wait.as_secs_f64() * 1000.0,
         "inbound_unanswered": unanswered_1 + unanswered_2,
         "duplicate_replies_or_ids": duplicates_1 + duplicates_2,
     }))
@@ -359,7 +364,7 @@ fn latencies(
 }
 
 /// Writes the pipeline's rows for `messages` messages on a fresh database in tight batches of
-/// `BATCH_MAX`, with as many batches committing at once as the batcher allows (`WRITERS`), each
+/// `store.batch_max`, with as many batches committing at once as the batcher allows (`WRITERS`), each
 /// message's rows in three commits like the pipeline's; returns messages/s.
 async fn ceiling(a: &Args, numbers: &[PhoneNumber]) -> anyhow::Result<f64> {
     let db = db::TestDb::new(a.dialect).await;
@@ -369,7 +374,8 @@ async fn ceiling(a: &Args, numbers: &[PhoneNumber]) -> anyhow::Result<f64> {
         Dialect::Postgres => 4,
         Dialect::Sqlite => 1,
     };
-    let chunks: Vec<usize> = (0..a.messages).step_by(BATCH_MAX).collect();
+    let batch = store_config()?.batch_max;
+    let chunks: Vec<usize> = (0..a.messages).step_by(batch).collect();
     let started = Instant::now();
     let mut tasks = Vec::new();
     for w in 0..writers {
@@ -378,14 +384,7 @@ async fn ceiling(a: &Args, numbers: &[PhoneNumber]) -> anyhow::Result<f64> {
             (store.clone(), fences.clone(), a.contacts, a.messages);
         tasks.push(tokio::spawn(async move {
             for start in mine {
-                write_chunk(
-                    &store,
-                    &fences,
-                    contacts,
-                    start,
-                    (start + BATCH_MAX).min(total),
-                )
-                .await?;
+                write_chunk(&store, &fences, contacts, start, (start + batch).min(total)).await?;
             }
             anyhow::Ok(())
         }));

@@ -385,7 +385,7 @@ mod tests {
     fn defaults_load_and_describe_the_embedded_runtime() {
         let c = Config::load_from(None, no_env()).expect("defaults are valid");
         assert_eq!(c.store.dialect, Dialect::Sqlite);
-        assert_eq!(c.store.batch_wait, Duration::from_millis(2));
+        assert_eq!(c.store.batch_wait, Duration::from_millis(1));
         assert_eq!(c.runtime.send_rate.burst, 3);
         assert_eq!(c.node_id, "node-1");
         assert!(matches!(c.transport, TransportConfig::Sim { .. }));
