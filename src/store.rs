@@ -33,6 +33,7 @@ use switchboard_actors::store::{Coordinator, Fence, Store, StoreError};
 
 pub use admin::{AiJobRecord, AiJobStatus};
 pub use admin::{ConversationRecord, FlowRecord, FlowStatus, NumberRecord, OptIn, TenantRecord};
+pub use batch::{BATCH_ROWS, COMMIT_SECONDS};
 pub use cipher::{CipherError, SessionCipher};
 pub use events::{AuditEntry, EventRecord};
 

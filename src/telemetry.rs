@@ -16,12 +16,27 @@ pub fn prometheus() -> PrometheusHandle {
                     Matcher::Suffix("_seconds".to_owned()),
                     &[0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0],
                 )
+                .and_then(|b| {
+                    b.set_buckets_for_metric(
+                        Matcher::Full(crate::store::BATCH_ROWS.to_owned()),
+                        &[1.0, 4.0, 16.0, 64.0, 256.0, 1024.0, 2048.0, 4096.0],
+                    )
+                })
                 .and_then(PrometheusBuilder::install_recorder)
                 .unwrap_or_else(|e| {
                     tracing::warn!(error = %e, "Prometheus recorder not installed; metrics are off");
                     PrometheusBuilder::new().build_recorder().handle()
                 });
             switchboard_actors::telemetry::describe();
+            metrics::describe_histogram!(
+                crate::store::BATCH_ROWS,
+                "Writes per group-committed store batch"
+            );
+            metrics::describe_histogram!(
+                crate::store::COMMIT_SECONDS,
+                metrics::Unit::Seconds,
+                "Time to commit one store batch"
+            );
             handle
         })
         .clone()

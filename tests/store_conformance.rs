@@ -11,8 +11,8 @@ use std::time::Duration;
 use db::TestDb;
 use sqlx::Row;
 use switchboard::store::{
-    AiJobRecord, AiJobStatus, AuditEntry, Dialect, FlowStatus, NumberRecord, OptIn, PREVIEW_CHARS,
-    SessionCipher, SqlStore, TenantRecord,
+    AiJobRecord, AiJobStatus, AuditEntry, Dialect, FlowStatus, HotWrite, NumberRecord, OptIn,
+    PREVIEW_CHARS, SessionCipher, SqlStore, TenantRecord,
 };
 use switchboard_actors::dead_letter::DeadLetterReason;
 use switchboard_actors::responder::ChatContext;
@@ -147,6 +147,7 @@ conformance!(
     events_are_claimed_leased_and_settled,
     audit_log_is_newest_first,
     concurrent_writers_lose_nothing_and_duplicate_nothing,
+    direct_batches_write_like_the_batcher_and_a_closed_store_refuses,
 );
 
 // ---- the suite --------------------------------------------------------------------------
@@ -708,4 +709,47 @@ async fn concurrent_writers_lose_nothing_and_duplicate_nothing(db: &TestDb) {
             "one reply each"
         );
     }
+}
+
+async fn direct_batches_write_like_the_batcher_and_a_closed_store_refuses(db: &TestDb) {
+    let store = seeded(db).await;
+    let fence = own(&store, N1).await;
+    let stale = Fence {
+        number: phone(N2),
+        token: own(&store, N2).await.token,
+    };
+    own(&store, N2).await;
+    let m = msg("+4915100001", "K1", "hello");
+    let done = completion(&fence, &m, Some("hi"), 1);
+    let reply = done.replies[0].id.clone();
+    store
+        .commit_batch(vec![HotWrite::Inbound(fence.clone(), m.clone())])
+        .await
+        .unwrap();
+    store
+        .commit_batch(vec![HotWrite::Complete(fence.clone(), done)])
+        .await
+        .unwrap();
+    assert_eq!(store.unsent(&phone(N1)).await.unwrap().len(), 1);
+    store
+        .commit_batch(vec![HotWrite::Sent(fence.clone(), reply)])
+        .await
+        .unwrap();
+    assert!(store.unsent(&phone(N1)).await.unwrap().is_empty());
+    let fenced = store
+        .commit_batch(vec![HotWrite::Inbound(
+            stale,
+            msg("+4915100001", "K2", "x"),
+        )])
+        .await;
+    assert!(
+        matches!(fenced, Err(StoreError::Fenced { .. })),
+        "{fenced:?}"
+    );
+
+    store.close().await;
+    let after = store
+        .record_inbound(&fence, &msg("+4915100001", "K3", "late"))
+        .await;
+    assert!(matches!(after, Err(StoreError::Closed)), "{after:?}");
 }
