@@ -41,6 +41,10 @@ use switchboard_actors::transport::{Credentials, InboundMessage, MessageId, Outb
 use switchboard_actors::{Deps, Fleet, FleetCounters, NumberPhase, PhoneNumber, Settings};
 use tokio::time::Instant;
 
+/// The binary's allocator, so the benchmark measures what runs.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Per-message rows counted on both sides.
 const ROWS_PER_MESSAGE: f64 = 4.0;
 

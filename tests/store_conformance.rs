@@ -148,6 +148,7 @@ conformance!(
     audit_log_is_newest_first,
     concurrent_writers_lose_nothing_and_duplicate_nothing,
     direct_batches_write_like_the_batcher_and_a_closed_store_refuses,
+    large_batches_write_the_same_rows_as_small_ones,
 );
 
 // ---- the suite --------------------------------------------------------------------------
@@ -752,4 +753,65 @@ async fn direct_batches_write_like_the_batcher_and_a_closed_store_refuses(db: &T
         .record_inbound(&fence, &msg("+4915100001", "K3", "late"))
         .await;
     assert!(matches!(after, Err(StoreError::Closed)), "{after:?}");
+}
+
+/// PostgreSQL writes batches over 256 writes through another statement: same rows, same answers.
+async fn large_batches_write_the_same_rows_as_small_ones(db: &TestDb) {
+    let store = seeded(db).await;
+    let fence = own(&store, N1).await;
+    let msgs: Vec<InboundMessage> = (0..600)
+        .map(|i| msg(&format!("+49151{:05}", i % 40), &format!("L{i}"), "bulk"))
+        .collect();
+    // Concurrent callers: the batcher gathers them into large batches.
+    let recorded =
+        futures_util::future::join_all(msgs.iter().map(|m| store.record_inbound(&fence, m))).await;
+    assert!(recorded.iter().all(|r| *r == Ok(Recorded::New)));
+    let again =
+        futures_util::future::join_all(msgs.iter().map(|m| store.record_inbound(&fence, m))).await;
+    assert!(
+        again
+            .iter()
+            .all(|r| *r == Ok(Recorded::Duplicate { processed: false }))
+    );
+    let dones: Vec<Completion> = msgs
+        .iter()
+        .map(|m| completion(&fence, m, Some("ok"), 2))
+        .collect();
+    let queued =
+        futures_util::future::join_all(dones.iter().map(|d| store.complete(&fence, d.clone())))
+            .await;
+    assert!(
+        queued
+            .iter()
+            .all(|q| q.as_ref().is_ok_and(|ids| ids.len() == 1))
+    );
+    assert!(store.unprocessed(&phone(N1)).await.unwrap().is_empty());
+    let unsent = store.unsent(&phone(N1)).await.unwrap();
+    assert_eq!(unsent.len(), 600);
+    let marked =
+        futures_util::future::join_all(unsent.iter().map(|r| store.mark_sent(&fence, &r.id))).await;
+    assert!(marked.iter().all(|m| *m == Ok(true)));
+    assert!(store.unsent(&phone(N1)).await.unwrap().is_empty());
+    let (body, preview, status) = raw_inbound(&store, "L7").await;
+    assert_eq!(
+        (body, preview.as_str(), status.as_str()),
+        (None, "bulk", "processed")
+    );
+    assert_eq!(
+        store.checkpoint(&phone(N1), &msgs[7].chat).await.unwrap(),
+        Some(ChatContext { turns: 2 })
+    );
+    let stale = Fence {
+        number: phone(N1),
+        token: switchboard_actors::store::FencingToken::new(1).unwrap(),
+    };
+    own(&store, N1).await;
+    let fenced =
+        futures_util::future::join_all((0..300).map(|i| store.record_inbound(&stale, &msgs[i])))
+            .await;
+    assert!(
+        fenced
+            .iter()
+            .all(|r| matches!(r, Err(StoreError::Fenced { .. })))
+    );
 }

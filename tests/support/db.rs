@@ -66,7 +66,7 @@ impl TestDb {
         SqlStore::connect(StoreOptions {
             url: self.url.clone(),
             max_connections: 8,
-            batch_max: 256,
+            batch_max: 2048,
             batch_wait: Duration::from_millis(2),
             cipher: Arc::new(SessionCipher::parse(keys).unwrap()),
         })

@@ -11,16 +11,22 @@ use std::collections::HashMap;
 use sqlx::any::AnyRow;
 use sqlx::{Any, Row, Transaction};
 use switchboard_actors::store::{Fence, StoreError};
-use switchboard_actors::transport::OutboundText;
+use switchboard_actors::transport::{MessageId, OutboundText};
 
 use super::{CompletePart, InboundPart, Outcome, Parts, SentPart, inbound_key};
-use crate::store::{AnyQuery, Dialect, bind_inbound_row, check_fence, db, now_ms, values_from};
+use crate::store::{
+    AnyQuery, Dialect, bind_inbound_row, check_fence, db, now_ms, preview, to_i64, values_from,
+};
 
 /// Rows of each kind per statement, well under both dialects' bind-parameter limits
 /// (completions bring 4 + 4 + 6 × replies parameters each).
 const INBOUND_ROWS: usize = 256;
 const COMPLETIONS: usize = 128;
 const SENT_ROWS: usize = 256;
+
+/// PostgreSQL batches up to this many writes use statements of placeholders (quickest for a few
+/// rows); larger ones send their rows as JSON to one prepared statement (quickest in bulk).
+const SMALL_BATCH: usize = 256;
 
 type Key = (String, String, String, String);
 
@@ -37,24 +43,31 @@ pub(super) async fn write(
     let inbound: Vec<&InboundPart> = parts.inbound.iter().filter(|p| ok(&p.0)).collect();
     let complete: Vec<&CompletePart> = parts.complete.iter().filter(|p| ok(&p.0)).collect();
     let sent: Vec<&SentPart> = parts.sent.iter().filter(|p| ok(&p.0)).collect();
-    let chunks = [
-        inbound.len().div_ceil(INBOUND_ROWS),
-        complete.len().div_ceil(COMPLETIONS),
-        sent.len().div_ceil(SENT_ROWS),
-    ];
-    for k in 0..chunks.into_iter().max().unwrap_or(0) {
-        let chunk = Chunk {
-            inbound: slice(&inbound, k, INBOUND_ROWS),
-            complete: slice(&complete, k, COMPLETIONS),
-            sent: slice(&sent, k, SENT_ROWS),
-            now,
-        };
-        let rows = match dialect {
-            Dialect::Postgres => chunk.postgres(tx).await?,
-            Dialect::Sqlite => chunk.sqlite(tx).await?,
-        };
-        for row in rows {
+    let total = inbound.len() + complete.len() + sent.len();
+    if dialect == Dialect::Postgres && total > SMALL_BATCH {
+        for row in postgres(tx, &inbound, &complete, &sent, now).await? {
             out.record(&row)?;
+        }
+    } else {
+        let chunks = [
+            inbound.len().div_ceil(INBOUND_ROWS),
+            complete.len().div_ceil(COMPLETIONS),
+            sent.len().div_ceil(SENT_ROWS),
+        ];
+        for k in 0..chunks.into_iter().max().unwrap_or(0) {
+            let chunk = Chunk {
+                inbound: slice(&inbound, k, INBOUND_ROWS),
+                complete: slice(&complete, k, COMPLETIONS),
+                sent: slice(&sent, k, SENT_ROWS),
+                now,
+            };
+            let rows = match dialect {
+                Dialect::Postgres => chunk.postgres(tx).await?,
+                Dialect::Sqlite => chunk.sqlite(tx).await?,
+            };
+            for row in rows {
+                out.record(&row)?;
+            }
         }
     }
     duplicates(tx, &inbound, &mut out).await?;
@@ -66,7 +79,159 @@ fn slice<T>(all: &[T], k: usize, size: usize) -> &[T] {
     &all[start..(start + size).min(all.len())]
 }
 
-/// Part of a batch written by one statement (PostgreSQL) or one statement per kind (SQLite).
+/// The whole batch as one statement of fixed text: the rows travel as JSON arrays, so the
+/// statement is prepared once per connection and never re-planned for another batch size.
+/// Its rows are tagged `i` (new inbound), `q` (queued reply), `s` (marked sent).
+const POSTGRES_BATCH: &str = "WITH \
+    ins AS (INSERT INTO inbound (number, chat, sender, message_id, sender_alt, body, preview, \
+            sent_at, received_at) \
+        SELECT number, chat, sender, message_id, sender_alt, body, preview, sent_at, $6 \
+        FROM json_to_recordset($1::json) AS x(number text, chat text, sender text, \
+            message_id text, sender_alt text, body text, preview text, sent_at bigint) \
+        ON CONFLICT (number, chat, sender, message_id) DO NOTHING \
+        RETURNING number, chat, sender, message_id), \
+    done AS (UPDATE inbound SET status = 'processed', processed_at = $6, body = CASE WHEN \
+            (SELECT t.full_transcripts FROM numbers n JOIN tenants t ON t.id = n.tenant_id \
+             WHERE n.number = inbound.number) THEN inbound.body ELSE NULL END \
+        FROM json_to_recordset($2::json) AS d(number text, chat text, sender text, \
+            message_id text) \
+        WHERE inbound.status = 'pending' AND inbound.number = d.number \
+            AND inbound.chat = d.chat AND inbound.sender = d.sender \
+            AND inbound.message_id = d.message_id), \
+    saved AS (INSERT INTO conversations (number, chat, checkpoint, updated_at) \
+        SELECT number, chat, checkpoint, $6 \
+        FROM json_to_recordset($3::json) AS c(number text, chat text, checkpoint text) \
+        ON CONFLICT (number, chat) DO UPDATE SET checkpoint = excluded.checkpoint, \
+            updated_at = excluded.updated_at), \
+    q AS (INSERT INTO outbox (number, message_id, chat, body, reply_to, created_at) \
+        SELECT number, message_id, chat, body, reply_to, $6 \
+        FROM json_to_recordset($4::json) AS o(number text, message_id text, chat text, \
+            body text, reply_to text) \
+        ON CONFLICT (number, message_id) DO NOTHING RETURNING number, message_id), \
+    s AS (UPDATE outbox SET status = 'sent', sent_at = $6 \
+        FROM json_to_recordset($5::json) AS m(number text, message_id text) \
+        WHERE outbox.status <> 'sent' AND outbox.number = m.number \
+            AND outbox.message_id = m.message_id \
+        RETURNING outbox.number, outbox.message_id) \
+    SELECT 'i', number, chat, sender, message_id FROM ins \
+    UNION ALL SELECT 'q', number, message_id, NULL, NULL FROM q \
+    UNION ALL SELECT 's', number, message_id, NULL, NULL FROM s";
+
+#[derive(serde::Serialize)]
+struct JsonInbound<'a> {
+    number: &'a str,
+    chat: String,
+    sender: String,
+    message_id: &'a str,
+    sender_alt: Option<String>,
+    body: &'a str,
+    preview: String,
+    sent_at: i64,
+}
+
+#[derive(serde::Serialize)]
+struct JsonKey<'a> {
+    number: &'a str,
+    chat: String,
+    sender: String,
+    message_id: &'a str,
+}
+
+#[derive(serde::Serialize)]
+struct JsonCheckpoint<'a> {
+    number: &'a str,
+    chat: &'a str,
+    checkpoint: &'a str,
+}
+
+#[derive(serde::Serialize)]
+struct JsonReply<'a> {
+    number: &'a str,
+    message_id: &'a str,
+    chat: String,
+    body: &'a str,
+    reply_to: Option<&'a str>,
+}
+
+#[derive(serde::Serialize)]
+struct JsonSent<'a> {
+    number: &'a str,
+    message_id: &'a str,
+}
+
+async fn postgres(
+    tx: &mut Transaction<'static, Any>,
+    inbound: &[&InboundPart],
+    complete: &[&CompletePart],
+    sent: &[&SentPart],
+    now: i64,
+) -> Result<Vec<AnyRow>, StoreError> {
+    let inbound: Vec<JsonInbound<'_>> = inbound
+        .iter()
+        .map(|(fence, msg, _)| JsonInbound {
+            number: fence.number.as_str(),
+            chat: msg.chat.to_string(),
+            sender: msg.sender.to_string(),
+            message_id: msg.id.as_str(),
+            sender_alt: msg.sender_alt.as_ref().map(ToString::to_string),
+            body: &msg.text,
+            preview: preview(&msg.text),
+            sent_at: to_i64(msg.timestamp_ms),
+        })
+        .collect();
+    let done: Vec<JsonKey<'_>> = complete
+        .iter()
+        .map(|(fence, d, _)| JsonKey {
+            number: fence.number.as_str(),
+            chat: d.chat.to_string(),
+            sender: d.sender.to_string(),
+            message_id: d.inbound.as_str(),
+        })
+        .collect();
+    let cps = checkpoints(complete)?;
+    let cps: Vec<JsonCheckpoint<'_>> = cps
+        .iter()
+        .map(|(number, chat, checkpoint)| JsonCheckpoint {
+            number,
+            chat,
+            checkpoint,
+        })
+        .collect();
+    let replies: Vec<JsonReply<'_>> = replies(complete)
+        .into_iter()
+        .map(|(fence, r)| JsonReply {
+            number: fence.number.as_str(),
+            message_id: r.id.as_str(),
+            chat: r.to.to_string(),
+            body: &r.text,
+            reply_to: r.reply_to.as_ref().map(MessageId::as_str),
+        })
+        .collect();
+    let sent: Vec<JsonSent<'_>> = sent
+        .iter()
+        .map(|(fence, id, _)| JsonSent {
+            number: fence.number.as_str(),
+            message_id: id.as_str(),
+        })
+        .collect();
+    sqlx::query(POSTGRES_BATCH)
+        .bind(to_json(&inbound)?)
+        .bind(to_json(&done)?)
+        .bind(to_json(&cps)?)
+        .bind(to_json(&replies)?)
+        .bind(to_json(&sent)?)
+        .bind(now)
+        .fetch_all(&mut **tx)
+        .await
+        .map_err(db)
+}
+
+fn to_json<T: serde::Serialize>(rows: &T) -> Result<String, StoreError> {
+    serde_json::to_string(rows).map_err(|e| StoreError::Corrupt(e.to_string()))
+}
+
+/// Part of a batch written by one statement of placeholders (a small PostgreSQL batch) or one
+/// statement per kind (SQLite).
 struct Chunk<'a> {
     inbound: &'a [&'a InboundPart],
     complete: &'a [&'a CompletePart],
