@@ -10,10 +10,12 @@ use switchboard::config::{Config, ConfigErrors};
 use switchboard::demo::{self, DemoOptions};
 use switchboard::sim::{Network, SimConfig, server};
 
-/// mimalloc: the message path allocates many small, short-lived buffers across threads, where
-/// the system allocator spends a third of the CPU (measured with the pipeline benchmark).
+/// jemalloc: the message path allocates many small, short-lived buffers across threads; with
+/// the system allocator a third of the CPU went to malloc/free, and allocators that return
+/// memory to the OS at once spend it on page faults instead (measured with the pipeline
+/// benchmark). jemalloc keeps freed pages for a while before returning them.
 #[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 #[tokio::main]
 async fn main() -> ExitCode {
