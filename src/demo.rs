@@ -2,6 +2,8 @@
 //!
 //! It starts the in-process simulator with N unpaired accounts, a fleet of N numbers whose
 //! simulated phones scan the QR codes, and scripted contacts chatting with the keyword/echo bot.
+//! The fleet runs on the embedded store (SQLite, in a scratch directory removed afterwards), so
+//! every message takes the durable path of `switchboard serve`.
 //! It prints a progress line every second, serves `/metrics` and `/healthz`, and ends with one
 //! JSON line. With `--chaos` it makes conversations panic, drops connections and crashes number
 //! actors while it runs, and still expects every number online at the end.
@@ -19,7 +21,6 @@ use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use serde::Serialize;
 use switchboard_actors::responder::Responder;
-use switchboard_actors::store::MemoryStore;
 use switchboard_actors::{Deps, Fleet, FleetCounters, NumberPhase, PhoneNumber, Settings};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -27,6 +28,7 @@ use tokio_util::sync::CancellationToken;
 use crate::bot::{CannedModel, ChaosResponder, KeywordBot};
 use crate::sim::ledger::Summary;
 use crate::sim::{Dialer, FaultKind, Network, SimConfig, SimConnector, TrafficSpec};
+use crate::store::{NumberRecord, SessionCipher, SqlStore, StoreOptions, TenantRecord};
 
 /// What to run.
 #[derive(Debug, Clone)]
@@ -113,13 +115,15 @@ pub async fn run(
     } else {
         Arc::new(KeywordBot)
     };
-    let store = Arc::new(MemoryStore::default());
+    let scratch = Scratch::new()?;
+    let store = scratch.store(&numbers).await?;
+    let (store_port, coordinator) = store.ports();
     let deps = Deps {
         connector: Arc::new(SimConnector::new(Dialer::Local(network.clone()))),
         responder,
         ai: Arc::new(CannedModel),
-        store: store.clone(),
-        coordinator: store,
+        store: store_port,
+        coordinator,
         settings: Settings::default(),
         counters: Arc::new(FleetCounters::default()),
     };
@@ -171,8 +175,60 @@ pub async fn run(
         ledger: network.summary(),
     };
     fleet.shutdown(Duration::from_secs(10)).await;
+    store.close().await;
     server.await??;
     Ok(report)
+}
+
+/// The demo's embedded store: a SQLite file in a directory of its own, removed on drop.
+struct Scratch {
+    dir: std::path::PathBuf,
+}
+
+impl Scratch {
+    fn new() -> anyhow::Result<Self> {
+        let dir = std::env::temp_dir().join(format!(
+            "switchboard-demo-{}-{}",
+            std::process::id(),
+            rand::random::<u32>()
+        ));
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        Ok(Self { dir })
+    }
+
+    /// Opens the store and registers the demo's numbers.
+    async fn store(&self, numbers: &[PhoneNumber]) -> anyhow::Result<SqlStore> {
+        let store = SqlStore::connect(StoreOptions {
+            url: format!("sqlite://{}/demo.db?mode=rwc", self.dir.display()),
+            max_connections: 1,
+            batch_max: 2048,
+            batch_wait: Duration::from_millis(1),
+            cipher: Arc::new(SessionCipher::parse(&SessionCipher::generate("demo"))?),
+        })
+        .await?;
+        let tenant = TenantRecord {
+            id: "demo".into(),
+            name: "Demo".into(),
+            full_transcripts: false,
+        };
+        store.create_tenant(&tenant).await?;
+        for n in numbers {
+            let record = NumberRecord {
+                number: n.clone(),
+                tenant: tenant.id.clone(),
+                pinned_node: None,
+                settings: serde_json::json!({}),
+            };
+            store.add_number(&record).await?;
+        }
+        Ok(store)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
 }
 
 /// The simulated phones: scan every QR code shown, a moment after it appears.
