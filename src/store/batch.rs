@@ -228,6 +228,9 @@ struct Parts {
 struct Outcome {
     /// Inbound keys newly inserted.
     new_inbound: HashSet<(String, String, String, String)>,
+    /// Whether every inbound write of the batch inserted its row (the usual case: then no
+    /// write needs its key looked up).
+    all_new: bool,
     /// Inbound keys already there, with whether they were processed.
     duplicates: HashMap<(String, String, String, String), bool>,
     /// Outbox rows newly queued: (number, message id).
@@ -239,10 +242,11 @@ struct Outcome {
 impl Parts {
     /// Rows in key order, so concurrent batches take row locks in the same order.
     fn sort(&mut self) {
-        self.inbound
-            .sort_by_cached_key(|(fence, msg, _)| inbound_key(fence, msg));
+        self.inbound.sort_by(|(fa, a, _), (fb, b, _)| {
+            (&fa.number, &a.chat, &a.sender, &a.id).cmp(&(&fb.number, &b.chat, &b.sender, &b.id))
+        });
         self.complete
-            .sort_by_cached_key(|(fence, done, _)| (fence.number.clone(), done.chat.to_string()));
+            .sort_by(|(fa, a, _), (fb, b, _)| (&fa.number, &a.chat).cmp(&(&fb.number, &b.chat)));
         self.sent
             .sort_by(|a, b| (&a.0.number, &a.1).cmp(&(&b.0.number, &b.1)));
     }
@@ -279,6 +283,10 @@ impl Parts {
         for (fence, msg, reply) in self.inbound {
             if let Some(e) = fenced(&fence) {
                 let _ = reply.send(Err(e));
+                continue;
+            }
+            if out.all_new {
+                let _ = reply.send(Ok(Recorded::New));
                 continue;
             }
             let key = inbound_key(&fence, &msg);

@@ -70,7 +70,10 @@ pub(super) async fn write(
             }
         }
     }
-    duplicates(tx, &inbound, &mut out).await?;
+    out.all_new = out.new_inbound.len() == inbound.len();
+    if !out.all_new {
+        duplicates(tx, &inbound, &mut out).await?;
+    }
     Ok(out)
 }
 
