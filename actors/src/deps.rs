@@ -105,6 +105,8 @@ pub enum NumberPhase {
     LoggedOut,
     /// Connected elsewhere; stopped and not reconnecting.
     Replaced,
+    /// Another owner holds the number (a write was refused as fenced); stopped, not restarted.
+    Fenced,
     /// Temporarily banned; reconnects when the ban ends.
     Banned,
     /// QR codes ran out unscanned; waits for an operator.
@@ -116,13 +118,14 @@ pub enum NumberPhase {
 }
 
 impl NumberPhase {
-    const ALL: [Self; 10] = [
+    const ALL: [Self; 11] = [
         Self::Starting,
         Self::Pairing,
         Self::Connecting,
         Self::Online,
         Self::LoggedOut,
         Self::Replaced,
+        Self::Fenced,
         Self::Banned,
         Self::Unpaired,
         Self::Restarting,
@@ -138,6 +141,7 @@ impl NumberPhase {
             Self::Online => "online",
             Self::LoggedOut => "logged_out",
             Self::Replaced => "replaced",
+            Self::Fenced => "fenced",
             Self::Banned => "banned",
             Self::Unpaired => "unpaired",
             Self::Restarting => "restarting",

@@ -242,6 +242,11 @@ async fn child_exited(state: &mut FleetState, id: ActorId, exit: Exit) {
         state.slots.remove(&number);
         return;
     }
+    if slot.resources.state() == NumberPhase::Fenced {
+        // Another owner holds it: stay stopped (the slot stays, visible in the counts).
+        tracing::warn!(%number, "number fenced by a newer owner; not restarted");
+        return;
+    }
     after_exit(state, &number, exit).await;
 }
 

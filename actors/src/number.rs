@@ -143,7 +143,7 @@ impl Actor for NumberActor {
 
     async fn handle(
         &self,
-        _myself: ActorRef<Self::Msg>,
+        myself: ActorRef<Self::Msg>,
         message: Self::Msg,
         state: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
@@ -163,9 +163,11 @@ impl Actor for NumberActor {
             }
             NumberMsg::Crash(reason) => return Err(reason.into()),
             NumberMsg::Fenced(err) => {
+                // Never restarted: the fleet sees the phase and keeps the number stopped.
                 tracing::warn!(number = %state.args.number, error = %err, "fenced; stopping");
+                state.args.resources.set_state(NumberPhase::Fenced);
                 state.args.resources.release().await;
-                return Err(err.into());
+                myself.stop(Some("fenced".to_owned()));
             }
         }
         Ok(())

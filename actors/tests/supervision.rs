@@ -616,3 +616,27 @@ async fn a_restarted_node_sends_only_what_the_network_does_not_have() {
     assert!(acked.contains(&replies[0].id), "{acked:?}");
     assert_eq!(store.unsent(&n).await.unwrap(), vec![replies[1].clone()]);
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_fenced_number_stops_and_is_not_restarted() {
+    let n = phone("+15550021");
+    let h = harness(&[&n], Duration::ZERO).await;
+    // Another owner takes the number: our next write is refused.
+    h.store.acquire(&n).await.unwrap();
+    h.net
+        .latest(&n)
+        .inject(dm(&phone("+4915100031"), "F1", "hello"));
+    eventually("fenced", || {
+        h.fleet.counters().numbers(NumberPhase::Fenced) == 1
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(600)).await;
+    assert_eq!(h.net.starts(&n), 1, "never restarted nor reconnected");
+    assert!(h.net.sent(&n).is_empty());
+    assert!(
+        h.net.latest(&n).acked.lock().unwrap().is_empty(),
+        "not acknowledged: the owner gets it"
+    );
+    assert_eq!(h.fleet.counters().numbers(NumberPhase::Fenced), 1);
+    assert_eq!(h.fleet.counters().restarts.load(Ordering::Relaxed), 0);
+}
