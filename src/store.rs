@@ -194,7 +194,8 @@ impl SqlStore {
     /// the number, and is now the highest.
     async fn fenced(&self, fence: &Fence) -> Result<Transaction<'static, Any>, StoreError> {
         let mut tx = self.pool.begin().await.map_err(db)?;
-        let highest = raise_fences(&mut tx, &[(fence.number.as_str(), fence.token.get())]).await?;
+        let tokens = [(fence.number.as_str(), fence.token.get())];
+        let highest = lock_fences(&mut tx, self.dialect, &tokens).await?;
         check_fence(fence, &highest)?;
         Ok(tx)
     }

@@ -83,8 +83,7 @@ pub fn spawn(resources: Arc<NumberResources>, deps: &Deps, fence: Fence) -> Pace
         resources,
         deps: deps.clone(),
         fence,
-        queue: VecDeque::new(),
-        confirmed: HashSet::new(),
+        queue: Queue::default(),
         synced: false,
         settle_by: None,
     };
@@ -99,9 +98,7 @@ struct Pacer {
     resources: Arc<NumberResources>,
     deps: Deps,
     fence: Fence,
-    queue: VecDeque<OutboundText>,
-    /// Ids the network is known to have, among those queued.
-    confirmed: HashSet<MessageId>,
+    queue: Queue,
     /// Whether sends may go out: false until the session's offline sync, and again after a send
     /// whose outcome is unknown.
     synced: bool,
@@ -152,7 +149,6 @@ impl Pacer {
                 self.synced = false;
                 self.settle_by = Some(Instant::now() + UNSETTLED_WAIT);
                 self.queue.push_front(msg);
-                metrics::gauge!(OUTBOUND_QUEUE).increment(1.0);
             }
         }
         metrics::gauge!(OUTBOUND_QUEUE).decrement(self.queue.len() as f64);
@@ -169,8 +165,9 @@ impl Pacer {
         loop {
             match self.deps.store.unsent(&self.fence.number).await {
                 Ok(rows) => {
-                    metrics::gauge!(OUTBOUND_QUEUE).increment(rows.len() as f64);
-                    self.queue.extend(rows);
+                    for row in rows {
+                        self.queue.push_back(row);
+                    }
                     return;
                 }
                 Err(e) => {
@@ -184,17 +181,11 @@ impl Pacer {
     fn apply(&mut self, cmd: Command) {
         match cmd {
             Command::Send(msg) => {
-                if !self.queue.iter().any(|m| m.id == msg.id) {
-                    self.queue.push_back(msg);
-                } else {
-                    metrics::gauge!(OUTBOUND_QUEUE).decrement(1.0);
-                }
+                // `enqueue` counted it; the queue counts what it keeps.
+                metrics::gauge!(OUTBOUND_QUEUE).decrement(1.0);
+                self.queue.push_back(msg);
             }
-            Command::Confirmed(id) => {
-                if self.queue.iter().any(|m| m.id == id) {
-                    self.confirmed.insert(id);
-                }
-            }
+            Command::Confirmed(id) => self.queue.confirm(id),
             Command::Synced => {
                 self.synced = true;
                 self.settle_by = None;
@@ -204,13 +195,7 @@ impl Pacer {
 
     /// The next message to send, skipping the confirmed ones.
     fn next(&mut self) -> Option<OutboundText> {
-        while let Some(msg) = self.queue.pop_front() {
-            metrics::gauge!(OUTBOUND_QUEUE).decrement(1.0);
-            if !self.confirmed.remove(&msg.id) {
-                return Some(msg);
-            }
-        }
-        None
+        self.queue.pop_front()
     }
 
     /// Sends one message, retrying a refusal for rate with backoff; reports an unknown outcome.
@@ -286,6 +271,53 @@ impl Pacer {
             tokio::time::sleep(typing).await;
             let _ = session.send_typing(&msg.to, false).await;
         }
+    }
+}
+
+/// The replies waiting to be sent, in order, each once; counted in the queue-depth gauge.
+#[derive(Default)]
+struct Queue {
+    order: VecDeque<OutboundText>,
+    ids: HashSet<MessageId>,
+    /// Ids the network is known to have, among those queued.
+    confirmed: HashSet<MessageId>,
+}
+
+impl Queue {
+    fn push_back(&mut self, msg: OutboundText) {
+        if self.ids.insert(msg.id.clone()) {
+            metrics::gauge!(OUTBOUND_QUEUE).increment(1.0);
+            self.order.push_back(msg);
+        }
+    }
+
+    fn push_front(&mut self, msg: OutboundText) {
+        if self.ids.insert(msg.id.clone()) {
+            metrics::gauge!(OUTBOUND_QUEUE).increment(1.0);
+            self.order.push_front(msg);
+        }
+    }
+
+    /// The first message the network does not have yet.
+    fn pop_front(&mut self) -> Option<OutboundText> {
+        while let Some(msg) = self.order.pop_front() {
+            self.ids.remove(&msg.id);
+            metrics::gauge!(OUTBOUND_QUEUE).decrement(1.0);
+            if !self.confirmed.remove(&msg.id) {
+                return Some(msg);
+            }
+        }
+        None
+    }
+
+    fn confirm(&mut self, id: MessageId) {
+        if self.ids.contains(&id) {
+            self.confirmed.insert(id);
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.order.len()
     }
 }
 

@@ -209,6 +209,9 @@ async fn attempt_once(
     Ok((outcome, highest))
 }
 
+/// An inbound row's key: number, chat, sender, message id.
+type InboundKey = (String, String, String, String);
+
 /// Where a write's answer goes.
 type Reply<T> = oneshot::Sender<Result<T, StoreError>>;
 type InboundPart = (Fence, InboundMessage, Reply<Recorded>);
@@ -227,12 +230,12 @@ struct Parts {
 #[derive(Default)]
 struct Outcome {
     /// Inbound keys newly inserted.
-    new_inbound: HashSet<(String, String, String, String)>,
+    new_inbound: HashSet<InboundKey>,
     /// Whether every inbound write of the batch inserted its row (the usual case: then no
     /// write needs its key looked up).
     all_new: bool,
     /// Inbound keys already there, with whether they were processed.
-    duplicates: HashMap<(String, String, String, String), bool>,
+    duplicates: HashMap<InboundKey, bool>,
     /// Outbox rows newly queued: (number, message id).
     queued: HashSet<(String, String)>,
     /// Outbox rows newly marked sent.
@@ -325,7 +328,7 @@ impl Parts {
     }
 }
 
-fn inbound_key(fence: &Fence, msg: &InboundMessage) -> (String, String, String, String) {
+fn inbound_key(fence: &Fence, msg: &InboundMessage) -> InboundKey {
     (
         fence.number.to_string(),
         msg.chat.to_string(),

@@ -28,8 +28,6 @@ const SENT_ROWS: usize = 256;
 /// rows); larger ones send their rows as JSON to one prepared statement (quickest in bulk).
 const SMALL_BATCH: usize = 256;
 
-type Key = (String, String, String, String);
-
 /// Writes every part whose fence holds.
 pub(super) async fn write(
     tx: &mut Transaction<'static, Any>,
@@ -374,7 +372,7 @@ async fn duplicates(
     out: &mut Outcome,
 ) -> Result<(), StoreError> {
     for (fence, msg, _) in rows {
-        let key: Key = inbound_key(fence, msg);
+        let key = inbound_key(fence, msg);
         if out.new_inbound.contains(&key) || out.duplicates.contains_key(&key) {
             continue;
         }
