@@ -16,6 +16,9 @@
 //! - `ratio`: pipeline rows written per second / ceiling rows per second (4 rows per message
 //!   counted on both sides; both also upsert checkpoints).
 //!
+//! For profiling, `--only throughput|latency|ceiling` runs one phase (`latency` with
+//! `--latency-rate R`); the others report 0.
+//!
 //! WhatsApp's per-account send limit is lifted in the simulator and the pacer for this run: the
 //! benchmark measures Switchboard and its store, not the network's policy.
 
@@ -55,6 +58,9 @@ struct Args {
     contacts: u32,
     /// Measure latency at this rate instead of half of the maximum.
     latency_rate: Option<f64>,
+    /// Run only this phase (`throughput`, `latency` or `ceiling`), for profiling; the others
+    /// report 0 (`latency` needs `--latency-rate`).
+    only: Option<String>,
 }
 
 fn args() -> anyhow::Result<Args> {
@@ -64,6 +70,7 @@ fn args() -> anyhow::Result<Args> {
         numbers: 100,
         contacts: 50,
         latency_rate: None,
+        only: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -80,6 +87,7 @@ fn args() -> anyhow::Result<Args> {
             "--numbers" => a.numbers = value()?.parse()?,
             "--contacts" => a.contacts = value()?.parse()?,
             "--latency-rate" => a.latency_rate = Some(value()?.parse()?),
+            "--only" => a.only = Some(value()?),
             _ => {} // cargo bench passes --bench
         }
     }
@@ -144,11 +152,24 @@ async fn run(a: Args) -> anyhow::Result<serde_json::Value> {
     let numbers: Vec<PhoneNumber> = (0..a.numbers)
         .map(|i| PhoneNumber::parse(&format!("+1555300{i:04}")))
         .collect::<Result<_, _>>()?;
-    let (max_rate, unanswered_1, duplicates_1) = throughput(&a, &numbers).await?;
+    let runs = |phase: &str| a.only.as_deref().is_none_or(|only| only == phase);
+    let (max_rate, unanswered_1, duplicates_1) = if runs("throughput") {
+        throughput(&a, &numbers).await?
+    } else {
+        (0.0, 0, 0)
+    };
     let latency_rate = a.latency_rate.unwrap_or(max_rate / 2.0);
-    let (p50, p99, max, unanswered_2, duplicates_2) = latency(&a, &numbers, latency_rate).await?;
+    let (p50, p99, max, unanswered_2, duplicates_2) = if runs("latency") {
+        latency(&a, &numbers, latency_rate).await?
+    } else {
+        (0.0, 0.0, 0.0, 0, 0)
+    };
     eprintln!("latency at {latency_rate:.0} msgs/s: p50 {p50} ms, p99 {p99} ms, max {max} ms");
-    let ceiling_msgs_per_s = ceiling(&a, &numbers).await?;
+    let ceiling_msgs_per_s = if runs("ceiling") {
+        ceiling(&a, &numbers).await?
+    } else {
+        0.0
+    };
     let c = store_config()?;
     Ok(serde_json::json!({
         "store": a.dialect.as_str(),
@@ -262,9 +283,11 @@ async fn throughput(a: &Args, numbers: &[PhoneNumber]) -> anyhow::Result<(f64, u
     let db = db::TestDb::new(a.dialect).await;
     let store = open(&db).await?;
     let mut rig = Rig::start(&store, numbers).await?;
+    eprintln!("throughput: {} messages at once", a.messages);
     let started = Instant::now();
     rig.run(a, numbers, a.messages, None).await?;
     let rate = a.messages as f64 / started.elapsed().as_secs_f64();
+    eprintln!("throughput: {rate:.0} msgs/s");
     let (unanswered, duplicates) = rig.stop().await;
     store.close().await;
     Ok((rate, unanswered, duplicates))
@@ -283,6 +306,7 @@ async fn latency(
     let chats = numbers.len() * a.contacts as usize;
     rig.run(a, numbers, chats, Some(rate)).await?;
     let count = (a.messages / 4).max(1000);
+    eprintln!("latency: {count} messages at {rate:.0} msgs/s");
     let ids = rig.run(a, numbers, count, Some(rate)).await?;
     let (p50, p99, max) = latencies(&rig.network, numbers, &ids);
     let (unanswered, duplicates) = rig.stop().await;
@@ -384,6 +408,7 @@ async fn ceiling(a: &Args, numbers: &[PhoneNumber]) -> anyhow::Result<f64> {
         Dialect::Sqlite => 1,
     };
     let batch = store_config()?.batch_max;
+    eprintln!("ceiling: {} messages' rows, {writers} writers", a.messages);
     let chunks: Vec<usize> = (0..a.messages).step_by(batch).collect();
     let started = Instant::now();
     let mut tasks = Vec::new();

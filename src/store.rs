@@ -292,8 +292,9 @@ async fn migrate_pool(pool: &AnyPool, dialect: Dialect) -> Result<(), StoreError
 }
 
 /// Locks the fences of `tokens`' numbers for this transaction, raising stored tokens where a
-/// higher one is given, and returns the highest token now stored per number. PostgreSQL takes
-/// shared locks (concurrent writers of a number share them; [`Coordinator::acquire`] waits for
+/// higher one is given, and returns the highest token now stored per *registered* number (a
+/// number missing from the map is not registered). PostgreSQL takes shared locks (concurrent
+/// writers of a number share them; [`Coordinator::acquire`] and removing the number wait for
 /// them), exclusive only to raise; SQLite has a single writer.
 async fn lock_fences(
     tx: &mut Transaction<'static, Any>,
@@ -301,19 +302,42 @@ async fn lock_fences(
     tokens: &[(&str, u64)],
 ) -> Result<HashMap<String, u64>, StoreError> {
     if dialect == Dialect::Sqlite {
-        return raise_fences(tx, tokens).await;
+        raise_fences(tx, tokens).await?;
+        return registered_fences(tx, dialect, tokens).await;
     }
+    let mut highest = registered_fences(tx, dialect, tokens).await?;
+    let raise: Vec<(&str, u64)> = tokens
+        .iter()
+        .filter(|(n, t)| highest.get(*n).is_none_or(|h| t > h))
+        .copied()
+        .collect();
+    if !raise.is_empty() {
+        raise_fences(tx, &raise).await?;
+        highest.extend(registered_fences(tx, dialect, &raise).await?);
+    }
+    Ok(highest)
+}
+
+/// The stored token of each of `tokens`' numbers that is registered; PostgreSQL locks the fence
+/// `FOR SHARE` and the number `FOR KEY SHARE` (so the number cannot be removed under a write).
+async fn registered_fences(
+    tx: &mut Transaction<'static, Any>,
+    dialect: Dialect,
+    tokens: &[(&str, u64)],
+) -> Result<HashMap<String, u64>, StoreError> {
     let mut wanted: Vec<&str> = tokens.iter().map(|(n, _)| *n).collect();
     wanted.sort_unstable();
     wanted.dedup();
+    let locks = match dialect {
+        Dialect::Postgres => " FOR SHARE OF f FOR KEY SHARE OF n",
+        Dialect::Sqlite => "",
+    };
     let mut highest = HashMap::new();
     for chunk in wanted.chunks(MAX_STATEMENT_ROWS) {
-        let list = (1..=chunk.len())
-            .map(|i| format!("${i}"))
-            .collect::<Vec<_>>();
         let sql = format!(
-            "SELECT number, token FROM fences WHERE number IN ({}) ORDER BY number FOR SHARE",
-            list.join(", ")
+            "SELECT f.number, f.token FROM fences f JOIN numbers n ON n.number = f.number \
+             WHERE f.number IN {} ORDER BY f.number{locks}",
+            values(1, chunk.len())
         );
         let mut q = sqlx::query(&sql);
         for number in chunk {
@@ -325,29 +349,20 @@ async fn lock_fences(
             highest.insert(number, u64::try_from(token).unwrap_or(0));
         }
     }
-    let raise: Vec<(&str, u64)> = tokens
-        .iter()
-        .filter(|(n, t)| highest.get(*n).is_none_or(|h| t > h))
-        .copied()
-        .collect();
-    if !raise.is_empty() {
-        highest.extend(raise_fences(tx, &raise).await?);
-    }
     Ok(highest)
 }
 
-/// Raises the stored token of each number to the highest given (never lowers it) and returns
-/// the highest token now stored per number. Locks those rows until the transaction ends.
+/// Raises the stored token of each number to the highest given (never lowers it). Locks those
+/// rows until the transaction ends.
 async fn raise_fences(
     tx: &mut Transaction<'static, Any>,
     tokens: &[(&str, u64)],
-) -> Result<HashMap<String, u64>, StoreError> {
+) -> Result<(), StoreError> {
     let mut highest: HashMap<&str, u64> = HashMap::new();
     for (number, token) in tokens {
         let t = highest.entry(number).or_insert(0);
         *t = (*t).max(*token);
     }
-    let mut out = HashMap::new();
     let mut rows: Vec<(&str, u64)> = highest.into_iter().collect();
     // One lock order for every transaction: concurrent writers never deadlock on fences.
     rows.sort_unstable();
@@ -355,28 +370,24 @@ async fn raise_fences(
         let sql = format!(
             "INSERT INTO fences (number, token) VALUES {} ON CONFLICT (number) DO UPDATE SET \
              token = CASE WHEN excluded.token > fences.token THEN excluded.token \
-             ELSE fences.token END RETURNING number, token",
+             ELSE fences.token END",
             values(chunk.len(), 2)
         );
         let mut q = sqlx::query(&sql);
         for (number, token) in chunk {
             q = q.bind(*number).bind(to_i64(*token));
         }
-        for row in q.fetch_all(&mut **tx).await.map_err(db)? {
-            let number: String = row.try_get(0).map_err(db)?;
-            let token: i64 = row.try_get(1).map_err(db)?;
-            out.insert(number, u64::try_from(token).unwrap_or(0));
-        }
+        q.execute(&mut **tx).await.map_err(db)?;
     }
-    Ok(out)
+    Ok(())
 }
 
-/// Fails with [`StoreError::Fenced`] if a higher token than the fence's is stored.
+/// Fails with [`StoreError::Fenced`] if a higher token than the fence's is stored, and with
+/// [`StoreError::NotFound`] if the number is not registered (not in `highest`).
 fn check_fence(fence: &Fence, highest: &HashMap<String, u64>) -> Result<(), StoreError> {
-    let stored = highest
-        .get(fence.number.as_str())
-        .copied()
-        .unwrap_or_default();
+    let Some(&stored) = highest.get(fence.number.as_str()) else {
+        return Err(StoreError::NotFound(format!("number {}", fence.number)));
+    };
     if fence.token.get() < stored {
         return Err(StoreError::Fenced {
             number: fence.number.clone(),

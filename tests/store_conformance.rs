@@ -149,6 +149,7 @@ conformance!(
     concurrent_writers_lose_nothing_and_duplicate_nothing,
     direct_batches_write_like_the_batcher_and_a_closed_store_refuses,
     large_batches_write_the_same_rows_as_small_ones,
+    writes_for_a_removed_number_fail_alone,
 );
 
 // ---- the suite --------------------------------------------------------------------------
@@ -755,7 +756,7 @@ async fn direct_batches_write_like_the_batcher_and_a_closed_store_refuses(db: &T
     assert!(matches!(after, Err(StoreError::Closed)), "{after:?}");
 }
 
-/// PostgreSQL writes batches over 256 writes through another statement: same rows, same answers.
+/// A batch of thousands of writes: the same rows and answers as one write at a time.
 async fn large_batches_write_the_same_rows_as_small_ones(db: &TestDb) {
     let store = seeded(db).await;
     let fence = own(&store, N1).await;
@@ -814,4 +815,56 @@ async fn large_batches_write_the_same_rows_as_small_ones(db: &TestDb) {
             .iter()
             .all(|r| matches!(r, Err(StoreError::Fenced { .. })))
     );
+}
+
+/// A removed number's writes fail with `NotFound` and store nothing; the other writes of the same
+/// batch commit. Its fence outlives it: added again, it gets a higher token.
+async fn writes_for_a_removed_number_fail_alone(db: &TestDb) {
+    let store = seeded(db).await;
+    let kept = own(&store, N1).await;
+    let gone = own(&store, N2).await;
+    store.remove_number(&phone(N2)).await.unwrap();
+    let batch = store
+        .commit_batch(vec![
+            HotWrite::Inbound(
+                gone.clone(),
+                msg("+4915100001", "G1", "to a removed number"),
+            ),
+            HotWrite::Inbound(kept.clone(), msg("+4915100001", "G2", "to a kept number")),
+        ])
+        .await;
+    assert!(matches!(batch, Err(StoreError::NotFound(_))), "{batch:?}");
+    assert_eq!(store.unprocessed(&phone(N1)).await.unwrap().len(), 1);
+    let single = store
+        .record_inbound(&gone, &msg("+4915100001", "G3", "again"))
+        .await;
+    assert!(matches!(single, Err(StoreError::NotFound(_))), "{single:?}");
+    let dead = store
+        .dead_letter(
+            &gone,
+            &msg("+4915100001", "G4", "dead"),
+            &DeadLetterReason::RestartBudgetSpent {
+                last_error: "panicked".into(),
+            },
+        )
+        .await;
+    assert!(matches!(dead, Err(StoreError::NotFound(_))), "{dead:?}");
+    let rows: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM inbound WHERE number = $1")
+        .bind(N2)
+        .fetch_one(store.pool())
+        .await
+        .unwrap();
+    assert_eq!(rows, 0);
+
+    add(&store, N2, "t1").await;
+    let back = own(&store, N2).await;
+    assert!(back.token > gone.token);
+    store
+        .record_inbound(&back, &msg("+4915100001", "G5", "welcome back"))
+        .await
+        .unwrap();
+    let stale = store
+        .record_inbound(&gone, &msg("+4915100001", "G6", "stale"))
+        .await;
+    assert!(matches!(stale, Err(StoreError::Fenced { .. })), "{stale:?}");
 }

@@ -776,7 +776,8 @@ impl Network {
             (delivered, ReceiptKind::Delivered),
             (read, ReceiptKind::Read),
         ] {
-            let network = self.clone();
+            // A receipt due after the network is gone is dropped with it.
+            let network = Arc::downgrade(&self.inner);
             let number = number.clone();
             let receipt = Receipt {
                 id: id.clone(),
@@ -785,7 +786,9 @@ impl Network {
             };
             tokio::spawn(async move {
                 tokio::time::sleep(after).await;
-                network.push_receipt(&number, receipt);
+                if let Some(inner) = network.upgrade() {
+                    Self { inner }.push_receipt(&number, receipt);
+                }
             });
         }
     }

@@ -227,9 +227,17 @@ impl SqlStore {
         found(done.rows_affected(), || format!("number {n}"))
     }
 
-    /// Removes a number and everything stored for it.
+    /// Removes a number and everything stored for it. The number goes first: that waits for
+    /// writes in flight (they hold it `FOR KEY SHARE`), and later writes find it gone. Its fence
+    /// stays, so a number added again keeps rising tokens.
     pub async fn remove_number(&self, n: &PhoneNumber) -> Result<(), StoreError> {
         let mut tx = self.pool.begin().await.map_err(db)?;
+        let done = sqlx::query("DELETE FROM numbers WHERE number = $1")
+            .bind(n.as_str())
+            .execute(&mut *tx)
+            .await
+            .map_err(db)?;
+        found(done.rows_affected(), || format!("number {n}"))?;
         for table in [
             "inbound",
             "outbox",
@@ -244,12 +252,6 @@ impl SqlStore {
                 .await
                 .map_err(db)?;
         }
-        let done = sqlx::query("DELETE FROM numbers WHERE number = $1")
-            .bind(n.as_str())
-            .execute(&mut *tx)
-            .await
-            .map_err(db)?;
-        found(done.rows_affected(), || format!("number {n}"))?;
         tx.commit().await.map_err(db)
     }
 

@@ -5,8 +5,9 @@
 //! A caller only queues a completion or a sent mark for rows it has seen committed, so batches
 //! never depend on each other and PostgreSQL commits several at once (SQLite: one at a time, it
 //! has one writer). Each write's fence is checked in the same transaction: PostgreSQL holds the
-//! fence rows `FOR SHARE` (concurrent batches share them; taking ownership waits for them); a
-//! fenced write fails alone and the rest of the batch commits. A batch that loses a deadlock
+//! fence rows `FOR SHARE` and the numbers `FOR KEY SHARE` (concurrent batches share them; taking
+//! ownership or removing the number waits for them); a fenced write (or one for a number that
+//! is not registered) fails alone and the rest of the batch commits. A batch that loses a deadlock
 //! or serialization race is rolled back and tried again whole: every write in it is idempotent.
 //! The statements are in `write`.
 
@@ -195,16 +196,19 @@ pub async fn flush(pool: &AnyPool, dialect: Dialect, batch: Vec<Op>) {
     }
 }
 
-/// One try: lock the fences, write what passes them, commit.
+/// One try: write what passes its fence; returns what was written and the highest token per
+/// number.
 async fn attempt_once(
     pool: &AnyPool,
     dialect: Dialect,
     parts: &Parts,
 ) -> Result<(Outcome, HashMap<String, u64>), StoreError> {
+    if dialect == Dialect::Postgres {
+        return write::postgres(pool, parts).await;
+    }
     let mut tx = pool.begin().await.map_err(db)?;
-    let tokens = parts.tokens();
-    let highest = lock_fences(&mut tx, dialect, &tokens).await?;
-    let outcome = write::write(&mut tx, dialect, parts, &highest).await?;
+    let highest = lock_fences(&mut tx, dialect, &parts.tokens()).await?;
+    let outcome = write::sqlite(&mut tx, parts, &highest).await?;
     tx.commit().await.map_err(db)?;
     Ok((outcome, highest))
 }

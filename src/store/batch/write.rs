@@ -1,21 +1,23 @@
 //! The statements of a batch.
 //!
-//! PostgreSQL writes a whole chunk of the batch in one statement of data-modifying CTEs (the
-//! inbound rows, the processed marks, the checkpoints, the queued replies and the sent marks), so
-//! a batch costs four round trips: `BEGIN`, the fence lock, the statement, `COMMIT`. The CTEs see
-//! one snapshot, which is safe here: a completion or a sent mark only ever refers to rows of an
-//! earlier, committed batch. SQLite is local and runs the same statements one by one.
+//! PostgreSQL writes the whole batch in one statement of data-modifying CTEs (the fence lock,
+//! the inbound rows, the processed marks, the checkpoints, the queued replies and the sent
+//! marks) that commits on its own: one round trip, one prepared statement, one cached plan. The
+//! CTEs see one snapshot, which is safe here: a completion or a sent mark only ever refers to
+//! rows of an earlier, committed batch. SQLite is local and runs the statements one by one in a
+//! transaction.
 
 use std::collections::HashMap;
 
 use sqlx::any::AnyRow;
-use sqlx::{Any, Row, Transaction};
+use sqlx::{Any, AnyConnection, AnyPool, Row, Transaction};
 use switchboard_actors::store::{Fence, StoreError};
 use switchboard_actors::transport::{MessageId, OutboundText};
 
 use super::{CompletePart, InboundPart, Outcome, Parts, SentPart, inbound_key};
 use crate::store::{
-    AnyQuery, Dialect, bind_inbound_row, check_fence, db, now_ms, preview, to_i64, values_from,
+    AnyQuery, Dialect, bind_inbound_row, check_fence, db, lock_fences, now_ms, preview, to_i64,
+    values_from,
 };
 
 /// Rows of each kind per statement, well under both dialects' bind-parameter limits
@@ -24,14 +26,10 @@ const INBOUND_ROWS: usize = 256;
 const COMPLETIONS: usize = 128;
 const SENT_ROWS: usize = 256;
 
-/// PostgreSQL batches up to this many writes use statements of placeholders (quickest for a few
-/// rows); larger ones send their rows as JSON to one prepared statement (quickest in bulk).
-const SMALL_BATCH: usize = 256;
-
-/// Writes every part whose fence holds.
-pub(super) async fn write(
+/// SQLite: writes every part whose fence holds, inside the caller's transaction (which has
+/// locked the fences: `highest`), one statement per kind and chunk.
+pub(super) async fn sqlite(
     tx: &mut Transaction<'static, Any>,
-    dialect: Dialect,
     parts: &Parts,
     highest: &HashMap<String, u64>,
 ) -> Result<Outcome, StoreError> {
@@ -41,31 +39,20 @@ pub(super) async fn write(
     let inbound: Vec<&InboundPart> = parts.inbound.iter().filter(|p| ok(&p.0)).collect();
     let complete: Vec<&CompletePart> = parts.complete.iter().filter(|p| ok(&p.0)).collect();
     let sent: Vec<&SentPart> = parts.sent.iter().filter(|p| ok(&p.0)).collect();
-    let total = inbound.len() + complete.len() + sent.len();
-    if dialect == Dialect::Postgres && total > SMALL_BATCH {
-        for row in postgres(tx, &inbound, &complete, &sent, now).await? {
+    let chunks = [
+        inbound.len().div_ceil(INBOUND_ROWS),
+        complete.len().div_ceil(COMPLETIONS),
+        sent.len().div_ceil(SENT_ROWS),
+    ];
+    for k in 0..chunks.into_iter().max().unwrap_or(0) {
+        let chunk = Chunk {
+            inbound: slice(&inbound, k, INBOUND_ROWS),
+            complete: slice(&complete, k, COMPLETIONS),
+            sent: slice(&sent, k, SENT_ROWS),
+            now,
+        };
+        for row in chunk.sqlite(tx).await? {
             out.record(&row)?;
-        }
-    } else {
-        let chunks = [
-            inbound.len().div_ceil(INBOUND_ROWS),
-            complete.len().div_ceil(COMPLETIONS),
-            sent.len().div_ceil(SENT_ROWS),
-        ];
-        for k in 0..chunks.into_iter().max().unwrap_or(0) {
-            let chunk = Chunk {
-                inbound: slice(&inbound, k, INBOUND_ROWS),
-                complete: slice(&complete, k, COMPLETIONS),
-                sent: slice(&sent, k, SENT_ROWS),
-                now,
-            };
-            let rows = match dialect {
-                Dialect::Postgres => chunk.postgres(tx).await?,
-                Dialect::Sqlite => chunk.sqlite(tx).await?,
-            };
-            for row in rows {
-                out.record(&row)?;
-            }
         }
     }
     out.all_new = out.new_inbound.len() == inbound.len();
@@ -75,52 +62,116 @@ pub(super) async fn write(
     Ok(out)
 }
 
+/// PostgreSQL: the whole batch as one statement on its own (autocommit), which locks the fence
+/// rows `FOR SHARE` and writes each part whose token equals the stored one. Parts whose token is
+/// above the stored one (a new owner's first writes) are then written in a transaction that
+/// raises their fences first. Returns what was written and the highest token per number.
+pub(super) async fn postgres(
+    pool: &AnyPool,
+    parts: &Parts,
+) -> Result<(Outcome, HashMap<String, u64>), StoreError> {
+    let now = now_ms();
+    let mut out = Outcome::default();
+    let mut highest = HashMap::new();
+    let all = Selection::new(parts, |_| true);
+    for row in all.statement(now)?.fetch_all(pool).await.map_err(db)? {
+        if let Some((number, token)) = out.record(&row)? {
+            highest.insert(number, token);
+        }
+    }
+    let unraised = |fence: &Fence| {
+        highest
+            .get(fence.number.as_str())
+            .is_none_or(|h| fence.token.get() > *h)
+    };
+    let raise = Selection::new(parts, unraised);
+    if !raise.is_empty() {
+        let mut tx = pool.begin().await.map_err(db)?;
+        highest.extend(lock_fences(&mut tx, Dialect::Postgres, &raise.tokens()).await?);
+        for row in raise
+            .statement(now)?
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(db)?
+        {
+            if let Some((number, token)) = out.record(&row)? {
+                highest.insert(number, token);
+            }
+        }
+        tx.commit().await.map_err(db)?;
+    }
+    let written = |fence: &Fence| highest.get(fence.number.as_str()) == Some(&fence.token.get());
+    let inbound: Vec<&InboundPart> = parts.inbound.iter().filter(|p| written(&p.0)).collect();
+    out.all_new = out.new_inbound.len() == inbound.len();
+    if !out.all_new {
+        let mut conn = pool.acquire().await.map_err(db)?;
+        duplicates(&mut conn, &inbound, &mut out).await?;
+    }
+    Ok((out, highest))
+}
+
 fn slice<T>(all: &[T], k: usize, size: usize) -> &[T] {
     let start = (k * size).min(all.len());
     &all[start..(start + size).min(all.len())]
 }
 
 /// The whole batch as one statement of fixed text: the rows travel as JSON arrays, so the
-/// statement is prepared once per connection and never re-planned for another batch size.
-/// Its rows are tagged `i` (new inbound), `q` (queued reply), `s` (marked sent).
+/// statement is prepared once per connection and its plan is cached, whatever the batch size.
+/// `f` locks the fence rows of the batch's numbers `FOR SHARE` (concurrent batches share them;
+/// taking ownership waits for them) and every row is written only if its token equals the
+/// stored one. The result rows are tagged `f` (a fence: number, token), `i` (new inbound),
+/// `q` (queued reply) and `s` (marked sent).
 const POSTGRES_BATCH: &str = "WITH \
+    f AS (SELECT fences.number, fences.token FROM fences \
+        JOIN numbers ON numbers.number = fences.number \
+        JOIN json_to_recordset($7::json) AS w(number text) ON w.number = fences.number \
+        ORDER BY fences.number FOR SHARE OF fences FOR KEY SHARE OF numbers), \
     ins AS (INSERT INTO inbound (number, chat, sender, message_id, sender_alt, body, preview, \
             sent_at, received_at) \
-        SELECT number, chat, sender, message_id, sender_alt, body, preview, sent_at, $6 \
-        FROM json_to_recordset($1::json) AS x(number text, chat text, sender text, \
-            message_id text, sender_alt text, body text, preview text, sent_at bigint) \
+        SELECT x.number, chat, sender, message_id, sender_alt, body, preview, sent_at, $6 \
+        FROM json_to_recordset($1::json) AS x(number text, token bigint, chat text, \
+            sender text, message_id text, sender_alt text, body text, preview text, \
+            sent_at bigint) \
+        JOIN f ON f.number = x.number AND f.token = x.token \
         ON CONFLICT (number, chat, sender, message_id) DO NOTHING \
         RETURNING number, chat, sender, message_id), \
-    done AS (UPDATE inbound SET status = 'processed', processed_at = $6, body = CASE WHEN \
-            (SELECT t.full_transcripts FROM numbers n JOIN tenants t ON t.id = n.tenant_id \
-             WHERE n.number = inbound.number) THEN inbound.body ELSE NULL END \
-        FROM json_to_recordset($2::json) AS d(number text, chat text, sender text, \
-            message_id text) \
+    done AS (UPDATE inbound SET status = 'processed', processed_at = $6, \
+            body = CASE WHEN t.full_transcripts THEN inbound.body ELSE NULL END \
+        FROM json_to_recordset($2::json) AS d(number text, token bigint, chat text, \
+            sender text, message_id text) \
+        JOIN f ON f.number = d.number AND f.token = d.token \
+        JOIN numbers n ON n.number = d.number JOIN tenants t ON t.id = n.tenant_id \
         WHERE inbound.status = 'pending' AND inbound.number = d.number \
             AND inbound.chat = d.chat AND inbound.sender = d.sender \
             AND inbound.message_id = d.message_id), \
     saved AS (INSERT INTO conversations (number, chat, checkpoint, updated_at) \
-        SELECT number, chat, checkpoint, $6 \
-        FROM json_to_recordset($3::json) AS c(number text, chat text, checkpoint text) \
+        SELECT c.number, chat, checkpoint, $6 \
+        FROM json_to_recordset($3::json) AS c(number text, token bigint, chat text, \
+            checkpoint text) \
+        JOIN f ON f.number = c.number AND f.token = c.token \
         ON CONFLICT (number, chat) DO UPDATE SET checkpoint = excluded.checkpoint, \
             updated_at = excluded.updated_at), \
     q AS (INSERT INTO outbox (number, message_id, chat, body, reply_to, created_at) \
-        SELECT number, message_id, chat, body, reply_to, $6 \
-        FROM json_to_recordset($4::json) AS o(number text, message_id text, chat text, \
-            body text, reply_to text) \
+        SELECT o.number, message_id, chat, body, reply_to, $6 \
+        FROM json_to_recordset($4::json) AS o(number text, token bigint, message_id text, \
+            chat text, body text, reply_to text) \
+        JOIN f ON f.number = o.number AND f.token = o.token \
         ON CONFLICT (number, message_id) DO NOTHING RETURNING number, message_id), \
     s AS (UPDATE outbox SET status = 'sent', sent_at = $6 \
-        FROM json_to_recordset($5::json) AS m(number text, message_id text) \
+        FROM json_to_recordset($5::json) AS m(number text, token bigint, message_id text) \
+        JOIN f ON f.number = m.number AND f.token = m.token \
         WHERE outbox.status <> 'sent' AND outbox.number = m.number \
             AND outbox.message_id = m.message_id \
         RETURNING outbox.number, outbox.message_id) \
-    SELECT 'i', number, chat, sender, message_id FROM ins \
+    SELECT 'f', number, token::text, NULL, NULL FROM f \
+    UNION ALL SELECT 'i', number, chat, sender, message_id FROM ins \
     UNION ALL SELECT 'q', number, message_id, NULL, NULL FROM q \
     UNION ALL SELECT 's', number, message_id, NULL, NULL FROM s";
 
 #[derive(serde::Serialize)]
 struct JsonInbound<'a> {
     number: &'a str,
+    token: u64,
     chat: String,
     sender: String,
     message_id: &'a str,
@@ -133,6 +184,7 @@ struct JsonInbound<'a> {
 #[derive(serde::Serialize)]
 struct JsonKey<'a> {
     number: &'a str,
+    token: u64,
     chat: String,
     sender: String,
     message_id: &'a str,
@@ -141,6 +193,7 @@ struct JsonKey<'a> {
 #[derive(serde::Serialize)]
 struct JsonCheckpoint<'a> {
     number: &'a str,
+    token: u64,
     chat: &'a str,
     checkpoint: &'a str,
 }
@@ -148,6 +201,7 @@ struct JsonCheckpoint<'a> {
 #[derive(serde::Serialize)]
 struct JsonReply<'a> {
     number: &'a str,
+    token: u64,
     message_id: &'a str,
     chat: String,
     body: &'a str,
@@ -157,82 +211,131 @@ struct JsonReply<'a> {
 #[derive(serde::Serialize)]
 struct JsonSent<'a> {
     number: &'a str,
+    token: u64,
     message_id: &'a str,
 }
 
-async fn postgres(
-    tx: &mut Transaction<'static, Any>,
-    inbound: &[&InboundPart],
-    complete: &[&CompletePart],
-    sent: &[&SentPart],
-    now: i64,
-) -> Result<Vec<AnyRow>, StoreError> {
-    let inbound: Vec<JsonInbound<'_>> = inbound
-        .iter()
-        .map(|(fence, msg, _)| JsonInbound {
-            number: fence.number.as_str(),
-            chat: msg.chat.to_string(),
-            sender: msg.sender.to_string(),
-            message_id: msg.id.as_str(),
-            sender_alt: msg.sender_alt.as_ref().map(ToString::to_string),
-            body: &msg.text,
-            preview: preview(&msg.text),
-            sent_at: to_i64(msg.timestamp_ms),
-        })
-        .collect();
-    let done: Vec<JsonKey<'_>> = complete
-        .iter()
-        .map(|(fence, d, _)| JsonKey {
-            number: fence.number.as_str(),
-            chat: d.chat.to_string(),
-            sender: d.sender.to_string(),
-            message_id: d.inbound.as_str(),
-        })
-        .collect();
-    let cps = checkpoints(complete)?;
-    let cps: Vec<JsonCheckpoint<'_>> = cps
-        .iter()
-        .map(|(number, chat, checkpoint)| JsonCheckpoint {
-            number,
-            chat,
-            checkpoint,
-        })
-        .collect();
-    let replies: Vec<JsonReply<'_>> = replies(complete)
-        .into_iter()
-        .map(|(fence, r)| JsonReply {
-            number: fence.number.as_str(),
-            message_id: r.id.as_str(),
-            chat: r.to.to_string(),
-            body: &r.text,
-            reply_to: r.reply_to.as_ref().map(MessageId::as_str),
-        })
-        .collect();
-    let sent: Vec<JsonSent<'_>> = sent
-        .iter()
-        .map(|(fence, id, _)| JsonSent {
-            number: fence.number.as_str(),
-            message_id: id.as_str(),
-        })
-        .collect();
-    sqlx::query(POSTGRES_BATCH)
-        .bind(to_json(&inbound)?)
-        .bind(to_json(&done)?)
-        .bind(to_json(&cps)?)
-        .bind(to_json(&replies)?)
-        .bind(to_json(&sent)?)
-        .bind(now)
-        .fetch_all(&mut **tx)
-        .await
-        .map_err(db)
+#[derive(serde::Serialize)]
+struct JsonNumber<'a> {
+    number: &'a str,
+}
+
+/// The parts of a batch one PostgreSQL statement writes.
+struct Selection<'a> {
+    inbound: Vec<&'a InboundPart>,
+    complete: Vec<&'a CompletePart>,
+    sent: Vec<&'a SentPart>,
+}
+
+impl<'a> Selection<'a> {
+    /// The parts whose fence `keep` accepts.
+    fn new(parts: &'a Parts, keep: impl Fn(&Fence) -> bool) -> Self {
+        Self {
+            inbound: parts.inbound.iter().filter(|p| keep(&p.0)).collect(),
+            complete: parts.complete.iter().filter(|p| keep(&p.0)).collect(),
+            sent: parts.sent.iter().filter(|p| keep(&p.0)).collect(),
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.inbound.is_empty() && self.complete.is_empty() && self.sent.is_empty()
+    }
+
+    fn fences(&self) -> impl Iterator<Item = &'a Fence> + '_ {
+        let inbound = self.inbound.iter().map(|p| &p.0);
+        let complete = self.complete.iter().map(|p| &p.0);
+        inbound
+            .chain(complete)
+            .chain(self.sent.iter().map(|p| &p.0))
+    }
+
+    fn tokens(&self) -> Vec<(&'a str, u64)> {
+        self.fences()
+            .map(|f| (f.number.as_str(), f.token.get()))
+            .collect()
+    }
+
+    /// [`POSTGRES_BATCH`] with these parts bound.
+    fn statement(&self, now: i64) -> Result<AnyQuery<'static>, StoreError> {
+        let inbound: Vec<JsonInbound<'_>> = self
+            .inbound
+            .iter()
+            .map(|(fence, msg, _)| JsonInbound {
+                number: fence.number.as_str(),
+                token: fence.token.get(),
+                chat: msg.chat.to_string(),
+                sender: msg.sender.to_string(),
+                message_id: msg.id.as_str(),
+                sender_alt: msg.sender_alt.as_ref().map(ToString::to_string),
+                body: &msg.text,
+                preview: preview(&msg.text),
+                sent_at: to_i64(msg.timestamp_ms),
+            })
+            .collect();
+        let done: Vec<JsonKey<'_>> = self
+            .complete
+            .iter()
+            .map(|(fence, d, _)| JsonKey {
+                number: fence.number.as_str(),
+                token: fence.token.get(),
+                chat: d.chat.to_string(),
+                sender: d.sender.to_string(),
+                message_id: d.inbound.as_str(),
+            })
+            .collect();
+        let cps = checkpoints(&self.complete)?;
+        let cps: Vec<JsonCheckpoint<'_>> = cps
+            .iter()
+            .map(|(fence, chat, checkpoint)| JsonCheckpoint {
+                number: fence.number.as_str(),
+                token: fence.token.get(),
+                chat,
+                checkpoint,
+            })
+            .collect();
+        let replies: Vec<JsonReply<'_>> = replies(&self.complete)
+            .into_iter()
+            .map(|(fence, r)| JsonReply {
+                number: fence.number.as_str(),
+                token: fence.token.get(),
+                message_id: r.id.as_str(),
+                chat: r.to.to_string(),
+                body: &r.text,
+                reply_to: r.reply_to.as_ref().map(MessageId::as_str),
+            })
+            .collect();
+        let sent: Vec<JsonSent<'_>> = self
+            .sent
+            .iter()
+            .map(|(fence, id, _)| JsonSent {
+                number: fence.number.as_str(),
+                token: fence.token.get(),
+                message_id: id.as_str(),
+            })
+            .collect();
+        let mut numbers: Vec<&str> = self.fences().map(|f| f.number.as_str()).collect();
+        numbers.sort_unstable();
+        numbers.dedup();
+        let numbers: Vec<JsonNumber<'_>> = numbers
+            .into_iter()
+            .map(|number| JsonNumber { number })
+            .collect();
+        Ok(sqlx::query(POSTGRES_BATCH)
+            .bind(to_json(&inbound)?)
+            .bind(to_json(&done)?)
+            .bind(to_json(&cps)?)
+            .bind(to_json(&replies)?)
+            .bind(to_json(&sent)?)
+            .bind(now)
+            .bind(to_json(&numbers)?))
+    }
 }
 
 fn to_json<T: serde::Serialize>(rows: &T) -> Result<String, StoreError> {
     serde_json::to_string(rows).map_err(|e| StoreError::Corrupt(e.to_string()))
 }
 
-/// Part of a batch written by one statement of placeholders (a small PostgreSQL batch) or one
-/// statement per kind (SQLite).
+/// Part of a SQLite batch, written by one statement per kind.
 struct Chunk<'a> {
     inbound: &'a [&'a InboundPart],
     complete: &'a [&'a CompletePart],
@@ -241,62 +344,7 @@ struct Chunk<'a> {
 }
 
 impl Chunk<'_> {
-    /// One statement; its rows are tagged `i` (new inbound), `q` (queued reply), `s` (sent).
-    async fn postgres(
-        &self,
-        tx: &mut Transaction<'static, Any>,
-    ) -> Result<Vec<AnyRow>, StoreError> {
-        let checkpoints = checkpoints(self.complete)?;
-        let replies = replies(self.complete);
-        let (mut ctes, mut selects, mut p) = (Vec::new(), Vec::new(), 1);
-        if !self.inbound.is_empty() {
-            let sql = inbound_sql(p, self.inbound.len());
-            ctes.push(format!(
-                "ins AS ({sql} RETURNING number, chat, sender, message_id)"
-            ));
-            selects.push("SELECT 'i', number, chat, sender, message_id FROM ins");
-            p += self.inbound.len() * 9;
-        }
-        if !self.complete.is_empty() {
-            ctes.push(format!(
-                "done AS ({})",
-                processed_sql(p, self.complete.len())
-            ));
-            p += 1 + self.complete.len() * 4;
-            ctes.push(format!(
-                "saved AS ({})",
-                checkpoint_sql(p, checkpoints.len())
-            ));
-            p += checkpoints.len() * 4;
-        }
-        if !replies.is_empty() {
-            let sql = queue_sql(p, replies.len());
-            ctes.push(format!("q AS ({sql} RETURNING number, message_id)"));
-            selects.push("SELECT 'q', number, message_id, NULL::text, NULL::text FROM q");
-            p += replies.len() * 6;
-        }
-        if !self.sent.is_empty() {
-            let sql = sent_sql(p, self.sent.len());
-            ctes.push(format!("s AS ({sql} RETURNING number, message_id)"));
-            selects.push("SELECT 's', number, message_id, NULL::text, NULL::text FROM s");
-        }
-        if selects.is_empty() {
-            selects.push(
-                "SELECT NULL::text, NULL::text, NULL::text, NULL::text, NULL::text WHERE FALSE",
-            );
-        }
-        let sql = format!("WITH {} {}", ctes.join(", "), selects.join(" UNION ALL "));
-        let mut q = bind_inbound(sqlx::query(&sql), self.inbound, self.now);
-        if !self.complete.is_empty() {
-            q = bind_processed(q, self.complete, self.now);
-            q = bind_checkpoints(q, &checkpoints, self.now);
-        }
-        q = bind_queue(q, &replies, self.now);
-        q = bind_sent(q, self.sent, self.now);
-        q.fetch_all(&mut **tx).await.map_err(db)
-    }
-
-    /// The same statements one at a time, each tagged like the PostgreSQL rows.
+    /// The statements one at a time; their rows are tagged like the PostgreSQL rows.
     async fn sqlite(&self, tx: &mut Transaction<'static, Any>) -> Result<Vec<AnyRow>, StoreError> {
         let mut rows = Vec::new();
         if !self.inbound.is_empty() {
@@ -338,12 +386,18 @@ impl Chunk<'_> {
 }
 
 impl Outcome {
-    /// Takes in one tagged row.
-    fn record(&mut self, row: &AnyRow) -> Result<(), StoreError> {
+    /// Takes in one tagged row; returns a fence row's number and token.
+    fn record(&mut self, row: &AnyRow) -> Result<Option<(String, u64)>, StoreError> {
         let tag: String = row.try_get(0).map_err(db)?;
         let a: String = row.try_get(1).map_err(db)?;
         let b: String = row.try_get(2).map_err(db)?;
         match tag.as_str() {
+            "f" => {
+                let token = b
+                    .parse()
+                    .map_err(|_| StoreError::Corrupt(format!("token {b:?}")))?;
+                return Ok(Some((a, token)));
+            }
             "i" => {
                 let key = (
                     a,
@@ -361,13 +415,13 @@ impl Outcome {
             }
             other => return Err(StoreError::Corrupt(format!("batch row tag {other:?}"))),
         }
-        Ok(())
+        Ok(None)
     }
 }
 
 /// Looks up the inbound messages that were already there (redeliveries: rare).
 async fn duplicates(
-    tx: &mut Transaction<'static, Any>,
+    conn: &mut AnyConnection,
     rows: &[&InboundPart],
     out: &mut Outcome,
 ) -> Result<(), StoreError> {
@@ -384,7 +438,7 @@ async fn duplicates(
         .bind(&key.1)
         .bind(&key.2)
         .bind(&key.3)
-        .fetch_optional(&mut **tx)
+        .fetch_optional(&mut *conn)
         .await
         .map_err(db)?;
         out.duplicates
@@ -436,15 +490,21 @@ fn bind_processed<'q>(mut q: AnyQuery<'q>, rows: &'q [&CompletePart], now: i64) 
 /// One checkpoint per chat, the latest: an upsert may not touch a row twice in one statement.
 fn checkpoints<'a>(
     rows: &[&'a CompletePart],
-) -> Result<Vec<(&'a str, String, String)>, StoreError> {
-    let mut latest: HashMap<(&str, String), String> = HashMap::new();
+) -> Result<Vec<(&'a Fence, String, String)>, StoreError> {
+    let mut latest: HashMap<(&str, String), (&Fence, String)> = HashMap::new();
     for (fence, done, _) in rows {
         let json = serde_json::to_string(&done.checkpoint)
             .map_err(|e| StoreError::Corrupt(e.to_string()))?;
-        latest.insert((fence.number.as_str(), done.chat.to_string()), json);
+        latest.insert(
+            (fence.number.as_str(), done.chat.to_string()),
+            (fence, json),
+        );
     }
-    let mut latest: Vec<_> = latest.into_iter().map(|((n, c), j)| (n, c, j)).collect();
-    latest.sort();
+    let mut latest: Vec<_> = latest
+        .into_iter()
+        .map(|((_, chat), (fence, json))| (fence, chat, json))
+        .collect();
+    latest.sort_by(|a, b| (&a.0.number, &a.1).cmp(&(&b.0.number, &b.1)));
     Ok(latest)
 }
 
@@ -459,12 +519,12 @@ fn checkpoint_sql(first: usize, rows: usize) -> String {
 
 fn bind_checkpoints<'q>(
     mut q: AnyQuery<'q>,
-    rows: &'q [(&'q str, String, String)],
+    rows: &'q [(&'q Fence, String, String)],
     now: i64,
 ) -> AnyQuery<'q> {
-    for (number, chat, json) in rows {
+    for (fence, chat, json) in rows {
         q = q
-            .bind(*number)
+            .bind(fence.number.as_str())
             .bind(chat.as_str())
             .bind(json.as_str())
             .bind(now);
