@@ -16,7 +16,9 @@ use switchboard::store::{
 };
 use switchboard_actors::dead_letter::DeadLetterReason;
 use switchboard_actors::responder::ChatContext;
-use switchboard_actors::store::{Completion, Coordinator, Fence, Recorded, Store, StoreError};
+use switchboard_actors::store::{
+    Completion, Coordinator, Fence, FencingToken, Recorded, Store, StoreError,
+};
 use switchboard_actors::transport::{Credentials, InboundMessage, MessageId, OutboundText};
 use switchboard_actors::{Jid, PhoneNumber};
 
@@ -367,6 +369,33 @@ async fn lower_fencing_tokens_are_refused_in_the_same_transaction(db: &TestDb) {
     // The current owner writes; a token handed out later by another coordinator (higher) too.
     store.save_session(&new, &creds).await.unwrap();
     assert_eq!(store.load_session(&phone(N1)).await.unwrap(), Some(creds));
+
+    // A batch raises the fence for a higher token (a new owner's first write) and commits the
+    // writes of other numbers beside it; the former owner is refused afterwards.
+    let higher = Fence {
+        number: phone(N1),
+        token: FencingToken::new(new.token.get() + 10).unwrap(),
+    };
+    store
+        .commit_batch(vec![
+            HotWrite::Inbound(other.clone(), msg("+4915100001", "D2", "beside it")),
+            HotWrite::Inbound(higher.clone(), msg("+4915100001", "D3", "the new owner")),
+        ])
+        .await
+        .unwrap();
+    assert_eq!(
+        store.highest_token(&phone(N1)).await.unwrap(),
+        Some(higher.token.get())
+    );
+    assert_eq!(store.unprocessed(&phone(N1)).await.unwrap().len(), 1);
+    assert_eq!(store.unprocessed(&phone(N2)).await.unwrap().len(), 2);
+    let refused = store
+        .record_inbound(&new, &msg("+4915100001", "D4", "too late"))
+        .await;
+    assert!(
+        matches!(refused, Err(StoreError::Fenced { .. })),
+        "{refused:?}"
+    );
 }
 
 async fn sessions_are_encrypted_at_rest(db: &TestDb) {

@@ -244,6 +244,10 @@ struct Outcome {
     queued: HashSet<(String, String)>,
     /// Outbox rows newly marked sent.
     marked: HashSet<(String, String)>,
+    /// Writes (by number and token) that failed after other writes of the batch had committed.
+    failed: HashMap<(String, u64), StoreError>,
+    /// Why inbound writes that were already there could not be looked up, if they could not.
+    lookup_failed: Option<StoreError>,
 }
 
 impl Parts {
@@ -286,9 +290,17 @@ impl Parts {
     }
 
     fn answer(self, mut out: Outcome, highest: &HashMap<String, u64>) {
-        let fenced = |fence: &Fence| check_fence(fence, highest).err();
+        let refused = |fence: &Fence| {
+            if !out.failed.is_empty() {
+                let key = (fence.number.to_string(), fence.token.get());
+                if let Some(e) = out.failed.get(&key) {
+                    return Some(e.clone());
+                }
+            }
+            check_fence(fence, highest).err()
+        };
         for (fence, msg, reply) in self.inbound {
-            if let Some(e) = fenced(&fence) {
+            if let Some(e) = refused(&fence) {
                 let _ = reply.send(Err(e));
                 continue;
             }
@@ -299,16 +311,20 @@ impl Parts {
             let key = inbound_key(&fence, &msg);
             // The same message twice in one batch: the first write is the new one.
             let recorded = if out.new_inbound.remove(&key) {
-                Recorded::New
+                Ok(Recorded::New)
+            } else if let Some(processed) = out.duplicates.get(&key) {
+                Ok(Recorded::Duplicate {
+                    processed: *processed,
+                })
+            } else if let Some(e) = &out.lookup_failed {
+                Err(e.clone())
             } else {
-                Recorded::Duplicate {
-                    processed: out.duplicates.get(&key).copied().unwrap_or(false),
-                }
+                Ok(Recorded::Duplicate { processed: false })
             };
-            let _ = reply.send(Ok(recorded));
+            let _ = reply.send(recorded);
         }
         for (fence, done, reply) in self.complete {
-            if let Some(e) = fenced(&fence) {
+            if let Some(e) = refused(&fence) {
                 let _ = reply.send(Err(e));
                 continue;
             }
@@ -322,7 +338,7 @@ impl Parts {
             let _ = reply.send(Ok(queued));
         }
         for (fence, id, reply) in self.sent {
-            if let Some(e) = fenced(&fence) {
+            if let Some(e) = refused(&fence) {
                 let _ = reply.send(Err(e));
                 continue;
             }

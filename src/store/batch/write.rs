@@ -14,10 +14,10 @@ use sqlx::{Any, AnyConnection, AnyPool, Row, Transaction};
 use switchboard_actors::store::{Fence, StoreError};
 use switchboard_actors::transport::{MessageId, OutboundText};
 
-use super::{CompletePart, InboundPart, Outcome, Parts, SentPart, inbound_key};
+use super::{CompletePart, InboundPart, Outcome, Parts, RETRIES, SentPart, inbound_key};
 use crate::store::{
-    AnyQuery, Dialect, bind_inbound_row, check_fence, db, lock_fences, now_ms, preview, to_i64,
-    values_from,
+    AnyQuery, Dialect, RETRY_MARK, bind_inbound_row, check_fence, db, lock_fences, now_ms, preview,
+    to_i64, values_from,
 };
 
 /// Rows of each kind per statement, well under both dialects' bind-parameter limits
@@ -66,6 +66,9 @@ pub(super) async fn sqlite(
 /// rows `FOR SHARE` and writes each part whose token equals the stored one. Parts whose token is
 /// above the stored one (a new owner's first writes) are then written in a transaction that
 /// raises their fences first. Returns what was written and the highest token per number.
+///
+/// Only the first statement's failure fails the batch (nothing is committed then, so the batch
+/// may be tried again whole). After it, failures are answered to the writes they concern.
 pub(super) async fn postgres(
     pool: &AnyPool,
     parts: &Parts,
@@ -86,28 +89,64 @@ pub(super) async fn postgres(
     };
     let raise = Selection::new(parts, unraised);
     if !raise.is_empty() {
-        let mut tx = pool.begin().await.map_err(db)?;
-        highest.extend(lock_fences(&mut tx, Dialect::Postgres, &raise.tokens()).await?);
-        for row in raise
-            .statement(now)?
-            .fetch_all(&mut *tx)
-            .await
-            .map_err(db)?
-        {
-            if let Some((number, token)) = out.record(&row)? {
-                highest.insert(number, token);
+        match raise_and_write(pool, &raise, now).await {
+            Ok((raised, rows)) => {
+                highest.extend(raised);
+                for row in rows {
+                    if let Some((number, token)) = out.record(&row)? {
+                        highest.insert(number, token);
+                    }
+                }
+            }
+            Err(e) => {
+                for fence in raise.fences() {
+                    let key = (fence.number.to_string(), fence.token.get());
+                    out.failed.insert(key, e.clone());
+                }
             }
         }
-        tx.commit().await.map_err(db)?;
     }
     let written = |fence: &Fence| highest.get(fence.number.as_str()) == Some(&fence.token.get());
     let inbound: Vec<&InboundPart> = parts.inbound.iter().filter(|p| written(&p.0)).collect();
     out.all_new = out.new_inbound.len() == inbound.len();
     if !out.all_new {
-        let mut conn = pool.acquire().await.map_err(db)?;
-        duplicates(&mut conn, &inbound, &mut out).await?;
+        let looked_up = match pool.acquire().await.map_err(db) {
+            Ok(mut conn) => duplicates(&mut conn, &inbound, &mut out).await,
+            Err(e) => Err(e),
+        };
+        out.lookup_failed = looked_up.err();
     }
     Ok((out, highest))
+}
+
+/// Raises the fences of `raise` and writes it, in one transaction (tried again when it loses a
+/// deadlock); returns the highest tokens and the statement's rows.
+async fn raise_and_write(
+    pool: &AnyPool,
+    raise: &Selection<'_>,
+    now: i64,
+) -> Result<(HashMap<String, u64>, Vec<AnyRow>), StoreError> {
+    let mut attempt = 0;
+    loop {
+        let result = async {
+            let mut tx = pool.begin().await.map_err(db)?;
+            let highest = lock_fences(&mut tx, Dialect::Postgres, &raise.tokens()).await?;
+            let rows = raise
+                .statement(now)?
+                .fetch_all(&mut *tx)
+                .await
+                .map_err(db)?;
+            tx.commit().await.map_err(db)?;
+            Ok((highest, rows))
+        }
+        .await;
+        match result {
+            Err(StoreError::Unavailable(e)) if e.starts_with(RETRY_MARK) && attempt < RETRIES => {
+                attempt += 1;
+            }
+            other => return other,
+        }
+    }
 }
 
 fn slice<T>(all: &[T], k: usize, size: usize) -> &[T] {
