@@ -8,8 +8,9 @@
 //! fence rows `FOR SHARE` and the numbers `FOR KEY SHARE` (concurrent batches share them; taking
 //! ownership or removing the number waits for them); a fenced write (or one for a number that
 //! is not registered) fails alone and the rest of the batch commits. A batch that loses a deadlock
-//! or serialization race is rolled back and tried again whole: every write in it is idempotent.
-//! The statements are in `write`.
+//! or serialization race is rolled back and tried again whole: every write in it is idempotent
+//! (PostgreSQL: until its first statement has committed; after that, failures are answered to the
+//! writes they concern). The statements are in `write`.
 
 mod write;
 
