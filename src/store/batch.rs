@@ -24,7 +24,7 @@ use switchboard_actors::transport::{InboundMessage, MessageId};
 use tokio::sync::{Semaphore, mpsc, oneshot};
 use tokio::time::Instant;
 
-use super::{Dialect, RETRY_MARK, check_fence, db, lock_fences};
+use super::{Dialect, RETRY_MARK, check_fence};
 
 /// Times a batch that lost a deadlock is tried again before its writes fail.
 const RETRIES: u32 = 3;
@@ -204,14 +204,10 @@ async fn attempt_once(
     dialect: Dialect,
     parts: &Parts,
 ) -> Result<(Outcome, HashMap<String, u64>), StoreError> {
-    if dialect == Dialect::Postgres {
-        return write::postgres(pool, parts).await;
+    match dialect {
+        Dialect::Postgres => write::postgres(pool, parts).await,
+        Dialect::Sqlite => write::sqlite(pool, parts).await,
     }
-    let mut tx = pool.begin().await.map_err(db)?;
-    let highest = lock_fences(&mut tx, dialect, &parts.tokens()).await?;
-    let outcome = write::sqlite(&mut tx, parts, &highest).await?;
-    tx.commit().await.map_err(db)?;
-    Ok((outcome, highest))
 }
 
 /// An inbound row's key: number, chat, sender, message id.
@@ -261,13 +257,6 @@ impl Parts {
             .sort_by(|(fa, a, _), (fb, b, _)| (&fa.number, &a.chat).cmp(&(&fb.number, &b.chat)));
         self.sent
             .sort_by(|a, b| (&a.0.number, &a.1).cmp(&(&b.0.number, &b.1)));
-    }
-
-    fn tokens(&self) -> Vec<(&str, u64)> {
-        let fences = self.inbound.iter().map(|p| &p.0);
-        let fences = fences.chain(self.complete.iter().map(|p| &p.0));
-        let fences = fences.chain(self.sent.iter().map(|p| &p.0));
-        fences.map(|f| (f.number.as_str(), f.token.get())).collect()
     }
 
     fn push(&mut self, op: Op) {

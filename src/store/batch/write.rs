@@ -26,40 +26,41 @@ const INBOUND_ROWS: usize = 256;
 const COMPLETIONS: usize = 128;
 const SENT_ROWS: usize = 256;
 
-/// SQLite: writes every part whose fence holds, inside the caller's transaction (which has
-/// locked the fences: `highest`), one statement per kind and chunk.
+/// SQLite: one transaction that raises and checks the fences, then writes every part whose
+/// fence holds, one statement per kind and chunk. Returns what was written and the highest
+/// token per number.
 pub(super) async fn sqlite(
-    tx: &mut Transaction<'static, Any>,
+    pool: &AnyPool,
     parts: &Parts,
-    highest: &HashMap<String, u64>,
-) -> Result<Outcome, StoreError> {
+) -> Result<(Outcome, HashMap<String, u64>), StoreError> {
+    let mut tx = pool.begin().await.map_err(db)?;
+    let all = Selection::new(parts, |_| true);
+    let highest = lock_fences(&mut tx, Dialect::Sqlite, &all.tokens()).await?;
     let mut out = Outcome::default();
     let now = now_ms();
-    let ok = |fence: &Fence| check_fence(fence, highest).is_ok();
-    let inbound: Vec<&InboundPart> = parts.inbound.iter().filter(|p| ok(&p.0)).collect();
-    let complete: Vec<&CompletePart> = parts.complete.iter().filter(|p| ok(&p.0)).collect();
-    let sent: Vec<&SentPart> = parts.sent.iter().filter(|p| ok(&p.0)).collect();
+    let ok = Selection::new(parts, |fence| check_fence(fence, &highest).is_ok());
     let chunks = [
-        inbound.len().div_ceil(INBOUND_ROWS),
-        complete.len().div_ceil(COMPLETIONS),
-        sent.len().div_ceil(SENT_ROWS),
+        ok.inbound.len().div_ceil(INBOUND_ROWS),
+        ok.complete.len().div_ceil(COMPLETIONS),
+        ok.sent.len().div_ceil(SENT_ROWS),
     ];
     for k in 0..chunks.into_iter().max().unwrap_or(0) {
         let chunk = Chunk {
-            inbound: slice(&inbound, k, INBOUND_ROWS),
-            complete: slice(&complete, k, COMPLETIONS),
-            sent: slice(&sent, k, SENT_ROWS),
+            inbound: slice(&ok.inbound, k, INBOUND_ROWS),
+            complete: slice(&ok.complete, k, COMPLETIONS),
+            sent: slice(&ok.sent, k, SENT_ROWS),
             now,
         };
-        for row in chunk.sqlite(tx).await? {
+        for row in chunk.sqlite(&mut tx).await? {
             out.record(&row)?;
         }
     }
-    out.all_new = out.new_inbound.len() == inbound.len();
+    out.all_new = out.new_inbound.len() == ok.inbound.len();
     if !out.all_new {
-        duplicates(tx, &inbound, &mut out).await?;
+        duplicates(&mut tx, &ok.inbound, &mut out).await?;
     }
-    Ok(out)
+    tx.commit().await.map_err(db)?;
+    Ok((out, highest))
 }
 
 /// PostgreSQL: the whole batch as one statement on its own (autocommit), which locks the fence
