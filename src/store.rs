@@ -162,7 +162,12 @@ impl SqlStore {
                 HotWrite::Complete(fence, done) => {
                     let (reply, rx) = channel();
                     completed.push(rx);
-                    batch::Op::Complete { fence, done, reply }
+                    batch::Op::Complete {
+                        fence,
+                        done,
+                        unlogged: None,
+                        reply,
+                    }
                 }
                 HotWrite::Sent(fence, id) => {
                     let (reply, rx) = channel();

@@ -152,6 +152,7 @@ conformance!(
     direct_batches_write_like_the_batcher_and_a_closed_store_refuses,
     large_batches_write_the_same_rows_as_small_ones,
     writes_for_a_removed_number_fail_alone,
+    unlogged_messages_are_recorded_with_their_completion_once,
 );
 
 // ---- the suite --------------------------------------------------------------------------
@@ -896,4 +897,97 @@ async fn writes_for_a_removed_number_fail_alone(db: &TestDb) {
         .record_inbound(&gone, &msg("+4915100001", "G6", "stale"))
         .await;
     assert!(matches!(stale, Err(StoreError::Fenced { .. })), "{stale:?}");
+}
+
+async fn unlogged_messages_are_recorded_with_their_completion_once(db: &TestDb) {
+    let store = seeded(db).await;
+    tenant(&store, "t2", true).await;
+    add(&store, "+15550003", "t2").await;
+    let fence = own(&store, N1).await;
+    let long: String = "abcdefghij".repeat(30);
+    let chat = |m: &InboundMessage| m.chat.clone();
+
+    // New: recorded processed (preview only), reply queued and checkpoint saved, in one write;
+    // several in one batch.
+    let fresh: Vec<InboundMessage> = (0..3)
+        .map(|i| msg(&format!("+491510002{i}"), &format!("U{i}"), &long))
+        .collect();
+    let writes = fresh.iter().enumerate().map(|(i, m)| {
+        let turns = u64::try_from(i).unwrap() + 1;
+        store.record_completed(&fence, m, completion(&fence, m, Some("hi"), turns))
+    });
+    let answers = futures_util::future::join_all(writes).await;
+    for (m, answer) in fresh.iter().zip(answers) {
+        let reply = MessageId::derived(&fence.number, &m.chat, &m.id, 0);
+        assert_eq!(answer, Ok(Some(vec![reply])));
+        let (body, preview, status) = raw_inbound(&store, m.id.as_str()).await;
+        assert_eq!((body, status.as_str()), (None, "processed"));
+        assert_eq!(preview, long[..PREVIEW_CHARS]);
+    }
+    assert!(store.unprocessed(&phone(N1)).await.unwrap().is_empty());
+    assert_eq!(store.unsent(&phone(N1)).await.unwrap().len(), 3);
+    let saved = store.checkpoint(&phone(N1), &chat(&fresh[2])).await;
+    assert_eq!(saved, Ok(Some(ChatContext { turns: 3 })));
+
+    // Processed already (a redelivery): nothing is written, the answer says so.
+    let again = completion(&fence, &fresh[2], Some("hi"), 9);
+    assert_eq!(
+        store.record_completed(&fence, &fresh[2], again).await,
+        Ok(None)
+    );
+    let saved = store.checkpoint(&phone(N1), &chat(&fresh[2])).await;
+    assert_eq!(saved, Ok(Some(ChatContext { turns: 3 })), "not overwritten");
+    assert_eq!(
+        store.record_inbound(&fence, &fresh[2]).await,
+        Ok(Recorded::Duplicate { processed: true })
+    );
+
+    // Pending in the log (recorded by an earlier owner): completed like `complete`.
+    let pending = msg("+4915100030", "U9", "hello");
+    store.record_inbound(&fence, &pending).await.unwrap();
+    let fence = own(&store, N1).await;
+    let done = completion(&fence, &pending, Some("hi"), 1);
+    let reply = done.replies[0].id.clone();
+    assert_eq!(
+        store.record_completed(&fence, &pending, done).await,
+        Ok(Some(vec![reply]))
+    );
+    assert!(store.unprocessed(&phone(N1)).await.unwrap().is_empty());
+    let saved = store.checkpoint(&phone(N1), &chat(&pending)).await;
+    assert_eq!(saved, Ok(Some(ChatContext { turns: 1 })));
+
+    // Dead-lettered: left as it is.
+    let dead = msg("+4915100031", "U10", "hello");
+    let reason = DeadLetterReason::RestartBudgetSpent {
+        last_error: "boom".into(),
+    };
+    store.dead_letter(&fence, &dead, &reason).await.unwrap();
+    let done = completion(&fence, &dead, Some("hi"), 1);
+    assert_eq!(store.record_completed(&fence, &dead, done).await, Ok(None));
+    assert_eq!(raw_inbound(&store, "U10").await.2, "dead");
+
+    // A tenant that keeps transcripts keeps the whole text.
+    let fence3 = own(&store, "+15550003").await;
+    let m = msg("+4915100001", "U11", &long);
+    let done = completion(&fence3, &m, None, 1);
+    assert_eq!(
+        store.record_completed(&fence3, &m, done).await,
+        Ok(Some(vec![]))
+    );
+    assert_eq!(raw_inbound(&store, "U11").await.0, Some(long.clone()));
+
+    // An older owner is refused and writes nothing.
+    let newer = own(&store, N1).await;
+    store
+        .save_session(&newer, &Credentials("c".into()))
+        .await
+        .unwrap();
+    let m = msg("+4915100032", "U12", "hello");
+    let done = completion(&fence, &m, Some("hi"), 1);
+    let refused = store.record_completed(&fence, &m, done).await;
+    assert!(
+        matches!(refused, Err(StoreError::Fenced { .. })),
+        "{refused:?}"
+    );
+    assert_eq!(store.record_inbound(&newer, &m).await, Ok(Recorded::New));
 }

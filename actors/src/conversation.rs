@@ -3,7 +3,10 @@
 //! It asks the [`Responder`](crate::responder::Responder) for each message and commits the
 //! outcome in one store transaction ([`Store::complete`](crate::store::Store::complete)): the
 //! message's processed mark, its reply as an outbox row with an id derived from the inbound id
-//! and step, and the chat's checkpoint. Then it hands the reply to the number's pacer and reports
+//! and step, and the chat's checkpoint. A message delivered before it was recorded is committed
+//! to the inbound log in that same write
+//! ([`Store::record_completed`](crate::store::Store::record_completed)), or recorded first if it
+//! needs an AI job; if the log shows it processed already, its outcome is discarded. Then it hands the reply to the number's pacer and reports
 //! the message processed to its supervisor, which acknowledges it to the network. Replies that
 //! need a model run in an AI job actor; the message is completed when the job's answer (or the
 //! fallback) is ready. A crash loses nothing: the supervisor redelivers every unprocessed
@@ -22,7 +25,7 @@ use crate::deps::Deps;
 use crate::ids::Jid;
 use crate::pacer::PacerHandle;
 use crate::responder::{AiError, ChatContext, Reply};
-use crate::store::{Completion, Fence};
+use crate::store::{Completion, Fence, Recorded, StoreError};
 use crate::telemetry::Mailbox;
 use crate::transport::{InboundMessage, MessageId, OutboundText};
 
@@ -32,7 +35,12 @@ pub struct ConversationActor;
 /// Messages of a conversation.
 pub enum ConversationMsg {
     /// Handle this inbound message.
-    Deliver(InboundMessage),
+    Deliver {
+        /// The message.
+        msg: InboundMessage,
+        /// Whether it is in the inbound log already.
+        logged: bool,
+    },
     /// An AI job finished.
     AiDone {
         /// The inbound message it answers.
@@ -68,6 +76,15 @@ pub struct ConversationState {
     last_activity: Instant,
     /// AI jobs running, by job actor, with the message each answers and its fallback.
     jobs: HashMap<ActorId, (InboundMessage, String)>,
+}
+
+/// Where a message being answered stands in the inbound log.
+enum Intake {
+    /// Recorded before it was delivered.
+    Logged,
+    /// Not recorded yet: it is recorded with its outcome. `before` is the chat's state to go
+    /// back to if the log shows it processed already (a redelivery).
+    Unlogged { before: ChatContext },
 }
 
 impl Actor for ConversationActor {
@@ -112,7 +129,7 @@ impl Actor for ConversationActor {
     ) -> Result<(), ActorProcessingErr> {
         state.args.mailbox.dequeued();
         match message {
-            ConversationMsg::Deliver(msg) => deliver(&myself, state, msg).await,
+            ConversationMsg::Deliver { msg, logged } => deliver(&myself, state, msg, logged).await,
             ConversationMsg::AiDone { inbound, result } => ai_done(state, &inbound, result).await,
             ConversationMsg::IdleCheck => {
                 idle_check(&myself, state);
@@ -134,7 +151,7 @@ impl Actor for ConversationActor {
             tracing::warn!(error = %err, "AI job crashed");
             if let Some((msg, fallback)) = state.jobs.remove(&cell.get_id()) {
                 metrics::counter!(crate::telemetry::AI_JOBS, "outcome" => "crashed").increment(1);
-                answer(state, &msg, Some(fallback)).await?;
+                answer(state, &msg, Some(fallback), Intake::Logged).await?;
             }
         }
         Ok(())
@@ -145,16 +162,38 @@ async fn deliver(
     myself: &ActorRef<ConversationMsg>,
     state: &mut ConversationState,
     msg: InboundMessage,
+    logged: bool,
 ) -> Result<(), ActorProcessingErr> {
     state.last_activity = Instant::now();
+    let intake = if logged {
+        Intake::Logged
+    } else {
+        Intake::Unlogged {
+            before: state.ctx.clone(),
+        }
+    };
     state.ctx.turns += 1;
     match state.args.deps.responder.respond(&state.ctx, &msg) {
-        Reply::Text(text) => answer(state, &msg, Some(text)).await?,
-        Reply::Nothing => answer(state, &msg, None).await?,
+        Reply::Text(text) => answer(state, &msg, Some(text), intake).await?,
+        Reply::Nothing => answer(state, &msg, None, intake).await?,
         Reply::Ai { prompt, fallback } => {
             let Some(reply_to) = state.myself.clone() else {
                 return Err("conversation used before post_start".into());
             };
+            if let Intake::Unlogged { before } = intake {
+                // A job takes a while: the message is recorded before it waits on one.
+                let a = &state.args;
+                let recorded = a.deps.store.record_inbound(&a.fence, &msg).await;
+                match unless_fenced(state, recorded)? {
+                    None => return Ok(()),
+                    Some(Recorded::Duplicate { processed: true }) => {
+                        state.ctx = before;
+                        processed(state, &msg);
+                        return Ok(());
+                    }
+                    Some(_) => {}
+                }
+            }
             let args = AiJobArgs {
                 inbound: msg.id.clone(),
                 prompt,
@@ -187,7 +226,7 @@ async fn ai_done(
             tracing::warn!(error = %e, "AI job failed; answering with the fallback");
             fallback
         });
-        answer(state, &msg, Some(text)).await?;
+        answer(state, &msg, Some(text), Intake::Logged).await?;
     }
     Ok(())
 }
@@ -199,6 +238,7 @@ async fn answer(
     state: &mut ConversationState,
     msg: &InboundMessage,
     text: Option<String>,
+    intake: Intake,
 ) -> Result<(), ActorProcessingErr> {
     let a = &state.args;
     let replies: Vec<OutboundText> = text
@@ -217,17 +257,55 @@ async fn answer(
         replies: replies.clone(),
         checkpoint: state.ctx.clone(),
     };
-    let queued = a.deps.store.complete(&a.fence, done).await?;
+    let written = match &intake {
+        Intake::Logged => a.deps.store.complete(&a.fence, done).await.map(Some),
+        Intake::Unlogged { .. } => a.deps.store.record_completed(&a.fence, msg, done).await,
+    };
+    let Some(written) = unless_fenced(state, written)? else {
+        return Ok(());
+    };
+    let queued = match (written, intake) {
+        (Some(queued), _) => queued,
+        // Processed before (a redelivery): this outcome is discarded.
+        (None, Intake::Unlogged { before }) => {
+            state.ctx = before;
+            Vec::new()
+        }
+        (None, Intake::Logged) => Vec::new(),
+    };
     for reply in replies {
         if queued.contains(&reply.id) {
-            a.pacer.enqueue(reply);
+            state.args.pacer.enqueue(reply);
         }
     }
+    processed(state, msg);
+    Ok(())
+}
+
+/// A write's result, with a fenced refusal taken out: the number is told to stop (through the
+/// supervisor) and `None` returned, leaving the message unacknowledged for the new owner. Other
+/// errors crash the conversation.
+fn unless_fenced<T>(
+    state: &ConversationState,
+    result: Result<T, StoreError>,
+) -> Result<Option<T>, ActorProcessingErr> {
+    match result {
+        Ok(value) => Ok(Some(value)),
+        Err(e @ StoreError::Fenced { .. }) => {
+            let _ = state.args.parent.cast(ConversationsMsg::Fenced(e));
+            Ok(None)
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Reports `msg` processed to the supervisor, which acknowledges it.
+fn processed(state: &ConversationState, msg: &InboundMessage) {
+    let a = &state.args;
     let _ = a.parent.cast(ConversationsMsg::Processed {
         chat: a.chat.clone(),
         id: msg.id.clone(),
     });
-    Ok(())
 }
 
 fn idle_check(myself: &ActorRef<ConversationMsg>, state: &ConversationState) {

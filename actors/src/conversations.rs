@@ -1,13 +1,16 @@
 //! The conversation supervisor: one per number, one child per chat.
 //!
-//! It is the number's intake. Every inbound message is committed to the store's inbound log
-//! (deduplicated) before its conversation sees it, and stays in its chat's `pending` queue until
-//! the conversation reports it processed; only then is it acknowledged to the network. A chat's
-//! messages reach its conversation in arrival order: only the committed prefix of the queue is
+//! It is the number's intake. An inbound message stays in its chat's `pending` queue until the
+//! conversation reports it processed; only then is it acknowledged to the network. One that
+//! arrives with nothing ahead of it in its chat is handed to the conversation at once, which
+//! records it in the store's inbound log together with its outcome (one commit on the way to
+//! the reply); every other one is committed to the log (deduplicated) before its conversation
+//! sees it, so nothing waits unrecorded. A chat's messages reach its conversation in arrival
+//! order: only the prefix of the queue that is committed (or was delivered unrecorded) is
 //! delivered. So when a conversation panics (and ractor drops its queued messages), nothing is
 //! lost: the supervisor restarts the child under its own [`RestartTracker`] and redelivers the
-//! pending messages in order; and when the whole node dies, the log still holds them and the
-//! supervisor reloads them on start. When the child's budget is spent, the chat is parked
+//! pending messages in order; and when the whole node dies, the log holds what was waiting and
+//! the supervisor reloads it on start, and the network redelivers what was not acknowledged. When the child's budget is spent, the chat is parked
 //! `failed` for a cooldown and its pending messages are dead-lettered with the reason — never
 //! silently dropped. Siblings and the number are untouched.
 
@@ -57,6 +60,8 @@ pub enum ConversationsMsg {
     },
     /// A backoff delay ended: start the chat's conversation again.
     Respawn(Jid),
+    /// A conversation's write was refused as fenced: the number must stop.
+    Fenced(StoreError),
     /// Report every chat's state.
     Status(RpcReplyPort<Vec<ChatStatus>>),
 }
@@ -113,6 +118,9 @@ struct Entry {
     msg: InboundMessage,
     /// In the inbound log.
     committed: bool,
+    /// Arrived with nothing ahead of it: delivered without being recorded first (the
+    /// conversation records it with its outcome).
+    unlogged: bool,
     /// Handed to the running conversation actor.
     delivered: bool,
 }
@@ -173,6 +181,7 @@ impl Actor for ConversationsActor {
             chat_of(state, &jid).pending.push_back(Entry {
                 msg,
                 committed: true,
+                unlogged: false,
                 delivered: false,
             });
         }
@@ -206,6 +215,9 @@ impl Actor for ConversationsActor {
                 committed(state, &chat, &id, result);
             }
             ConversationsMsg::Processed { chat, id } => done(state, &chat, &id),
+            ConversationsMsg::Fenced(e) => {
+                let _ = state.args.number.cast(NumberMsg::Fenced(e));
+            }
             ConversationsMsg::Respawn(chat) => {
                 let due = state
                     .chats
@@ -275,15 +287,22 @@ async fn inbound(state: &mut ConversationsState, msg: InboundMessage) {
         chat.tracker.reset(Instant::now());
         chat.phase = ChatPhase::Idle;
     }
+    // Nothing ahead of it and a conversation running or free to start: it is processed now.
+    let unlogged =
+        chat.pending.is_empty() && matches!(chat.phase, ChatPhase::Running | ChatPhase::Idle);
     chat.pending.push_back(Entry {
         msg: msg.clone(),
         committed: false,
+        unlogged,
         delivered: false,
     });
-    let idle = chat.phase == ChatPhase::Idle;
-    record(state, msg.clone());
-    if idle {
-        start(state, &msg.chat).await;
+    match chat.phase {
+        ChatPhase::Idle => start(state, &msg.chat).await,
+        _ if unlogged => deliver_ready(chat),
+        _ => {}
+    }
+    if !unlogged {
+        record(state, msg);
     }
 }
 
@@ -340,18 +359,21 @@ fn committed(
     }
 }
 
-/// Hands the running conversation the committed prefix of the queue it has not seen yet.
+/// Hands the running conversation the deliverable prefix of the queue it has not seen yet.
 fn deliver_ready(chat: &mut Chat) {
     let (ChatPhase::Running, Some(actor)) = (&chat.phase, &chat.actor) else {
         return;
     };
     for entry in chat.pending.iter_mut() {
-        if !entry.committed {
+        if !entry.committed && !entry.unlogged {
             break;
         }
         if !entry.delivered {
             entry.delivered = true;
-            let _ = actor.cast(ConversationMsg::Deliver(entry.msg.clone()));
+            let _ = actor.cast(ConversationMsg::Deliver {
+                msg: entry.msg.clone(),
+                logged: entry.committed,
+            });
         }
     }
 }
@@ -435,11 +457,24 @@ async fn child_exited(state: &mut ConversationsState, id: ActorId, exit: Exit) {
         // Stopped (idle) just as a message arrived: start it again at once.
         Decision::Done => start(state, &jid).await,
         Decision::Restart { delay, attempt } => {
+            // What was delivered unrecorded waits for the restart now: record it.
+            let waiting: Vec<InboundMessage> = chat
+                .pending
+                .iter_mut()
+                .filter(|e| e.unlogged)
+                .map(|e| {
+                    e.unlogged = false;
+                    e.msg.clone()
+                })
+                .collect();
             chat.restarts += 1;
             FleetCounters::bump(&state.args.deps.counters.restarts);
             metrics::counter!(RESTARTS, "kind" => ActorKind::Conversation.as_str()).increment(1);
             tracing::info!(chat = %jid, attempt, ?delay, ?exit, "restarting conversation");
             chat.phase = ChatPhase::Restarting;
+            for msg in waiting {
+                record(state, msg);
+            }
             if delay.is_zero() {
                 start(state, &jid).await;
             } else {

@@ -7,6 +7,12 @@
 //! 2. The conversation processes it and [`Store::complete`] commits, in one transaction, the
 //!    message's processed mark, its replies as outbox rows with deterministic ids, and the chat's
 //!    checkpoint. After any crash, [`Store::unprocessed`] is what is left to do.
+//!
+//!    A message that can be processed the moment it arrives (nothing ahead of it in its chat)
+//!    skips step 1: [`Store::record_completed`] commits it to the log already processed, with its
+//!    effects, in one write. It is acknowledged to the network only after that commit, so a crash
+//!    before it loses nothing (the network redelivers what was not acknowledged); what has to
+//!    wait is always recorded first.
 //! 3. The pacer sends what [`Store::unsent`] holds and [`Store::mark_sent`] records the server's
 //!    ack (or the message's own echo, redelivered after a crash).
 //!
@@ -133,6 +139,19 @@ pub trait Store: Send + Sync + 'static {
     /// queued again).
     fn complete(&self, fence: &Fence, done: Completion) -> Pending<Vec<MessageId>>;
 
+    /// Like [`Store::complete`], for a message processed straight from the network, before it
+    /// was recorded: commits `msg` to the inbound log already processed, with the completion's
+    /// effects, in one write. If the log has it already, a pending row is completed as by
+    /// [`Store::complete`]; a processed (or dead-lettered) one is left as it is and nothing is
+    /// written: then it resolves to `None` (a redelivery of a message processed before, whose
+    /// outcome must be discarded).
+    fn record_completed(
+        &self,
+        fence: &Fence,
+        msg: &InboundMessage,
+        done: Completion,
+    ) -> Pending<Option<Vec<MessageId>>>;
+
     /// Records that the network has `id`; resolves to whether it is one of our outbox rows.
     fn mark_sent(&self, fence: &Fence, id: &MessageId) -> Pending<bool>;
 
@@ -222,6 +241,31 @@ impl MemState {
         *highest = fence.token.get();
         Ok(())
     }
+
+    /// Adds `msg` to the inbound log unless it is there.
+    fn log(&mut self, fence: &Fence, msg: &InboundMessage) -> Recorded {
+        let key = (
+            fence.number.clone(),
+            msg.chat.clone(),
+            msg.sender.clone(),
+            msg.id.clone(),
+        );
+        if self.inbound_keys.insert(key) {
+            self.inbound
+                .entry(fence.number.clone())
+                .or_default()
+                .push(MemInbound {
+                    msg: msg.clone(),
+                    done: false,
+                });
+            return Recorded::New;
+        }
+        let processed = self.inbound.get(&fence.number).is_some_and(|rows| {
+            rows.iter()
+                .any(|r| r.done && r.msg.id == msg.id && r.msg.chat == msg.chat)
+        });
+        Recorded::Duplicate { processed }
+    }
 }
 
 /// A store in memory with the same semantics as the SQL stores: for actor tests and for runs
@@ -261,29 +305,7 @@ fn ready<T: Send + 'static>(r: Result<T, StoreError>) -> Pending<T> {
 #[async_trait]
 impl Store for MemoryStore {
     fn record_inbound(&self, fence: &Fence, msg: &InboundMessage) -> Pending<Recorded> {
-        ready(self.with(fence, |st| {
-            let key = (
-                fence.number.clone(),
-                msg.chat.clone(),
-                msg.sender.clone(),
-                msg.id.clone(),
-            );
-            if st.inbound_keys.insert(key) {
-                st.inbound
-                    .entry(fence.number.clone())
-                    .or_default()
-                    .push(MemInbound {
-                        msg: msg.clone(),
-                        done: false,
-                    });
-                return Recorded::New;
-            }
-            let processed = st.inbound.get(&fence.number).is_some_and(|rows| {
-                rows.iter()
-                    .any(|r| r.done && r.msg.id == msg.id && r.msg.chat == msg.chat)
-            });
-            Recorded::Duplicate { processed }
-        }))
+        ready(self.with(fence, |st| st.log(fence, msg)))
     }
 
     fn complete(&self, fence: &Fence, done: Completion) -> Pending<Vec<MessageId>> {
@@ -313,6 +335,22 @@ impl Store for MemoryStore {
             }
             queued
         }))
+    }
+
+    fn record_completed(
+        &self,
+        fence: &Fence,
+        msg: &InboundMessage,
+        done: Completion,
+    ) -> Pending<Option<Vec<MessageId>>> {
+        match self.with(fence, |st| st.log(fence, msg)) {
+            Ok(Recorded::Duplicate { processed: true }) => ready(Ok(None)),
+            Ok(_) => {
+                let completed = self.complete(fence, done);
+                Box::pin(async move { completed.await.map(Some) })
+            }
+            Err(e) => ready(Err(e)),
+        }
     }
 
     fn mark_sent(&self, fence: &Fence, id: &MessageId) -> Pending<bool> {

@@ -640,3 +640,42 @@ async fn a_fenced_number_stops_and_is_not_restarted() {
     assert_eq!(h.fleet.counters().numbers(NumberPhase::Fenced), 1);
     assert_eq!(h.fleet.counters().restarts.load(Ordering::Relaxed), 0);
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_redelivery_of_a_processed_message_is_acknowledged_and_not_answered_again() {
+    let n = phone("+15550022");
+    let store = Arc::new(MemoryStore::default());
+    let fence = Fence {
+        number: n.clone(),
+        token: store.acquire(&n).await.unwrap(),
+    };
+    // An earlier node processed Q1 and died before its ack reached the network.
+    let contact = phone("+4915100040");
+    let q1 = dm(&contact, "Q1", "hello");
+    store.record_inbound(&fence, &q1).await.unwrap();
+    let done = Completion {
+        chat: q1.chat.clone(),
+        sender: q1.sender.clone(),
+        inbound: q1.id.clone(),
+        replies: Vec::new(),
+        checkpoint: ChatContext { turns: 1 },
+    };
+    store.complete(&fence, done).await.unwrap();
+
+    let h = start(Arc::default(), store.clone(), &[&n], Duration::ZERO).await;
+    // The chat is idle, so the redelivery goes the unlogged way; the store recognizes it.
+    h.net.latest(&n).inject(q1.clone());
+    eventually("Q1 acknowledged", || {
+        h.net.latest(&n).acked.lock().unwrap().contains(&q1.id)
+    })
+    .await;
+    assert!(h.net.sent(&n).is_empty(), "not answered again");
+    let saved = store.checkpoint(&n, &q1.chat).await.unwrap();
+    assert_eq!(saved, Some(ChatContext { turns: 1 }));
+
+    // The chat's state did not count it twice.
+    h.net.latest(&n).inject(dm(&contact, "Q2", "again"));
+    eventually("Q2 answered", || h.net.sent(&n).len() == 1).await;
+    let saved = store.checkpoint(&n, &q1.chat).await.unwrap();
+    assert_eq!(saved, Some(ChatContext { turns: 2 }));
+}

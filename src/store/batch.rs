@@ -42,11 +42,13 @@ pub enum Op {
         msg: InboundMessage,
         reply: oneshot::Sender<Result<Recorded, StoreError>>,
     },
-    /// Complete a processed message.
+    /// Complete a processed message; `unlogged` is the message itself if it is to be recorded
+    /// with its completion (the answer is `None` if the log had it processed already).
     Complete {
         fence: Fence,
         done: Completion,
-        reply: oneshot::Sender<Result<Vec<MessageId>, StoreError>>,
+        unlogged: Option<Box<InboundMessage>>,
+        reply: oneshot::Sender<Result<Option<Vec<MessageId>>, StoreError>>,
     },
     /// Mark an outbox row sent.
     Sent {
@@ -216,7 +218,12 @@ type InboundKey = (String, String, String, String);
 /// Where a write's answer goes.
 type Reply<T> = oneshot::Sender<Result<T, StoreError>>;
 type InboundPart = (Fence, InboundMessage, Reply<Recorded>);
-type CompletePart = (Fence, Completion, Reply<Vec<MessageId>>);
+type CompletePart = (
+    Fence,
+    Completion,
+    Option<Box<InboundMessage>>,
+    Reply<Option<Vec<MessageId>>>,
+);
 type SentPart = (Fence, MessageId, Reply<bool>);
 
 /// The writes of a batch, by kind.
@@ -237,6 +244,9 @@ struct Outcome {
     all_new: bool,
     /// Inbound keys already there, with whether they were processed.
     duplicates: HashMap<InboundKey, bool>,
+    /// Completions of unlogged messages that were written (the message was not in the log, or
+    /// was pending there).
+    applied: HashSet<InboundKey>,
     /// Outbox rows newly queued: (number, message id).
     queued: HashSet<(String, String)>,
     /// Outbox rows newly marked sent.
@@ -254,7 +264,7 @@ impl Parts {
             (&fa.number, &a.chat, &a.sender, &a.id).cmp(&(&fb.number, &b.chat, &b.sender, &b.id))
         });
         self.complete
-            .sort_by(|(fa, a, _), (fb, b, _)| (&fa.number, &a.chat).cmp(&(&fb.number, &b.chat)));
+            .sort_by(|(fa, a, ..), (fb, b, ..)| (&fa.number, &a.chat).cmp(&(&fb.number, &b.chat)));
         self.sent
             .sort_by(|a, b| (&a.0.number, &a.1).cmp(&(&b.0.number, &b.1)));
     }
@@ -262,7 +272,12 @@ impl Parts {
     fn push(&mut self, op: Op) {
         match op {
             Op::Inbound { fence, msg, reply } => self.inbound.push((fence, msg, reply)),
-            Op::Complete { fence, done, reply } => self.complete.push((fence, done, reply)),
+            Op::Complete {
+                fence,
+                done,
+                unlogged,
+                reply,
+            } => self.complete.push((fence, done, unlogged, reply)),
             Op::Sent { fence, id, reply } => self.sent.push((fence, id, reply)),
         }
     }
@@ -313,9 +328,15 @@ impl Parts {
             };
             let _ = reply.send(recorded);
         }
-        for (fence, done, reply) in self.complete {
+        for (fence, done, unlogged, reply) in self.complete {
             if let Some(e) = refused(&fence) {
                 let _ = reply.send(Err(e));
+                continue;
+            }
+            if let Some(msg) = unlogged
+                && !out.applied.contains(&inbound_key(&fence, &msg))
+            {
+                let _ = reply.send(Ok(None));
                 continue;
             }
             let number = fence.number.as_str();
@@ -325,7 +346,7 @@ impl Parts {
                 .filter(|r| out.queued.contains(&(number.to_owned(), r.id.to_string())))
                 .map(|r| r.id.clone())
                 .collect();
-            let _ = reply.send(Ok(queued));
+            let _ = reply.send(Ok(Some(queued)));
         }
         for (fence, id, reply) in self.sent {
             if let Some(e) = refused(&fence) {

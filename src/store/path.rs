@@ -35,7 +35,28 @@ impl Store for SqlStore {
 
     fn complete(&self, fence: &Fence, done: Completion) -> Pending<Vec<MessageId>> {
         let fence = fence.clone();
-        queued(self, |reply| Op::Complete { fence, done, reply })
+        let completed = queued(self, |reply| Op::Complete {
+            fence,
+            done,
+            unlogged: None,
+            reply,
+        });
+        Box::pin(async move { completed.await.map(Option::unwrap_or_default) })
+    }
+
+    fn record_completed(
+        &self,
+        fence: &Fence,
+        msg: &InboundMessage,
+        done: Completion,
+    ) -> Pending<Option<Vec<MessageId>>> {
+        let (fence, msg) = (fence.clone(), Box::new(msg.clone()));
+        queued(self, |reply| Op::Complete {
+            fence,
+            done,
+            unlogged: Some(msg),
+            reply,
+        })
     }
 
     fn mark_sent(&self, fence: &Fence, id: &MessageId) -> Pending<bool> {

@@ -7,14 +7,16 @@
 //! rows of an earlier, committed batch. SQLite is local and runs the statements one by one in a
 //! transaction.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use sqlx::any::AnyRow;
 use sqlx::{Any, AnyConnection, AnyPool, Row, Transaction};
 use switchboard_actors::store::{Fence, StoreError};
-use switchboard_actors::transport::{MessageId, OutboundText};
+use switchboard_actors::transport::{InboundMessage, MessageId, OutboundText};
 
-use super::{CompletePart, InboundPart, Outcome, Parts, RETRIES, SentPart, inbound_key};
+use super::{
+    CompletePart, InboundKey, InboundPart, Outcome, Parts, RETRIES, SentPart, inbound_key,
+};
 use crate::store::{
     AnyQuery, Dialect, RETRY_MARK, bind_inbound_row, check_fence, db, lock_fences, now_ms, preview,
     to_i64, values_from,
@@ -159,43 +161,58 @@ fn slice<T>(all: &[T], k: usize, size: usize) -> &[T] {
 /// statement is prepared once per connection and its plan is cached, whatever the batch size.
 /// `f` locks the fence rows of the batch's numbers `FOR SHARE` (concurrent batches share them;
 /// taking ownership waits for them) and every row is written only if its token equals the
-/// stored one. The result rows are tagged `f` (a fence: number, token), `i` (new inbound),
-/// `q` (queued reply) and `s` (marked sent).
+/// stored one. Inbound rows marked `done` belong to completions of unlogged messages: they are
+/// inserted processed, and such a completion's effects are written only if its message was
+/// inserted by `ins` or was pending (`done`), which `ok` collects. The result rows are tagged
+/// `f` (a fence: number, token), `i` (new inbound), `p` (an unlogged completion written), `q`
+/// (queued reply) and `s` (marked sent).
 const POSTGRES_BATCH: &str = "WITH \
-    f AS (SELECT fences.number, fences.token FROM fences \
+    f AS (SELECT fences.number, fences.token, t.full_transcripts FROM fences \
         JOIN numbers ON numbers.number = fences.number \
+        JOIN tenants t ON t.id = numbers.tenant_id \
         JOIN json_to_recordset($7::json) AS w(number text) ON w.number = fences.number \
         ORDER BY fences.number FOR SHARE OF fences FOR KEY SHARE OF numbers), \
     ins AS (INSERT INTO inbound (number, chat, sender, message_id, sender_alt, body, preview, \
-            sent_at, received_at) \
-        SELECT x.number, chat, sender, message_id, sender_alt, body, preview, sent_at, $6 \
+            sent_at, received_at, status, processed_at) \
+        SELECT x.number, chat, sender, message_id, sender_alt, \
+            CASE WHEN x.done AND NOT f.full_transcripts THEN NULL ELSE body END, preview, \
+            sent_at, $6, CASE WHEN x.done THEN 'processed' ELSE 'pending' END, \
+            CASE WHEN x.done THEN $6 END \
         FROM json_to_recordset($1::json) AS x(number text, token bigint, chat text, \
             sender text, message_id text, sender_alt text, body text, preview text, \
-            sent_at bigint) \
+            sent_at bigint, done boolean) \
         JOIN f ON f.number = x.number AND f.token = x.token \
         ON CONFLICT (number, chat, sender, message_id) DO NOTHING \
-        RETURNING number, chat, sender, message_id), \
+        RETURNING number, chat, sender, message_id, status), \
     done AS (UPDATE inbound SET status = 'processed', processed_at = $6, \
-            body = CASE WHEN t.full_transcripts THEN inbound.body ELSE NULL END \
+            body = CASE WHEN f.full_transcripts THEN inbound.body ELSE NULL END \
         FROM json_to_recordset($2::json) AS d(number text, token bigint, chat text, \
-            sender text, message_id text) \
+            sender text, message_id text, unlogged boolean) \
         JOIN f ON f.number = d.number AND f.token = d.token \
-        JOIN numbers n ON n.number = d.number JOIN tenants t ON t.id = n.tenant_id \
         WHERE inbound.status = 'pending' AND inbound.number = d.number \
             AND inbound.chat = d.chat AND inbound.sender = d.sender \
-            AND inbound.message_id = d.message_id), \
+            AND inbound.message_id = d.message_id \
+        RETURNING inbound.number, inbound.chat, inbound.sender, inbound.message_id, \
+            d.unlogged), \
+    ok AS (SELECT number, chat, sender, message_id FROM ins WHERE status = 'processed' \
+        UNION ALL SELECT number, chat, sender, message_id FROM done WHERE unlogged), \
     saved AS (INSERT INTO conversations (number, chat, checkpoint, updated_at) \
-        SELECT c.number, chat, checkpoint, $6 \
+        SELECT c.number, c.chat, checkpoint, $6 \
         FROM json_to_recordset($3::json) AS c(number text, token bigint, chat text, \
-            checkpoint text) \
+            checkpoint text, unlogged boolean, sender text, inbound text) \
         JOIN f ON f.number = c.number AND f.token = c.token \
+        WHERE NOT c.unlogged OR EXISTS (SELECT 1 FROM ok WHERE ok.number = c.number \
+            AND ok.chat = c.chat AND ok.sender = c.sender AND ok.message_id = c.inbound) \
         ON CONFLICT (number, chat) DO UPDATE SET checkpoint = excluded.checkpoint, \
             updated_at = excluded.updated_at), \
     q AS (INSERT INTO outbox (number, message_id, chat, body, reply_to, created_at) \
-        SELECT o.number, message_id, chat, body, reply_to, $6 \
+        SELECT o.number, o.message_id, o.chat, body, reply_to, $6 \
         FROM json_to_recordset($4::json) AS o(number text, token bigint, message_id text, \
-            chat text, body text, reply_to text) \
+            chat text, body text, reply_to text, unlogged boolean, in_chat text, \
+            sender text, inbound text) \
         JOIN f ON f.number = o.number AND f.token = o.token \
+        WHERE NOT o.unlogged OR EXISTS (SELECT 1 FROM ok WHERE ok.number = o.number \
+            AND ok.chat = o.in_chat AND ok.sender = o.sender AND ok.message_id = o.inbound) \
         ON CONFLICT (number, message_id) DO NOTHING RETURNING number, message_id), \
     s AS (UPDATE outbox SET status = 'sent', sent_at = $6 \
         FROM json_to_recordset($5::json) AS m(number text, token bigint, message_id text) \
@@ -204,7 +221,8 @@ const POSTGRES_BATCH: &str = "WITH \
             AND outbox.message_id = m.message_id \
         RETURNING outbox.number, outbox.message_id) \
     SELECT 'f', number, token::text, NULL, NULL FROM f \
-    UNION ALL SELECT 'i', number, chat, sender, message_id FROM ins \
+    UNION ALL SELECT 'i', number, chat, sender, message_id FROM ins WHERE status = 'pending' \
+    UNION ALL SELECT 'p', number, chat, sender, message_id FROM ok \
     UNION ALL SELECT 'q', number, message_id, NULL, NULL FROM q \
     UNION ALL SELECT 's', number, message_id, NULL, NULL FROM s";
 
@@ -219,6 +237,8 @@ struct JsonInbound<'a> {
     body: &'a str,
     preview: String,
     sent_at: i64,
+    /// Recorded already processed (an unlogged message's completion).
+    done: bool,
 }
 
 #[derive(serde::Serialize)]
@@ -228,6 +248,7 @@ struct JsonKey<'a> {
     chat: String,
     sender: String,
     message_id: &'a str,
+    unlogged: bool,
 }
 
 #[derive(serde::Serialize)]
@@ -236,6 +257,10 @@ struct JsonCheckpoint<'a> {
     token: u64,
     chat: &'a str,
     checkpoint: &'a str,
+    /// The completion it belongs to: written only if that was (see [`POSTGRES_BATCH`]).
+    unlogged: bool,
+    sender: String,
+    inbound: &'a str,
 }
 
 #[derive(serde::Serialize)]
@@ -246,6 +271,11 @@ struct JsonReply<'a> {
     chat: String,
     body: &'a str,
     reply_to: Option<&'a str>,
+    /// The completion it belongs to, like [`JsonCheckpoint`]'s.
+    unlogged: bool,
+    in_chat: String,
+    sender: String,
+    inbound: &'a str,
 }
 
 #[derive(serde::Serialize)]
@@ -297,10 +327,17 @@ impl<'a> Selection<'a> {
 
     /// [`POSTGRES_BATCH`] with these parts bound.
     fn statement(&self, now: i64) -> Result<AnyQuery<'static>, StoreError> {
-        let inbound: Vec<JsonInbound<'_>> = self
+        let recorded = self
             .inbound
             .iter()
-            .map(|(fence, msg, _)| JsonInbound {
+            .map(|(fence, msg, _)| (fence, msg, false));
+        let unlogged = self
+            .complete
+            .iter()
+            .filter_map(|(fence, _, msg, _)| msg.as_deref().map(|msg| (fence, msg, true)));
+        let inbound: Vec<JsonInbound<'_>> = recorded
+            .chain(unlogged)
+            .map(|(fence, msg, done)| JsonInbound {
                 number: fence.number.as_str(),
                 token: fence.token.get(),
                 chat: msg.chat.to_string(),
@@ -310,38 +347,47 @@ impl<'a> Selection<'a> {
                 body: &msg.text,
                 preview: preview(&msg.text),
                 sent_at: to_i64(msg.timestamp_ms),
+                done,
             })
             .collect();
         let done: Vec<JsonKey<'_>> = self
             .complete
             .iter()
-            .map(|(fence, d, _)| JsonKey {
+            .map(|(fence, d, unlogged, _)| JsonKey {
                 number: fence.number.as_str(),
                 token: fence.token.get(),
                 chat: d.chat.to_string(),
                 sender: d.sender.to_string(),
                 message_id: d.inbound.as_str(),
+                unlogged: unlogged.is_some(),
             })
             .collect();
         let cps = checkpoints(&self.complete)?;
         let cps: Vec<JsonCheckpoint<'_>> = cps
             .iter()
-            .map(|(fence, chat, checkpoint)| JsonCheckpoint {
-                number: fence.number.as_str(),
-                token: fence.token.get(),
+            .map(|(part, chat, checkpoint)| JsonCheckpoint {
+                number: part.0.number.as_str(),
+                token: part.0.token.get(),
                 chat,
                 checkpoint,
+                unlogged: part.2.is_some(),
+                sender: part.1.sender.to_string(),
+                inbound: part.1.inbound.as_str(),
             })
             .collect();
         let replies: Vec<JsonReply<'_>> = replies(&self.complete)
             .into_iter()
-            .map(|(fence, r)| JsonReply {
-                number: fence.number.as_str(),
-                token: fence.token.get(),
+            .map(|(part, r)| JsonReply {
+                number: part.0.number.as_str(),
+                token: part.0.token.get(),
                 message_id: r.id.as_str(),
                 chat: r.to.to_string(),
                 body: &r.text,
                 reply_to: r.reply_to.as_ref().map(MessageId::as_str),
+                unlogged: part.2.is_some(),
+                in_chat: part.1.chat.to_string(),
+                sender: part.1.sender.to_string(),
+                inbound: part.1.inbound.as_str(),
             })
             .collect();
         let sent: Vec<JsonSent<'_>> = self
@@ -392,19 +438,49 @@ impl Chunk<'_> {
                 "{} RETURNING 'i', number, chat, sender, message_id",
                 inbound_sql(1, self.inbound.len())
             );
-            let q = bind_inbound(sqlx::query(&sql), self.inbound, self.now);
+            let recorded = self.inbound.iter().map(|(fence, msg, _)| (fence, msg));
+            let q = bind_inbound(sqlx::query(&sql), recorded, self.now);
             rows.extend(q.fetch_all(&mut **tx).await.map_err(db)?);
         }
-        if !self.complete.is_empty() {
-            let sql = processed_sql(1, self.complete.len());
-            let q = bind_processed(sqlx::query(&sql), self.complete, self.now);
-            q.execute(&mut **tx).await.map_err(db)?;
-            let checkpoints = checkpoints(self.complete)?;
-            let sql = checkpoint_sql(1, checkpoints.len());
-            let q = bind_checkpoints(sqlx::query(&sql), &checkpoints, self.now);
-            q.execute(&mut **tx).await.map_err(db)?;
+        let mut complete: Vec<&CompletePart> = self.complete.to_vec();
+        if !complete.is_empty() {
+            // Unlogged messages go in pending, so that the processed mark below finds them
+            // exactly when their completion is to be written.
+            let unlogged: Vec<_> = complete
+                .iter()
+                .filter_map(|(fence, _, msg, _)| msg.as_deref().map(|msg| (fence, msg)))
+                .collect();
+            if !unlogged.is_empty() {
+                let sql = inbound_sql(1, unlogged.len());
+                let q = bind_inbound(sqlx::query(&sql), unlogged.iter().copied(), self.now);
+                q.execute(&mut **tx).await.map_err(db)?;
+            }
+            let sql = format!(
+                "{} RETURNING 'p', number, chat, sender, message_id",
+                processed_sql(1, complete.len())
+            );
+            let q = bind_processed(sqlx::query(&sql), &complete, self.now);
+            let marked = q.fetch_all(&mut **tx).await.map_err(db)?;
+            if !unlogged.is_empty() {
+                // An unlogged message's completion is written only if it was marked just now.
+                let applied = marked
+                    .iter()
+                    .map(tagged_key)
+                    .collect::<Result<HashSet<_>, _>>()?;
+                complete.retain(|(fence, _, msg, _)| {
+                    msg.as_ref()
+                        .is_none_or(|msg| applied.contains(&inbound_key(fence, msg)))
+                });
+                rows.extend(marked);
+            }
+            let checkpoints = checkpoints(&complete)?;
+            if !checkpoints.is_empty() {
+                let sql = checkpoint_sql(1, checkpoints.len());
+                let q = bind_checkpoints(sqlx::query(&sql), &checkpoints, self.now);
+                q.execute(&mut **tx).await.map_err(db)?;
+            }
         }
-        let replies = replies(self.complete);
+        let replies = replies(&complete);
         if !replies.is_empty() {
             let sql = format!(
                 "{} RETURNING 'q', number, message_id, NULL, NULL",
@@ -425,6 +501,16 @@ impl Chunk<'_> {
     }
 }
 
+/// The inbound key of a row tagged `i` or `p`.
+fn tagged_key(row: &AnyRow) -> Result<InboundKey, StoreError> {
+    Ok((
+        row.try_get(1).map_err(db)?,
+        row.try_get(2).map_err(db)?,
+        row.try_get(3).map_err(db)?,
+        row.try_get(4).map_err(db)?,
+    ))
+}
+
 impl Outcome {
     /// Takes in one tagged row; returns a fence row's number and token.
     fn record(&mut self, row: &AnyRow) -> Result<Option<(String, u64)>, StoreError> {
@@ -439,13 +525,10 @@ impl Outcome {
                 return Ok(Some((a, token)));
             }
             "i" => {
-                let key = (
-                    a,
-                    b,
-                    row.try_get(3).map_err(db)?,
-                    row.try_get(4).map_err(db)?,
-                );
-                self.new_inbound.insert(key);
+                self.new_inbound.insert(tagged_key(row)?);
+            }
+            "p" => {
+                self.applied.insert(tagged_key(row)?);
             }
             "q" => {
                 self.queued.insert((a, b));
@@ -496,8 +579,12 @@ fn inbound_sql(first: usize, rows: usize) -> String {
     )
 }
 
-fn bind_inbound<'q>(mut q: AnyQuery<'q>, rows: &'q [&InboundPart], now: i64) -> AnyQuery<'q> {
-    for (fence, msg, _) in rows {
+fn bind_inbound<'q>(
+    mut q: AnyQuery<'q>,
+    rows: impl IntoIterator<Item = (&'q Fence, &'q InboundMessage)>,
+    now: i64,
+) -> AnyQuery<'q> {
+    for (fence, msg) in rows {
         q = bind_inbound_row(q, fence, msg, now);
     }
     q
@@ -517,7 +604,7 @@ fn processed_sql(first: usize, rows: usize) -> String {
 
 fn bind_processed<'q>(mut q: AnyQuery<'q>, rows: &'q [&CompletePart], now: i64) -> AnyQuery<'q> {
     q = q.bind(now);
-    for (fence, done, _) in rows {
+    for (fence, done, ..) in rows {
         q = q
             .bind(fence.number.as_str())
             .bind(done.chat.to_string())
@@ -527,24 +614,23 @@ fn bind_processed<'q>(mut q: AnyQuery<'q>, rows: &'q [&CompletePart], now: i64) 
     q
 }
 
-/// One checkpoint per chat, the latest: an upsert may not touch a row twice in one statement.
+/// One checkpoint per chat, the latest, with the completion it comes from, the chat and the
+/// JSON: an upsert may not touch a row twice in one statement.
 fn checkpoints<'a>(
     rows: &[&'a CompletePart],
-) -> Result<Vec<(&'a Fence, String, String)>, StoreError> {
-    let mut latest: HashMap<(&str, String), (&Fence, String)> = HashMap::new();
-    for (fence, done, _) in rows {
+) -> Result<Vec<(&'a CompletePart, String, String)>, StoreError> {
+    let mut latest: HashMap<(&str, String), (&CompletePart, String)> = HashMap::new();
+    for part in rows {
+        let (fence, done, ..) = part;
         let json = serde_json::to_string(&done.checkpoint)
             .map_err(|e| StoreError::Corrupt(e.to_string()))?;
-        latest.insert(
-            (fence.number.as_str(), done.chat.to_string()),
-            (fence, json),
-        );
+        latest.insert((fence.number.as_str(), done.chat.to_string()), (part, json));
     }
     let mut latest: Vec<_> = latest
         .into_iter()
-        .map(|((_, chat), (fence, json))| (fence, chat, json))
+        .map(|((_, chat), (part, json))| (part, chat, json))
         .collect();
-    latest.sort_by(|a, b| (&a.0.number, &a.1).cmp(&(&b.0.number, &b.1)));
+    latest.sort_by(|a, b| (&a.0.0.number, &a.1).cmp(&(&b.0.0.number, &b.1)));
     Ok(latest)
 }
 
@@ -559,10 +645,10 @@ fn checkpoint_sql(first: usize, rows: usize) -> String {
 
 fn bind_checkpoints<'q>(
     mut q: AnyQuery<'q>,
-    rows: &'q [(&'q Fence, String, String)],
+    rows: &'q [(&'q CompletePart, String, String)],
     now: i64,
 ) -> AnyQuery<'q> {
-    for (fence, chat, json) in rows {
+    for ((fence, ..), chat, json) in rows {
         q = q
             .bind(fence.number.as_str())
             .bind(chat.as_str())
@@ -572,9 +658,10 @@ fn bind_checkpoints<'q>(
     q
 }
 
-fn replies<'a>(rows: &[&'a CompletePart]) -> Vec<(&'a Fence, &'a OutboundText)> {
+/// Every reply, with the completion it comes from.
+fn replies<'a>(rows: &[&'a CompletePart]) -> Vec<(&'a CompletePart, &'a OutboundText)> {
     rows.iter()
-        .flat_map(|(fence, done, _)| done.replies.iter().map(move |r| (fence, r)))
+        .flat_map(|part| part.1.replies.iter().map(move |r| (*part, r)))
         .collect()
 }
 
@@ -588,10 +675,10 @@ fn queue_sql(first: usize, rows: usize) -> String {
 
 fn bind_queue<'q>(
     mut q: AnyQuery<'q>,
-    rows: &'q [(&'q Fence, &'q OutboundText)],
+    rows: &'q [(&'q CompletePart, &'q OutboundText)],
     now: i64,
 ) -> AnyQuery<'q> {
-    for (fence, r) in rows {
+    for ((fence, ..), r) in rows {
         q = q
             .bind(fence.number.as_str())
             .bind(r.id.as_str())
