@@ -112,14 +112,21 @@ pub struct Summary {
 
 type InboundKey = (PhoneNumber, Jid, MessageId);
 
+/// What the ledger knows of one inbound message (account, chat, id), found with one lookup.
+#[derive(Debug, Default)]
+struct Inbound {
+    offered: bool,
+    acked: bool,
+    /// Distinct outbound ids naming it in `reply_to`.
+    replies: Vec<MessageId>,
+}
+
 /// The ledger.
 #[derive(Debug, Default)]
 pub struct Ledger {
     events: HashMap<PhoneNumber, Vec<LedgerEvent>>,
     summary: Summary,
-    offered: HashSet<InboundKey>,
-    acked: HashSet<InboundKey>,
-    replies: HashMap<InboundKey, Vec<MessageId>>,
+    inbound: HashMap<InboundKey, Inbound>,
     /// Offered inbound messages with at least one reply (kept as replies arrive, so the
     /// summary is O(1) however long the run).
     answered: u64,
@@ -156,12 +163,14 @@ impl Ledger {
         from: &Jid,
         id: &MessageId,
     ) -> bool {
-        if !self
-            .offered
-            .insert((number.clone(), chat.clone(), id.clone()))
-        {
+        let entry = self
+            .inbound
+            .entry((number.clone(), chat.clone(), id.clone()))
+            .or_default();
+        if entry.offered {
             return false;
         }
+        entry.offered = true;
         self.summary.inbound += 1;
         self.push(
             number,
@@ -183,7 +192,11 @@ impl Ledger {
         id: &MessageId,
     ) {
         let key = (number.clone(), chat.clone(), id.clone());
-        if self.offered.contains(&key) && self.acked.insert(key) {
+        let first = self
+            .inbound
+            .get_mut(&key)
+            .is_some_and(|m| m.offered && !std::mem::replace(&mut m.acked, true));
+        if first {
             self.summary.inbound_acked += 1;
             self.push(
                 number,
@@ -213,14 +226,13 @@ impl Ledger {
         }
         if let Some(inbound) = reply_to {
             let key = (number.clone(), to.clone(), inbound.clone());
-            let offered = self.offered.contains(&key);
-            let ids = self.replies.entry(key).or_default();
-            if ids.is_empty() && offered {
+            let m = self.inbound.entry(key).or_default();
+            if m.replies.is_empty() && m.offered {
                 self.answered += 1;
             }
-            if !ids.contains(id) {
-                ids.push(id.clone());
-                if ids.len() == 2 {
+            if !m.replies.contains(id) {
+                m.replies.push(id.clone());
+                if m.replies.len() == 2 {
                     self.summary.duplicate_replies += 1;
                 }
             }
