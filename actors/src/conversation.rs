@@ -188,6 +188,7 @@ async fn deliver(
                     None => return Ok(()),
                     Some(Recorded::Duplicate { processed: true }) => {
                         state.ctx = before;
+                        recover_replies(state, &msg).await;
                         processed(state, &msg);
                         return Ok(());
                     }
@@ -264,22 +265,46 @@ async fn answer(
     let Some(written) = unless_fenced(state, written)? else {
         return Ok(());
     };
-    let queued = match (written, intake) {
-        (Some(queued), _) => queued,
+    // Whether the message was completed before: then its replies may be waiting unsent.
+    let (queued, done_before) = match (written, intake) {
+        (Some(queued), _) => {
+            let done_before = queued.len() < replies.len();
+            (queued, done_before)
+        }
         // Processed before (a redelivery): this outcome is discarded.
         (None, Intake::Unlogged { before }) => {
             state.ctx = before;
-            Vec::new()
+            (Vec::new(), true)
         }
-        (None, Intake::Logged) => Vec::new(),
+        (None, Intake::Logged) => (Vec::new(), true),
     };
     for reply in replies {
         if queued.contains(&reply.id) {
             state.args.pacer.enqueue(reply);
         }
     }
+    if done_before {
+        recover_replies(state, msg).await;
+    }
     processed(state, msg);
     Ok(())
+}
+
+/// The message was completed before (a redelivery, or a retry after a commit whose answer was
+/// lost): hands the pacer its replies that are still unsent, which it sends unless it has them
+/// already. Without this, a reply committed by a write whose answer was lost would wait for the
+/// number's next start.
+async fn recover_replies(state: &ConversationState, msg: &InboundMessage) {
+    let a = &state.args;
+    match a.deps.store.unsent(&a.fence.number).await {
+        Ok(rows) => {
+            let mine = |r: &OutboundText| r.to == a.chat && r.reply_to.as_ref() == Some(&msg.id);
+            for row in rows.into_iter().filter(mine) {
+                a.pacer.recover(row);
+            }
+        }
+        Err(e) => tracing::warn!(message_id = %msg.id, error = %e, "looking for unsent replies"),
+    }
 }
 
 /// A write's result, with a fenced refusal taken out: the number is told to stop (through the

@@ -5,12 +5,13 @@
 //! arrives with nothing ahead of it in its chat is handed to the conversation at once, which
 //! records it in the store's inbound log together with its outcome (one commit on the way to
 //! the reply); every other one is committed to the log (deduplicated) before its conversation
-//! sees it, so nothing waits unrecorded. A chat's messages reach its conversation in arrival
-//! order: only the prefix of the queue that is committed (or was delivered unrecorded) is
-//! delivered. So when a conversation panics (and ractor drops its queued messages), nothing is
-//! lost: the supervisor restarts the child under its own [`RestartTracker`] and redelivers the
-//! pending messages in order; and when the whole node dies, the log holds what was waiting and
-//! the supervisor reloads it on start, and the network redelivers what was not acknowledged. When the child's budget is spent, the chat is parked
+//! sees it, so nothing waits behind another message unrecorded. A chat's messages reach its
+//! conversation in arrival order: only the prefix of the queue that is committed (or was
+//! delivered unrecorded) is delivered. So when a conversation panics (and ractor drops its
+//! queued messages), nothing is lost: the supervisor restarts the child under its own
+//! [`RestartTracker`] and redelivers the pending messages in order; and when the whole node dies,
+//! the log holds what was waiting (the supervisor reloads it on start) and the network
+//! redelivers what was not acknowledged. When the child's budget is spent, the chat is parked
 //! `failed` for a cooldown and its pending messages are dead-lettered with the reason — never
 //! silently dropped. Siblings and the number are untouched.
 
@@ -457,24 +458,11 @@ async fn child_exited(state: &mut ConversationsState, id: ActorId, exit: Exit) {
         // Stopped (idle) just as a message arrived: start it again at once.
         Decision::Done => start(state, &jid).await,
         Decision::Restart { delay, attempt } => {
-            // What was delivered unrecorded waits for the restart now: record it.
-            let waiting: Vec<InboundMessage> = chat
-                .pending
-                .iter_mut()
-                .filter(|e| e.unlogged)
-                .map(|e| {
-                    e.unlogged = false;
-                    e.msg.clone()
-                })
-                .collect();
             chat.restarts += 1;
             FleetCounters::bump(&state.args.deps.counters.restarts);
             metrics::counter!(RESTARTS, "kind" => ActorKind::Conversation.as_str()).increment(1);
             tracing::info!(chat = %jid, attempt, ?delay, ?exit, "restarting conversation");
             chat.phase = ChatPhase::Restarting;
-            for msg in waiting {
-                record(state, msg);
-            }
             if delay.is_zero() {
                 start(state, &jid).await;
             } else {

@@ -4,11 +4,13 @@
 //! Exactly once in effect: a reply keeps the id it was given when it was queued, for every
 //! attempt. It is marked sent in the outbox when its echo arrives (the number actor does that,
 //! and acknowledges the echo only once the mark is committed, so an echo lost to a crash is
-//! redelivered): one write per reply, made by one party. A send whose outcome is unknown (the connection dropped before the server's ack, or
-//! the node restarted) is not retried blindly: the pacer waits until the next connection's
-//! offline sync has completed. By then the network has redelivered the echo of every send it
-//! received, the number actor has confirmed those ([`PacerHandle::confirmed`]), and only the
-//! sends the network never saw are tried again.
+//! redelivered): one write per reply, made by one party. A send whose outcome is unknown (the
+//! connection dropped before the server's ack, or the node restarted) is not retried blindly:
+//! the pacer waits until the next connection's offline sync has completed. By then the network
+//! has redelivered the echo of every send it received, the number actor has confirmed those
+//! ([`PacerHandle::confirmed`]), and only the sends the network never saw are tried again. A
+//! reply handed over again after a lost commit answer ([`PacerHandle::recover`]) is sent only if
+//! the pacer has not handled its id.
 //!
 //! A task rather than an actor: it spends its life waiting on timers and server acks, which would
 //! block an actor's mailbox. It is cancelled with the number's token.
@@ -30,6 +32,12 @@ use crate::transport::{MessageId, OutboundText, SendError, WaSession};
 /// came (the connection stayed up but the server's ack never arrived).
 const UNSETTLED_WAIT: Duration = Duration::from_secs(30);
 
+/// How many message ids the pacer remembers as handled (sent, given up or confirmed), so that a
+/// reply handed over again ([`PacerHandle::recover`]) is not sent twice. A handled reply leaves
+/// the outbox's unsent rows once its sent mark commits (well under a second), so the memory
+/// only has to cover the replies of that window; an account sends a few per second at most.
+const HANDLED_MEMORY: usize = 256;
+
 /// Sends that fail this many times in a row (not counting waits for a connection) are given up
 /// and marked failed in the outbox.
 const MAX_ATTEMPTS: u32 = 20;
@@ -39,6 +47,8 @@ const MAX_ATTEMPTS: u32 = 20;
 enum Command {
     /// Send this reply (already committed to the outbox).
     Send(OutboundText),
+    /// Send this reply unless it was handled already (see [`PacerHandle::recover`]).
+    Recover(OutboundText),
     /// The network has this message (its echo arrived): never send it again.
     Confirmed(MessageId),
     /// The session finished its offline sync: unknown outcomes are settled.
@@ -59,6 +69,16 @@ impl PacerHandle {
             metrics::gauge!(OUTBOUND_QUEUE).increment(1.0);
         }
         queued
+    }
+
+    /// Hands over a reply found unsent in the outbox that this pacer may never have been given:
+    /// its completion was committed but the answer was lost (the connection dropped at commit),
+    /// so the conversation could not tell it was newly queued. It is sent unless this pacer has
+    /// it queued or has sent, given up or seen confirmed that id.
+    pub fn recover(&self, msg: OutboundText) {
+        if self.tx.send(Command::Recover(msg)).is_ok() {
+            metrics::gauge!(OUTBOUND_QUEUE).increment(1.0);
+        }
     }
 
     /// The network has `id`: drop it from the queue.
@@ -145,10 +165,13 @@ impl Pacer {
                 () = cancel.cancelled() => break,
                 outcome = self.deliver(&msg) => outcome,
             };
-            if let Outcome::Unsettled = outcome {
-                self.synced = false;
-                self.settle_by = Some(Instant::now() + UNSETTLED_WAIT);
-                self.queue.push_front(msg);
+            match outcome {
+                Outcome::Done => self.queue.handled(msg.id),
+                Outcome::Unsettled => {
+                    self.synced = false;
+                    self.settle_by = Some(Instant::now() + UNSETTLED_WAIT);
+                    self.queue.push_front(msg);
+                }
             }
         }
         metrics::gauge!(OUTBOUND_QUEUE).decrement(self.queue.len() as f64);
@@ -184,6 +207,12 @@ impl Pacer {
                 // `enqueue` counted it; the queue counts what it keeps.
                 metrics::gauge!(OUTBOUND_QUEUE).decrement(1.0);
                 self.queue.push_back(msg);
+            }
+            Command::Recover(msg) => {
+                metrics::gauge!(OUTBOUND_QUEUE).decrement(1.0);
+                if !self.queue.handled.contains(&msg.id) {
+                    self.queue.push_back(msg);
+                }
             }
             Command::Confirmed(id) => self.queue.confirm(id),
             Command::Synced => {
@@ -281,6 +310,9 @@ struct Queue {
     ids: HashSet<MessageId>,
     /// Ids the network is known to have, among those queued.
     confirmed: HashSet<MessageId>,
+    /// The latest ids sent, given up or confirmed (at most [`HANDLED_MEMORY`]), oldest first.
+    handled: HashSet<MessageId>,
+    handled_order: VecDeque<MessageId>,
 }
 
 impl Queue {
@@ -298,12 +330,14 @@ impl Queue {
         }
     }
 
-    /// The first message the network does not have yet.
+    /// The first message the network does not have yet and that was not handled meanwhile.
     fn pop_front(&mut self) -> Option<OutboundText> {
         while let Some(msg) = self.order.pop_front() {
             self.ids.remove(&msg.id);
             metrics::gauge!(OUTBOUND_QUEUE).decrement(1.0);
-            if !self.confirmed.remove(&msg.id) {
+            if self.confirmed.remove(&msg.id) {
+                self.handled(msg.id);
+            } else if !self.handled.contains(&msg.id) {
                 return Some(msg);
             }
         }
@@ -313,6 +347,20 @@ impl Queue {
     fn confirm(&mut self, id: MessageId) {
         if self.ids.contains(&id) {
             self.confirmed.insert(id);
+        } else {
+            self.handled(id);
+        }
+    }
+
+    /// Remembers that `id` needs no more sending.
+    fn handled(&mut self, id: MessageId) {
+        if self.handled.insert(id.clone()) {
+            self.handled_order.push_back(id);
+            if self.handled_order.len() > HANDLED_MEMORY
+                && let Some(old) = self.handled_order.pop_front()
+            {
+                self.handled.remove(&old);
+            }
         }
     }
 

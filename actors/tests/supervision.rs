@@ -13,10 +13,12 @@ use switchboard_actors::dead_letter::DeadLetterReason;
 use switchboard_actors::deps::SendRate;
 use switchboard_actors::number::NumberMsg;
 use switchboard_actors::responder::{AiBackend, AiError, ChatContext, Reply, Responder};
-use switchboard_actors::store::{Completion, Coordinator, Fence, MemoryStore, Store};
+use switchboard_actors::store::{
+    Completion, Coordinator, Fence, MemoryStore, Pending, Recorded, Store, StoreError,
+};
 use switchboard_actors::transport::{
-    AccountSpec, EventSink, InboundMessage, MessageId, OutboundText, SendError, ServerAck,
-    SessionStats, TransportError, WaConnector, WaEvent, WaSession,
+    AccountSpec, Credentials, EventSink, InboundMessage, MessageId, OutboundText, SendError,
+    ServerAck, SessionStats, TransportError, WaConnector, WaEvent, WaSession,
 };
 use switchboard_actors::{Deps, Fleet, FleetCounters, Jid, NumberPhase, PhoneNumber, Settings};
 use tokio::time::Instant;
@@ -182,6 +184,96 @@ impl AiBackend for SlowModel {
     }
 }
 
+/// A store whose answer to the first completion of each message in `lose` is lost after the
+/// write committed (the connection dropped at commit): the caller sees an error.
+struct LossyStore {
+    inner: Arc<MemoryStore>,
+    lose: Mutex<Vec<MessageId>>,
+}
+
+impl LossyStore {
+    fn lost(&self, id: &MessageId) -> bool {
+        let mut lose = self.lose.lock().unwrap();
+        let before = lose.len();
+        lose.retain(|l| l != id);
+        lose.len() < before
+    }
+}
+
+fn answer_lost<T: Send + 'static>(written: Pending<T>) -> Pending<T> {
+    Box::pin(async move {
+        written.await?;
+        Err(StoreError::Unavailable("connection lost at commit".into()))
+    })
+}
+
+#[async_trait]
+impl Store for LossyStore {
+    fn record_inbound(&self, fence: &Fence, msg: &InboundMessage) -> Pending<Recorded> {
+        self.inner.record_inbound(fence, msg)
+    }
+    fn complete(&self, fence: &Fence, done: Completion) -> Pending<Vec<MessageId>> {
+        let lost = self.lost(&done.inbound);
+        let written = self.inner.complete(fence, done);
+        if lost { answer_lost(written) } else { written }
+    }
+    fn record_completed(
+        &self,
+        fence: &Fence,
+        msg: &InboundMessage,
+        done: Completion,
+    ) -> Pending<Option<Vec<MessageId>>> {
+        let written = self.inner.record_completed(fence, msg, done);
+        if self.lost(&msg.id) {
+            answer_lost(written)
+        } else {
+            written
+        }
+    }
+    fn mark_sent(&self, fence: &Fence, id: &MessageId) -> Pending<bool> {
+        self.inner.mark_sent(fence, id)
+    }
+    async fn dead_letter(
+        &self,
+        fence: &Fence,
+        msg: &InboundMessage,
+        reason: &DeadLetterReason,
+    ) -> Result<(), StoreError> {
+        self.inner.dead_letter(fence, msg, reason).await
+    }
+    async fn send_failed(
+        &self,
+        fence: &Fence,
+        id: &MessageId,
+        error: &str,
+        give_up: bool,
+    ) -> Result<(), StoreError> {
+        self.inner.send_failed(fence, id, error, give_up).await
+    }
+    async fn unprocessed(&self, number: &PhoneNumber) -> Result<Vec<InboundMessage>, StoreError> {
+        self.inner.unprocessed(number).await
+    }
+    async fn unsent(&self, number: &PhoneNumber) -> Result<Vec<OutboundText>, StoreError> {
+        self.inner.unsent(number).await
+    }
+    async fn checkpoint(
+        &self,
+        number: &PhoneNumber,
+        chat: &Jid,
+    ) -> Result<Option<ChatContext>, StoreError> {
+        self.inner.checkpoint(number, chat).await
+    }
+    async fn load_session(&self, number: &PhoneNumber) -> Result<Option<Credentials>, StoreError> {
+        self.inner.load_session(number).await
+    }
+    async fn save_session(&self, fence: &Fence, creds: &Credentials) -> Result<(), StoreError> {
+        self.inner.save_session(fence, creds).await
+    }
+    async fn clear_session(&self, fence: &Fence) -> Result<(), StoreError> {
+        self.inner.clear_session(fence).await
+    }
+}
+
 struct Harness {
     net: Arc<FakeNet>,
     fleet: Fleet,
@@ -201,6 +293,17 @@ async fn start(
     numbers: &[&PhoneNumber],
     model_delay: Duration,
 ) -> Harness {
+    start_on(net, store.clone(), store, numbers, model_delay).await
+}
+
+/// Like [`start`], with the actors writing through `port` (a wrapper of `store`).
+async fn start_on(
+    net: Arc<FakeNet>,
+    port: Arc<dyn Store>,
+    store: Arc<MemoryStore>,
+    numbers: &[&PhoneNumber],
+    model_delay: Duration,
+) -> Harness {
     let responder = Arc::new(Scripted::default());
     let settings = Settings {
         typing_per_char: Duration::ZERO,
@@ -215,7 +318,7 @@ async fn start(
         connector: Arc::new(FakeConnector(net.clone())),
         responder: responder.clone(),
         ai: Arc::new(SlowModel(model_delay)),
-        store: store.clone(),
+        store: port,
         coordinator: store.clone(),
         settings,
         counters: Arc::new(FleetCounters::default()),
@@ -678,4 +781,36 @@ async fn a_redelivery_of_a_processed_message_is_acknowledged_and_not_answered_ag
     eventually("Q2 answered", || h.net.sent(&n).len() == 1).await;
     let saved = store.checkpoint(&n, &q1.chat).await.unwrap();
     assert_eq!(saved, Some(ChatContext { turns: 2 }));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_reply_whose_commit_answer_was_lost_is_still_sent_once() {
+    let n = phone("+15550023");
+    let store = Arc::new(MemoryStore::default());
+    let contact = phone("+4915100050");
+    // L1 arrives with nothing ahead (recorded with its completion), L2 behind it (recorded
+    // first): both completions commit, but their answers are lost.
+    let port = Arc::new(LossyStore {
+        inner: store.clone(),
+        lose: Mutex::new(vec![
+            MessageId::parse("L1").unwrap(),
+            MessageId::parse("L2").unwrap(),
+        ]),
+    });
+    let h = start_on(Arc::default(), port, store.clone(), &[&n], Duration::ZERO).await;
+    h.net.latest(&n).inject(dm(&contact, "L1", "one"));
+    h.net.latest(&n).inject(dm(&contact, "L2", "two"));
+    eventually("both answered", || {
+        let sent = h.net.sent(&n);
+        replies_to(&sent, "L1") == 1 && replies_to(&sent, "L2") == 1
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(120)).await;
+    let sent = h.net.sent(&n);
+    assert_eq!(sent.len(), 2, "each reply once: {sent:?}");
+    assert_eq!(h.net.starts(&n), 1, "without restarting the number");
+    let acked = h.net.latest(&n).acked.lock().unwrap().clone();
+    for id in ["L1", "L2"] {
+        assert!(acked.contains(&MessageId::parse(id).unwrap()), "{acked:?}");
+    }
 }
