@@ -1,8 +1,9 @@
 //! The simulated WhatsApp network: accounts, connections, pairing, rate limits, receipts,
 //! redelivery, faults and scripted traffic, all on tokio time and deterministic from a seed.
 
-use std::collections::{HashMap, VecDeque};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap, VecDeque};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError, Weak};
 use std::time::Duration;
 
 use rand::rngs::SmallRng;
@@ -207,6 +208,56 @@ struct Inner {
     traffic_stop: CancellationToken,
     /// Traffic runs started so far.
     runs: std::sync::atomic::AtomicU64,
+    /// Receipts to deliver later, to the task that delivers them (started with the first).
+    receipts: OnceLock<mpsc::UnboundedSender<DueReceipt>>,
+}
+
+/// A receipt waiting for its time.
+struct DueReceipt {
+    at: Instant,
+    number: PhoneNumber,
+    receipt: Receipt,
+}
+
+/// Delivers receipts when they are due, in time order (queue order among equal times). It ends
+/// with the network: receipts still due then are dropped with it, so a network torn down costs
+/// nothing afterwards.
+async fn deliver_receipts(network: Weak<Inner>, mut rx: mpsc::UnboundedReceiver<DueReceipt>) {
+    let mut due: BinaryHeap<Reverse<(Instant, u64)>> = BinaryHeap::new();
+    let mut waiting: HashMap<u64, DueReceipt> = HashMap::new();
+    let mut seq = 0_u64;
+    loop {
+        let next = due.peek().map(|Reverse((at, _))| *at);
+        tokio::select! {
+            queued = rx.recv() => {
+                let Some(receipt) = queued else { return };
+                seq += 1;
+                due.push(Reverse((receipt.at, seq)));
+                waiting.insert(seq, receipt);
+            }
+            () = sleep_until(next) => {
+                let Some(inner) = network.upgrade() else { return };
+                let network = Network { inner };
+                let now = Instant::now();
+                while let Some(Reverse((at, key))) = due.peek().copied() {
+                    if at > now {
+                        break;
+                    }
+                    due.pop();
+                    if let Some(d) = waiting.remove(&key) {
+                        network.push_receipt(&d.number, d.receipt);
+                    }
+                }
+            }
+        }
+    }
+}
+
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
 }
 
 struct State {
@@ -273,6 +324,7 @@ impl Network {
                 started: Instant::now(),
                 traffic_stop: CancellationToken::new(),
                 runs: std::sync::atomic::AtomicU64::new(0),
+                receipts: OnceLock::new(),
                 state: Mutex::new(State {
                     accounts: HashMap::new(),
                     conns: HashMap::new(),
@@ -776,21 +828,27 @@ impl Network {
             (delivered, ReceiptKind::Delivered),
             (read, ReceiptKind::Read),
         ] {
-            // A receipt due after the network is gone is dropped with it.
-            let network = Arc::downgrade(&self.inner);
-            let number = number.clone();
             let receipt = Receipt {
                 id: id.clone(),
                 chat: to.clone(),
                 kind,
             };
-            tokio::spawn(async move {
-                tokio::time::sleep(after).await;
-                if let Some(inner) = network.upgrade() {
-                    Self { inner }.push_receipt(&number, receipt);
-                }
-            });
+            self.schedule_receipt(now + after, number, receipt);
         }
+    }
+
+    /// Queues `receipt` to `number` for `at`, on the network's one receipt task.
+    fn schedule_receipt(&self, at: Instant, number: &PhoneNumber, receipt: Receipt) {
+        let tx = self.inner.receipts.get_or_init(|| {
+            let (tx, rx) = mpsc::unbounded_channel();
+            tokio::spawn(deliver_receipts(Arc::downgrade(&self.inner), rx));
+            tx
+        });
+        let _ = tx.send(DueReceipt {
+            at,
+            number: number.clone(),
+            receipt,
+        });
     }
 
     fn push_receipt(&self, number: &PhoneNumber, receipt: Receipt) {
