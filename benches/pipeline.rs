@@ -6,10 +6,13 @@
 //! - `msgs_per_s`: M messages offered at once by the simulated contacts, divided by the time
 //!   until the network has received the last reply. Each message goes the whole way: intake,
 //!   inbound log (group commit), conversation actor, completion (processed mark + outbox row +
-//!   checkpoint, group commit), pacer, server ack, sent mark (group commit).
+//!   checkpoint, group commit), pacer, server ack, sent mark (group commit). Offered at once,
+//!   nearly every message waits behind others in its chat, so it is recorded before it is
+//!   processed; only each chat's first message takes the fast way below.
 //! - `p50_ms` / `p99_ms`: latency from a contact sending a message to the network receiving its
 //!   reply (the simulator's ledger, millisecond resolution), with messages offered at half of
-//!   the measured maximum rate.
+//!   the measured maximum rate. Most of them find their chat idle and are recorded together with
+//!   their completion (one group commit on the way to the reply).
 //! - `ceiling_rows_per_s`: a fresh database of the same kind written with the same rows (inbound
 //!   insert, processed update, outbox insert, sent update, checkpoint upsert), through the same
 //!   statements and transactions, in tight batches of `batch_max` with nothing else running.
