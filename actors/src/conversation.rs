@@ -6,11 +6,13 @@
 //! and step, and the chat's checkpoint. A message delivered before it was recorded is committed
 //! to the inbound log in that same write
 //! ([`Store::record_completed`](crate::store::Store::record_completed)), or recorded first if it
-//! needs an AI job; if the log shows it processed already, its outcome is discarded. Then it hands the reply to the number's pacer and reports
-//! the message processed to its supervisor, which acknowledges it to the network. Replies that
-//! need a model run in an AI job actor; the message is completed when the job's answer (or the
-//! fallback) is ready. A crash loses nothing: the supervisor redelivers every unprocessed
-//! message, and a reply already in the outbox is never queued twice.
+//! needs an AI job; if the log shows it processed already, its outcome is discarded. Then it
+//! hands the reply to the number's pacer and reports the message processed to its supervisor,
+//! which acknowledges it to the network. Replies that need a model run in an AI job actor; the
+//! message is completed when the job's answer (or the fallback) is ready. A crash loses nothing:
+//! the supervisor redelivers every unprocessed message, and a reply already in the outbox is
+//! never queued twice (a message found completed before hands its unsent replies to the pacer
+//! again, which sends each only if it has not).
 
 use std::collections::HashMap;
 use std::time::Duration;
