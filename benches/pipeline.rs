@@ -369,6 +369,8 @@ fn latencies(
 ) -> (f64, f64, f64) {
     let wanted: std::collections::HashSet<&MessageId> = ids.iter().map(|(_, id)| id).collect();
     let mut samples = Vec::with_capacity(ids.len());
+    // (offered at, latency), for the slow-window report.
+    let mut timed = Vec::with_capacity(ids.len());
     for n in numbers {
         let mut offered: HashMap<MessageId, u64> = HashMap::new();
         for event in network.ledger(n) {
@@ -383,12 +385,14 @@ fn latencies(
                 } => {
                     if let Some(start) = offered.get(&to) {
                         samples.push(at_ms.saturating_sub(*start));
+                        timed.push((*start, at_ms.saturating_sub(*start)));
                     }
                 }
                 _ => {}
             }
         }
     }
+    report_slow_windows(network, timed);
     samples.sort_unstable();
     let pct = |p: f64| {
         samples
@@ -397,6 +401,35 @@ fn latencies(
             .unwrap_or(0) as f64
     };
     (pct(0.50), pct(0.99), pct(1.0))
+}
+
+/// Prints to stderr each 250 ms window of offers whose p90 latency exceeds 25 ms, with its
+/// wall-clock time (UTC), to line spikes up with the database's log.
+fn report_slow_windows(network: &Network, mut timed: Vec<(u64, u64)>) {
+    const WINDOW_MS: u64 = 250;
+    timed.sort_unstable();
+    let now_ms = network.now_ms();
+    let wall_now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_millis() as u64;
+    for window in timed.chunk_by(|a, b| a.0 / WINDOW_MS == b.0 / WINDOW_MS) {
+        let mut lat: Vec<u64> = window.iter().map(|(_, l)| *l).collect();
+        lat.sort_unstable();
+        let p90 = lat[lat.len() * 9 / 10];
+        if p90 > 25 {
+            let start = window[0].0 / WINDOW_MS * WINDOW_MS;
+            let wall = wall_now.saturating_sub(now_ms.saturating_sub(start));
+            eprintln!(
+                "latency: slow window at unix {}.{:03} s: {} messages, p50 {} ms, p90 {p90} ms, max {} ms",
+                wall / 1000,
+                wall % 1000,
+                lat.len(),
+                lat[lat.len() / 2],
+                lat[lat.len() - 1],
+            );
+        }
+    }
 }
 
 /// Writes the pipeline's rows for `messages` messages on a fresh database in tight batches of

@@ -349,7 +349,8 @@ impl Network {
             .unwrap_or_else(PoisonError::into_inner)
     }
 
-    fn now_ms(&self) -> u64 {
+    /// Milliseconds since the network started: the ledger's clock.
+    pub fn now_ms(&self) -> u64 {
         u64::try_from(self.inner.started.elapsed().as_millis()).unwrap_or(u64::MAX)
     }
 
