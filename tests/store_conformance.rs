@@ -261,6 +261,20 @@ async fn inbound_is_deduplicated_and_resumable(db: &TestDb) {
         Ok(Recorded::Duplicate { processed: true })
     );
     assert_eq!(store.unprocessed(&phone(N1)).await.unwrap(), vec![other]);
+
+    // The same message twice in one batch (queued together): one write is the new one.
+    let twice = msg("+4915100003", "A2", "again");
+    let both = futures_util::future::join(
+        store.record_inbound(&fence, &twice),
+        store.record_inbound(&fence, &twice),
+    )
+    .await;
+    let mut answers = vec![both.0.unwrap(), both.1.unwrap()];
+    answers.sort_by_key(|r| matches!(r, Recorded::Duplicate { .. }));
+    assert_eq!(
+        answers,
+        vec![Recorded::New, Recorded::Duplicate { processed: false }]
+    );
 }
 
 async fn replies_are_queued_once_and_marked_sent_once(db: &TestDb) {

@@ -237,24 +237,29 @@ struct Parts {
 /// What the statements found, for the answers.
 #[derive(Default)]
 struct Outcome {
-    /// Inbound keys newly inserted.
-    new_inbound: HashSet<InboundKey>,
-    /// Whether every inbound write of the batch inserted its row (the usual case: then no
-    /// write needs its key looked up).
-    all_new: bool,
+    /// What was written.
+    written: Written,
     /// Inbound keys already there, with whether they were processed.
     duplicates: HashMap<InboundKey, bool>,
-    /// Completions of unlogged messages that were written (the message was not in the log, or
-    /// was pending there).
-    applied: HashSet<InboundKey>,
-    /// Outbox rows newly queued: (number, message id).
-    queued: HashSet<(String, String)>,
-    /// Outbox rows newly marked sent.
-    marked: HashSet<(String, String)>,
     /// Writes (by number and token) that failed after other writes of the batch had committed.
     failed: HashMap<(String, u64), StoreError>,
     /// Why inbound writes that were already there could not be looked up, if they could not.
     lookup_failed: Option<StoreError>,
+}
+
+/// The rows written, by kind; `None` where every row given was written (the usual case, which
+/// then needs no lookups).
+#[derive(Default)]
+struct Written {
+    /// Inbound keys newly inserted.
+    new_inbound: Option<HashSet<InboundKey>>,
+    /// Completions of unlogged messages that were written (the message was not in the log, or
+    /// was pending there).
+    applied: Option<HashSet<InboundKey>>,
+    /// Outbox rows newly queued: (number, message id).
+    queued: Option<HashSet<(String, String)>>,
+    /// Outbox rows newly marked sent.
+    marked: Option<HashSet<(String, String)>>,
 }
 
 impl Parts {
@@ -309,13 +314,13 @@ impl Parts {
                 let _ = reply.send(Err(e));
                 continue;
             }
-            if out.all_new {
+            let Some(new) = &mut out.written.new_inbound else {
                 let _ = reply.send(Ok(Recorded::New));
                 continue;
-            }
+            };
             let key = inbound_key(&fence, &msg);
             // The same message twice in one batch: the first write is the new one.
-            let recorded = if out.new_inbound.remove(&key) {
+            let recorded = if new.remove(&key) {
                 Ok(Recorded::New)
             } else if let Some(processed) = out.duplicates.get(&key) {
                 Ok(Recorded::Duplicate {
@@ -333,8 +338,8 @@ impl Parts {
                 let _ = reply.send(Err(e));
                 continue;
             }
-            if let Some(msg) = unlogged
-                && !out.applied.contains(&inbound_key(&fence, &msg))
+            if let (Some(msg), Some(applied)) = (unlogged, &out.written.applied)
+                && !applied.contains(&inbound_key(&fence, &msg))
             {
                 let _ = reply.send(Ok(None));
                 continue;
@@ -343,7 +348,11 @@ impl Parts {
             let queued = done
                 .replies
                 .iter()
-                .filter(|r| out.queued.contains(&(number.to_owned(), r.id.to_string())))
+                .filter(|r| {
+                    out.written.queued.as_ref().is_none_or(|queued| {
+                        queued.contains(&(number.to_owned(), r.id.to_string()))
+                    })
+                })
                 .map(|r| r.id.clone())
                 .collect();
             let _ = reply.send(Ok(Some(queued)));
@@ -353,8 +362,11 @@ impl Parts {
                 let _ = reply.send(Err(e));
                 continue;
             }
-            let key = (fence.number.to_string(), id.to_string());
-            let _ = reply.send(Ok(out.marked.contains(&key)));
+            let marked =
+                out.written.marked.as_ref().is_none_or(|marked| {
+                    marked.contains(&(fence.number.to_string(), id.to_string()))
+                });
+            let _ = reply.send(Ok(marked));
         }
     }
 }

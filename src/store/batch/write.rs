@@ -15,7 +15,7 @@ use switchboard_actors::store::{Fence, StoreError};
 use switchboard_actors::transport::{InboundMessage, MessageId, OutboundText};
 
 use super::{
-    CompletePart, InboundKey, InboundPart, Outcome, Parts, RETRIES, SentPart, inbound_key,
+    CompletePart, InboundKey, InboundPart, Outcome, Parts, RETRIES, SentPart, Written, inbound_key,
 };
 use crate::store::{
     AnyQuery, Dialect, RETRY_MARK, bind_inbound_row, check_fence, db, lock_fences, now_ms, preview,
@@ -38,7 +38,6 @@ pub(super) async fn sqlite(
     let mut tx = pool.begin().await.map_err(db)?;
     let all = Selection::new(parts, |_| true);
     let highest = lock_fences(&mut tx, Dialect::Sqlite, &all.tokens()).await?;
-    let mut out = Outcome::default();
     let now = now_ms();
     let ok = Selection::new(parts, |fence| check_fence(fence, &highest).is_ok());
     let chunks = [
@@ -46,6 +45,10 @@ pub(super) async fn sqlite(
         ok.complete.len().div_ceil(COMPLETIONS),
         ok.sent.len().div_ceil(SENT_ROWS),
     ];
+    let mut out = Outcome {
+        written: Written::none(),
+        ..Outcome::default()
+    };
     for k in 0..chunks.into_iter().max().unwrap_or(0) {
         let chunk = Chunk {
             inbound: slice(&ok.inbound, k, INBOUND_ROWS),
@@ -54,13 +57,16 @@ pub(super) async fn sqlite(
             now,
         };
         for row in chunk.sqlite(&mut tx).await? {
-            out.record(&row)?;
+            out.written.record(&row)?;
         }
     }
-    out.all_new = out.new_inbound.len() == ok.inbound.len();
-    if !out.all_new {
-        duplicates(&mut tx, &ok.inbound, &mut out).await?;
+    if let Some(new) = &out.written.new_inbound
+        && new.len() == ok.inbound.len()
+    {
+        // Every inbound row was new (the usual case): nothing to look up.
+        out.written.new_inbound = None;
     }
+    duplicates(&mut tx, &ok.inbound, &mut out).await?;
     tx.commit().await.map_err(db)?;
     Ok((out, highest))
 }
@@ -78,12 +84,15 @@ pub(super) async fn postgres(
 ) -> Result<(Outcome, HashMap<String, u64>), StoreError> {
     let now = now_ms();
     let mut out = Outcome::default();
-    let mut highest = HashMap::new();
     let all = Selection::new(parts, |_| true);
+    // As the statement expects it; its answer corrects the numbers where it is not so.
+    let mut highest: HashMap<String, u64> = all
+        .highest_tokens()
+        .into_iter()
+        .map(|(number, token)| (number.to_owned(), token))
+        .collect();
     for row in all.statement(now)?.fetch_all(pool).await.map_err(db)? {
-        if let Some((number, token)) = out.record(&row)? {
-            highest.insert(number, token);
-        }
+        out.written.record_or_correct(&row, &mut highest)?;
     }
     let unraised = |fence: &Fence| {
         highest
@@ -95,11 +104,12 @@ pub(super) async fn postgres(
         match raise_and_write(pool, &raise, now).await {
             Ok((raised, rows)) => {
                 highest.extend(raised);
+                let mut second = Written::default();
                 for row in rows {
-                    if let Some((number, token)) = out.record(&row)? {
-                        highest.insert(number, token);
-                    }
+                    second.record_or_correct(&row, &mut highest)?;
                 }
+                let first = std::mem::take(&mut out.written);
+                out.written = first.merge(&all, second, &raise);
             }
             Err(e) => {
                 for fence in raise.fences() {
@@ -111,13 +121,8 @@ pub(super) async fn postgres(
     }
     let written = |fence: &Fence| highest.get(fence.number.as_str()) == Some(&fence.token.get());
     let inbound: Vec<&InboundPart> = parts.inbound.iter().filter(|p| written(&p.0)).collect();
-    out.all_new = out.new_inbound.len() == inbound.len();
-    if !out.all_new {
-        let looked_up = match pool.acquire().await.map_err(db) {
-            Ok(mut conn) => duplicates(&mut conn, &inbound, &mut out).await,
-            Err(e) => Err(e),
-        };
-        out.lookup_failed = looked_up.err();
+    if let Err(e) = lookup_duplicates(pool, &inbound, &mut out).await {
+        out.lookup_failed = Some(e);
     }
     Ok((out, highest))
 }
@@ -163,14 +168,19 @@ fn slice<T>(all: &[T], k: usize, size: usize) -> &[T] {
 /// taking ownership waits for them) and every row is written only if its token equals the
 /// stored one. Inbound rows marked `done` belong to completions of unlogged messages: they are
 /// inserted processed, and such a completion's effects are written only if its message was
-/// inserted by `ins` or was pending (`done`), which `ok` collects. The result rows are tagged
-/// `f` (a fence: number, token), `i` (new inbound), `p` (an unlogged completion written), `q`
-/// (queued reply) and `s` (marked sent).
+/// inserted by `ins` or was pending (`done`), which `ok` collects.
+///
+/// The answer is empty when the batch wrote everything it was given (the usual case): `f`
+/// rows name the numbers whose stored token is not the batch's highest for them (number,
+/// stored token or NULL if the number has no fence); a kind that wrote fewer rows than it was
+/// given (`$8` to `$11`) answers `I`, `P`, `Q` or `S`, then the rows it wrote: `i` (new
+/// inbound), `p` (unlogged completion written), `q` (queued reply) or `s` (marked sent).
 const POSTGRES_BATCH: &str = "WITH \
     f AS (SELECT fences.number, fences.token, t.full_transcripts FROM fences \
         JOIN numbers ON numbers.number = fences.number \
         JOIN tenants t ON t.id = numbers.tenant_id \
-        JOIN json_to_recordset($7::json) AS w(number text) ON w.number = fences.number \
+        JOIN json_to_recordset($7::json) AS w(number text, token bigint) \
+            ON w.number = fences.number \
         ORDER BY fences.number FOR SHARE OF fences FOR KEY SHARE OF numbers), \
     ins AS (INSERT INTO inbound (number, chat, sender, message_id, sender_alt, body, preview, \
             sent_at, received_at, status, processed_at) \
@@ -220,11 +230,22 @@ const POSTGRES_BATCH: &str = "WITH \
         WHERE outbox.status <> 'sent' AND outbox.number = m.number \
             AND outbox.message_id = m.message_id \
         RETURNING outbox.number, outbox.message_id) \
-    SELECT 'f', number, token::text, NULL, NULL FROM f \
-    UNION ALL SELECT 'i', number, chat, sender, message_id FROM ins WHERE status = 'pending' \
+    SELECT 'f', w.number, f.token::text, NULL, NULL \
+        FROM json_to_recordset($7::json) AS w(number text, token bigint) \
+        LEFT JOIN f ON f.number = w.number WHERE f.token IS DISTINCT FROM w.token \
+    UNION ALL SELECT kind, NULL, NULL, NULL, NULL FROM (VALUES \
+            ('I', (SELECT count(*) FROM ins WHERE status = 'pending') <> $8), \
+            ('P', (SELECT count(*) FROM ok) <> $9), ('Q', (SELECT count(*) FROM q) <> $10), \
+            ('S', (SELECT count(*) FROM s) <> $11)) AS c(kind, short) WHERE short \
+    UNION ALL SELECT 'i', number, chat, sender, message_id FROM ins \
+        WHERE status = 'pending' \
+            AND (SELECT count(*) FROM ins WHERE status = 'pending') <> $8 \
     UNION ALL SELECT 'p', number, chat, sender, message_id FROM ok \
+        WHERE (SELECT count(*) FROM ok) <> $9 \
     UNION ALL SELECT 'q', number, message_id, NULL, NULL FROM q \
-    UNION ALL SELECT 's', number, message_id, NULL, NULL FROM s";
+        WHERE (SELECT count(*) FROM q) <> $10 \
+    UNION ALL SELECT 's', number, message_id, NULL, NULL FROM s \
+        WHERE (SELECT count(*) FROM s) <> $11";
 
 #[derive(serde::Serialize)]
 struct JsonInbound<'a> {
@@ -288,6 +309,8 @@ struct JsonSent<'a> {
 #[derive(serde::Serialize)]
 struct JsonNumber<'a> {
     number: &'a str,
+    /// The highest token of the batch's writes for it.
+    token: u64,
 }
 
 /// The parts of a batch one PostgreSQL statement writes.
@@ -319,6 +342,14 @@ impl<'a> Selection<'a> {
             .chain(self.sent.iter().map(|p| &p.0))
     }
 
+    /// The highest token of these writes per number, in number order.
+    fn highest_tokens(&self) -> Vec<(&'a str, u64)> {
+        let mut tokens = self.tokens();
+        tokens.sort_unstable_by(|a, b| a.0.cmp(b.0).then(b.1.cmp(&a.1)));
+        tokens.dedup_by(|later, first| later.0 == first.0);
+        tokens
+    }
+
     fn tokens(&self) -> Vec<(&'a str, u64)> {
         self.fences()
             .map(|f| (f.number.as_str(), f.token.get()))
@@ -331,6 +362,7 @@ impl<'a> Selection<'a> {
             .inbound
             .iter()
             .map(|(fence, msg, _)| (fence, msg, false));
+        let unlogged_count = self.complete.iter().filter(|p| p.2.is_some()).count();
         let unlogged = self
             .complete
             .iter()
@@ -399,12 +431,10 @@ impl<'a> Selection<'a> {
                 message_id: id.as_str(),
             })
             .collect();
-        let mut numbers: Vec<&str> = self.fences().map(|f| f.number.as_str()).collect();
-        numbers.sort_unstable();
-        numbers.dedup();
-        let numbers: Vec<JsonNumber<'_>> = numbers
+        let numbers: Vec<JsonNumber<'_>> = self
+            .highest_tokens()
             .into_iter()
-            .map(|number| JsonNumber { number })
+            .map(|(number, token)| JsonNumber { number, token })
             .collect();
         Ok(sqlx::query(POSTGRES_BATCH)
             .bind(to_json(&inbound)?)
@@ -413,8 +443,16 @@ impl<'a> Selection<'a> {
             .bind(to_json(&replies)?)
             .bind(to_json(&sent)?)
             .bind(now)
-            .bind(to_json(&numbers)?))
+            .bind(to_json(&numbers)?)
+            .bind(count(self.inbound.len()))
+            .bind(count(unlogged_count))
+            .bind(count(replies.len()))
+            .bind(count(sent.len())))
     }
+}
+
+fn count(rows: usize) -> i64 {
+    i64::try_from(rows).unwrap_or(i64::MAX)
 }
 
 fn to_json<T: serde::Serialize>(rows: &T) -> Result<String, StoreError> {
@@ -511,35 +549,165 @@ fn tagged_key(row: &AnyRow) -> Result<InboundKey, StoreError> {
     ))
 }
 
-impl Outcome {
-    /// Takes in one tagged row; returns a fence row's number and token.
-    fn record(&mut self, row: &AnyRow) -> Result<Option<(String, u64)>, StoreError> {
+/// The (number, message id) of a row tagged `q` or `s`.
+fn tagged_pair(row: &AnyRow) -> Result<(String, String), StoreError> {
+    Ok((row.try_get(1).map_err(db)?, row.try_get(2).map_err(db)?))
+}
+
+impl Written {
+    /// Nothing written yet, for statements whose rows name everything written (SQLite's).
+    fn none() -> Self {
+        Self {
+            new_inbound: Some(HashSet::new()),
+            applied: Some(HashSet::new()),
+            queued: Some(HashSet::new()),
+            marked: Some(HashSet::new()),
+        }
+    }
+
+    /// Takes in one row: an upper-case tag says that kind did not write every row it was
+    /// given, a lower-case one names a row written.
+    fn record(&mut self, row: &AnyRow) -> Result<(), StoreError> {
         let tag: String = row.try_get(0).map_err(db)?;
-        let a: String = row.try_get(1).map_err(db)?;
-        let b: String = row.try_get(2).map_err(db)?;
         match tag.as_str() {
-            "f" => {
-                let token = b
-                    .parse()
-                    .map_err(|_| StoreError::Corrupt(format!("token {b:?}")))?;
-                return Ok(Some((a, token)));
+            "I" => {
+                self.new_inbound.get_or_insert_default();
+            }
+            "P" => {
+                self.applied.get_or_insert_default();
+            }
+            "Q" => {
+                self.queued.get_or_insert_default();
+            }
+            "S" => {
+                self.marked.get_or_insert_default();
             }
             "i" => {
-                self.new_inbound.insert(tagged_key(row)?);
+                let key = tagged_key(row)?;
+                self.new_inbound.get_or_insert_default().insert(key);
             }
             "p" => {
-                self.applied.insert(tagged_key(row)?);
+                let key = tagged_key(row)?;
+                self.applied.get_or_insert_default().insert(key);
             }
             "q" => {
-                self.queued.insert((a, b));
+                let key = tagged_pair(row)?;
+                self.queued.get_or_insert_default().insert(key);
             }
             "s" => {
-                self.marked.insert((a, b));
+                let key = tagged_pair(row)?;
+                self.marked.get_or_insert_default().insert(key);
             }
             other => return Err(StoreError::Corrupt(format!("batch row tag {other:?}"))),
         }
-        Ok(None)
+        Ok(())
     }
+
+    /// Takes in one row of [`POSTGRES_BATCH`]'s answer: a fence row corrects `highest`.
+    fn record_or_correct(
+        &mut self,
+        row: &AnyRow,
+        highest: &mut HashMap<String, u64>,
+    ) -> Result<(), StoreError> {
+        let tag: String = row.try_get(0).map_err(db)?;
+        if tag != "f" {
+            return self.record(row);
+        }
+        let number: String = row.try_get(1).map_err(db)?;
+        let token: Option<String> = row.try_get(2).map_err(db)?;
+        match token {
+            Some(token) => {
+                let token = token
+                    .parse()
+                    .map_err(|_| StoreError::Corrupt(format!("token {token:?}")))?;
+                highest.insert(number, token);
+            }
+            None => {
+                highest.remove(&number);
+            }
+        }
+        Ok(())
+    }
+
+    /// This, written for `mine`, with `other`, written for `theirs` (the rare batch that also
+    /// raised fences).
+    fn merge(self, mine: &Selection<'_>, other: Self, theirs: &Selection<'_>) -> Self {
+        fn union<K: Eq + std::hash::Hash>(
+            a: Option<HashSet<K>>,
+            b: Option<HashSet<K>>,
+        ) -> Option<HashSet<K>> {
+            let mut a = a.unwrap_or_default();
+            a.extend(b.unwrap_or_default());
+            Some(a)
+        }
+        let (a, b) = (self.or_every(mine), other.or_every(theirs));
+        Self {
+            new_inbound: union(a.new_inbound, b.new_inbound),
+            applied: union(a.applied, b.applied),
+            queued: union(a.queued, b.queued),
+            marked: union(a.marked, b.marked),
+        }
+    }
+
+    /// This, with every row of `selection` where all were written.
+    fn or_every(self, selection: &Selection<'_>) -> Self {
+        let every = Self::every(selection);
+        Self {
+            new_inbound: self.new_inbound.or(every.new_inbound),
+            applied: self.applied.or(every.applied),
+            queued: self.queued.or(every.queued),
+            marked: self.marked.or(every.marked),
+        }
+    }
+
+    /// Every row of `selection`, as if all were written.
+    fn every(selection: &Selection<'_>) -> Self {
+        let number = |fence: &Fence| fence.number.to_string();
+        Self {
+            new_inbound: Some(
+                selection
+                    .inbound
+                    .iter()
+                    .map(|(fence, msg, _)| inbound_key(fence, msg))
+                    .collect(),
+            ),
+            applied: Some(
+                selection
+                    .complete
+                    .iter()
+                    .filter_map(|(fence, _, msg, _)| {
+                        msg.as_deref().map(|msg| inbound_key(fence, msg))
+                    })
+                    .collect(),
+            ),
+            queued: Some(
+                replies(&selection.complete)
+                    .into_iter()
+                    .map(|((fence, ..), r)| (number(fence), r.id.to_string()))
+                    .collect(),
+            ),
+            marked: Some(
+                selection
+                    .sent
+                    .iter()
+                    .map(|(fence, id, _)| (number(fence), id.to_string()))
+                    .collect(),
+            ),
+        }
+    }
+}
+
+/// Looks up the inbound messages of `rows` that were there already, if any were.
+async fn lookup_duplicates(
+    pool: &AnyPool,
+    rows: &[&InboundPart],
+    out: &mut Outcome,
+) -> Result<(), StoreError> {
+    if out.written.new_inbound.is_none() {
+        return Ok(());
+    }
+    let mut conn = pool.acquire().await.map_err(db)?;
+    duplicates(&mut conn, rows, out).await
 }
 
 /// Looks up the inbound messages that were already there (redeliveries: rare).
@@ -548,9 +716,12 @@ async fn duplicates(
     rows: &[&InboundPart],
     out: &mut Outcome,
 ) -> Result<(), StoreError> {
+    let Some(new) = &out.written.new_inbound else {
+        return Ok(());
+    };
     for (fence, msg, _) in rows {
         let key = inbound_key(fence, msg);
-        if out.new_inbound.contains(&key) || out.duplicates.contains_key(&key) {
+        if new.contains(&key) || out.duplicates.contains_key(&key) {
             continue;
         }
         let status: Option<String> = sqlx::query_scalar(
