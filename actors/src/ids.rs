@@ -54,7 +54,7 @@ impl PhoneNumber {
     /// The user JID of this number.
     pub fn jid(&self) -> Jid {
         Jid {
-            user: self.digits().to_owned(),
+            full: format!("{}@{}", self.digits(), Server::User.as_str()),
             server: Server::User,
         }
     }
@@ -97,7 +97,8 @@ impl Server {
 /// A WhatsApp address: `user@server`.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Jid {
-    user: String,
+    /// The whole address, kept as text: it is written far more often than taken apart.
+    full: String,
     server: Server,
 }
 
@@ -119,7 +120,7 @@ impl Jid {
             return Err(err());
         }
         Ok(Self {
-            user: user.to_owned(),
+            full: s.to_owned(),
             server,
         })
     }
@@ -136,7 +137,12 @@ impl Jid {
 
     /// The part before `@`.
     pub fn user(&self) -> &str {
-        &self.user
+        &self.full[..self.full.len() - self.server.as_str().len() - 1]
+    }
+
+    /// The whole address, `user@server`.
+    pub fn as_str(&self) -> &str {
+        &self.full
     }
 
     /// Which kind of address this is.
@@ -152,7 +158,7 @@ impl Jid {
     /// The phone number of a user JID; `None` for LIDs and groups.
     pub fn phone(&self) -> Option<PhoneNumber> {
         match self.server {
-            Server::User => PhoneNumber::parse(&format!("+{}", self.user)).ok(),
+            Server::User => PhoneNumber::parse(&format!("+{}", self.user())).ok(),
             Server::Lid | Server::Group => None,
         }
     }
@@ -160,7 +166,7 @@ impl Jid {
 
 impl fmt::Display for Jid {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}@{}", self.user, self.server.as_str())
+        f.write_str(&self.full)
     }
 }
 

@@ -11,6 +11,7 @@ use std::collections::{HashMap, HashSet};
 
 use sqlx::any::AnyRow;
 use sqlx::{Any, AnyConnection, AnyPool, Row, Transaction};
+use switchboard_actors::ids::Jid;
 use switchboard_actors::store::{Fence, StoreError};
 use switchboard_actors::transport::{InboundMessage, MessageId, OutboundText};
 
@@ -251,10 +252,10 @@ const POSTGRES_BATCH: &str = "WITH \
 struct JsonInbound<'a> {
     number: &'a str,
     token: u64,
-    chat: String,
-    sender: String,
+    chat: &'a str,
+    sender: &'a str,
     message_id: &'a str,
-    sender_alt: Option<String>,
+    sender_alt: Option<&'a str>,
     body: &'a str,
     preview: String,
     sent_at: i64,
@@ -266,8 +267,8 @@ struct JsonInbound<'a> {
 struct JsonKey<'a> {
     number: &'a str,
     token: u64,
-    chat: String,
-    sender: String,
+    chat: &'a str,
+    sender: &'a str,
     message_id: &'a str,
     unlogged: bool,
 }
@@ -280,7 +281,7 @@ struct JsonCheckpoint<'a> {
     checkpoint: &'a str,
     /// The completion it belongs to: written only if that was (see [`POSTGRES_BATCH`]).
     unlogged: bool,
-    sender: String,
+    sender: &'a str,
     inbound: &'a str,
 }
 
@@ -289,13 +290,13 @@ struct JsonReply<'a> {
     number: &'a str,
     token: u64,
     message_id: &'a str,
-    chat: String,
+    chat: &'a str,
     body: &'a str,
     reply_to: Option<&'a str>,
     /// The completion it belongs to, like [`JsonCheckpoint`]'s.
     unlogged: bool,
-    in_chat: String,
-    sender: String,
+    in_chat: &'a str,
+    sender: &'a str,
     inbound: &'a str,
 }
 
@@ -372,10 +373,10 @@ impl<'a> Selection<'a> {
             .map(|(fence, msg, done)| JsonInbound {
                 number: fence.number.as_str(),
                 token: fence.token.get(),
-                chat: msg.chat.to_string(),
-                sender: msg.sender.to_string(),
+                chat: msg.chat.as_str(),
+                sender: msg.sender.as_str(),
                 message_id: msg.id.as_str(),
-                sender_alt: msg.sender_alt.as_ref().map(ToString::to_string),
+                sender_alt: msg.sender_alt.as_ref().map(Jid::as_str),
                 body: &msg.text,
                 preview: preview(&msg.text),
                 sent_at: to_i64(msg.timestamp_ms),
@@ -388,8 +389,8 @@ impl<'a> Selection<'a> {
             .map(|(fence, d, unlogged, _)| JsonKey {
                 number: fence.number.as_str(),
                 token: fence.token.get(),
-                chat: d.chat.to_string(),
-                sender: d.sender.to_string(),
+                chat: d.chat.as_str(),
+                sender: d.sender.as_str(),
                 message_id: d.inbound.as_str(),
                 unlogged: unlogged.is_some(),
             })
@@ -403,7 +404,7 @@ impl<'a> Selection<'a> {
                 chat,
                 checkpoint,
                 unlogged: part.2.is_some(),
-                sender: part.1.sender.to_string(),
+                sender: part.1.sender.as_str(),
                 inbound: part.1.inbound.as_str(),
             })
             .collect();
@@ -413,12 +414,12 @@ impl<'a> Selection<'a> {
                 number: part.0.number.as_str(),
                 token: part.0.token.get(),
                 message_id: r.id.as_str(),
-                chat: r.to.to_string(),
+                chat: r.to.as_str(),
                 body: &r.text,
                 reply_to: r.reply_to.as_ref().map(MessageId::as_str),
                 unlogged: part.2.is_some(),
-                in_chat: part.1.chat.to_string(),
-                sender: part.1.sender.to_string(),
+                in_chat: part.1.chat.as_str(),
+                sender: part.1.sender.as_str(),
                 inbound: part.1.inbound.as_str(),
             })
             .collect();
@@ -789,13 +790,13 @@ fn bind_processed<'q>(mut q: AnyQuery<'q>, rows: &'q [&CompletePart], now: i64) 
 /// JSON: an upsert may not touch a row twice in one statement.
 fn checkpoints<'a>(
     rows: &[&'a CompletePart],
-) -> Result<Vec<(&'a CompletePart, String, String)>, StoreError> {
-    let mut latest: HashMap<(&str, String), (&CompletePart, String)> = HashMap::new();
+) -> Result<Vec<(&'a CompletePart, &'a str, String)>, StoreError> {
+    let mut latest: HashMap<(&str, &str), (&CompletePart, String)> = HashMap::new();
     for part in rows {
         let (fence, done, ..) = part;
         let json = serde_json::to_string(&done.checkpoint)
             .map_err(|e| StoreError::Corrupt(e.to_string()))?;
-        latest.insert((fence.number.as_str(), done.chat.to_string()), (part, json));
+        latest.insert((fence.number.as_str(), done.chat.as_str()), (part, json));
     }
     let mut latest: Vec<_> = latest
         .into_iter()
@@ -816,13 +817,13 @@ fn checkpoint_sql(first: usize, rows: usize) -> String {
 
 fn bind_checkpoints<'q>(
     mut q: AnyQuery<'q>,
-    rows: &'q [(&'q CompletePart, String, String)],
+    rows: &'q [(&'q CompletePart, &'q str, String)],
     now: i64,
 ) -> AnyQuery<'q> {
     for ((fence, ..), chat, json) in rows {
         q = q
             .bind(fence.number.as_str())
-            .bind(chat.as_str())
+            .bind(*chat)
             .bind(json.as_str())
             .bind(now);
     }
