@@ -263,10 +263,25 @@ async fn open_pool(url: &str, max_connections: u32) -> Result<AnyPool, StoreErro
         Dialect::Postgres => AnyPoolOptions::new().max_connections(max_connections.max(2)),
     };
     pool.acquire_timeout(Duration::from_secs(10))
+        // A connection in steady use is not pinged before each batch (a round trip, and a
+        // database wake-up, on every message's way); one that sat idle is, so a database
+        // restart in the meantime costs a new connection rather than a failed write.
+        .test_before_acquire(false)
+        .before_acquire(|conn, meta| {
+            Box::pin(async move {
+                if meta.idle_for >= PING_IDLE_AFTER {
+                    sqlx::Connection::ping(conn).await?;
+                }
+                Ok(true)
+            })
+        })
         .connect_with(options)
         .await
         .map_err(db)
 }
+
+/// How long a pooled connection may sit idle before it is pinged on its next use.
+const PING_IDLE_AFTER: Duration = Duration::from_secs(1);
 
 fn create_sqlite_dir(url: &str) -> Result<(), StoreError> {
     let path = url
