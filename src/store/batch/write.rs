@@ -174,8 +174,9 @@ fn slice<T>(all: &[T], k: usize, size: usize) -> &[T] {
 /// The answer is empty when the batch wrote everything it was given (the usual case): `f`
 /// rows name the numbers whose stored token is not the batch's highest for them (number,
 /// stored token or NULL if the number has no fence); a kind that wrote fewer rows than it was
-/// given (`$8` to `$11`) answers `I`, `P`, `Q` or `S`, then the rows it wrote: `i` (new
-/// inbound), `p` (unlogged completion written), `q` (queued reply) or `s` (marked sent).
+/// given (`$8` to `$11`, compared once in `short`) answers `I`, `P`, `Q` or `S`, then the rows
+/// it wrote: `i` (new inbound), `p` (unlogged completion written), `q` (queued reply) or `s`
+/// (marked sent).
 const POSTGRES_BATCH: &str = "WITH \
     f AS (SELECT fences.number, fences.token, t.full_transcripts FROM fences \
         JOIN numbers ON numbers.number = fences.number \
@@ -230,23 +231,25 @@ const POSTGRES_BATCH: &str = "WITH \
         JOIN f ON f.number = m.number AND f.token = m.token \
         WHERE outbox.status <> 'sent' AND outbox.number = m.number \
             AND outbox.message_id = m.message_id \
-        RETURNING outbox.number, outbox.message_id) \
+        RETURNING outbox.number, outbox.message_id), \
+    short AS (SELECT (SELECT count(*) FROM ins WHERE status = 'pending') <> $8 AS inbound, \
+        (SELECT count(*) FROM ok) <> $9 AS applied, \
+        (SELECT count(*) FROM q) <> $10 AS queued, \
+        (SELECT count(*) FROM s) <> $11 AS marked) \
     SELECT 'f', w.number, f.token::text, NULL, NULL \
         FROM json_to_recordset($7::json) AS w(number text, token bigint) \
         LEFT JOIN f ON f.number = w.number WHERE f.token IS DISTINCT FROM w.token \
-    UNION ALL SELECT kind, NULL, NULL, NULL, NULL FROM (VALUES \
-            ('I', (SELECT count(*) FROM ins WHERE status = 'pending') <> $8), \
-            ('P', (SELECT count(*) FROM ok) <> $9), ('Q', (SELECT count(*) FROM q) <> $10), \
-            ('S', (SELECT count(*) FROM s) <> $11)) AS c(kind, short) WHERE short \
+    UNION ALL SELECT kind, NULL, NULL, NULL, NULL FROM short, LATERAL (VALUES \
+            ('I', inbound), ('P', applied), ('Q', queued), ('S', marked)) AS c(kind, fewer) \
+        WHERE fewer \
     UNION ALL SELECT 'i', number, chat, sender, message_id FROM ins \
-        WHERE status = 'pending' \
-            AND (SELECT count(*) FROM ins WHERE status = 'pending') <> $8 \
+        WHERE status = 'pending' AND (SELECT inbound FROM short) \
     UNION ALL SELECT 'p', number, chat, sender, message_id FROM ok \
-        WHERE (SELECT count(*) FROM ok) <> $9 \
+        WHERE (SELECT applied FROM short) \
     UNION ALL SELECT 'q', number, message_id, NULL, NULL FROM q \
-        WHERE (SELECT count(*) FROM q) <> $10 \
+        WHERE (SELECT queued FROM short) \
     UNION ALL SELECT 's', number, message_id, NULL, NULL FROM s \
-        WHERE (SELECT count(*) FROM s) <> $11";
+        WHERE (SELECT marked FROM short)";
 
 #[derive(serde::Serialize)]
 struct JsonInbound<'a> {
