@@ -18,6 +18,8 @@
 //!   statements and transactions, in tight batches of `batch_max` with nothing else running.
 //! - `ratio`: pipeline rows written per second / ceiling rows per second (4 rows per message
 //!   counted on both sides; both also upsert checkpoints).
+//! - `disk_*` and `p99_ms_clear_of_disk_stalls`: the disk's own flush latency during the latency
+//!   phase, and the p99 of the messages that no stall of it overlapped (see `pipeline/disk.rs`).
 //!
 //! For profiling, `--only throughput|latency|ceiling` runs one phase (`latency` with
 //! `--latency-rate R`); the others report 0.
@@ -28,6 +30,9 @@
 #[path = "../tests/support/db.rs"]
 #[allow(missing_docs, unused_imports)]
 mod db;
+#[path = "pipeline/disk.rs"]
+#[allow(missing_docs)]
+mod disk;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -162,12 +167,22 @@ async fn run(a: Args) -> anyhow::Result<serde_json::Value> {
         (0.0, 0, 0)
     };
     let latency_rate = a.latency_rate.unwrap_or(max_rate / 2.0);
-    let (p50, p99, max, unanswered_2, duplicates_2) = if runs("latency") {
+    let (lat, unanswered_2, duplicates_2) = if runs("latency") {
         latency(&a, &numbers, latency_rate).await?
     } else {
-        (0.0, 0.0, 0.0, 0, 0)
+        (Latency::default(), 0, 0)
     };
-    eprintln!("latency at {latency_rate:.0} msgs/s: p50 {p50} ms, p99 {p99} ms, max {max} ms");
+    eprintln!(
+        "latency at {latency_rate:.0} msgs/s: p50 {} ms, p99 {} ms, max {} ms; disk: {} stalls over {} ms ({} ms in all, worst {} ms); p99 clear of them {} ms",
+        lat.p50,
+        lat.p99,
+        lat.max,
+        lat.disk.stalls.len(),
+        disk::STALL_MS,
+        lat.disk.stalled_ms(),
+        lat.disk.max_ms,
+        lat.p99_clear,
+    );
     let ceiling_msgs_per_s = if runs("ceiling") {
         ceiling(&a, &numbers).await?
     } else {
@@ -180,8 +195,8 @@ async fn run(a: Args) -> anyhow::Result<serde_json::Value> {
         "numbers": a.numbers,
         "chats": a.numbers * a.contacts as usize,
         "msgs_per_s": max_rate,
-        "p50_ms": p50,
-        "p99_ms": p99,
+        "p50_ms": lat.p50,
+        "p99_ms": lat.p99,
         "latency_rate_msgs_per_s": latency_rate,
         "ceiling_rows_per_s": ceiling_msgs_per_s * ROWS_PER_MESSAGE,
         "pipeline_rows_per_s": max_rate * ROWS_PER_MESSAGE,
@@ -190,6 +205,12 @@ async fn run(a: Args) -> anyhow::Result<serde_json::Value> {
         "batch_wait_ms": c.batch_wait.as_secs_f64() * 1000.0,
         "inbound_unanswered": unanswered_1 + unanswered_2,
         "duplicate_replies_or_ids": duplicates_1 + duplicates_2,
+        "disk_flushes": lat.disk.flushes,
+        "disk_flush_p50_ms": lat.disk.p50_ms,
+        "disk_flush_max_ms": lat.disk.max_ms,
+        "disk_stalls": lat.disk.stalls.len(),
+        "disk_stalled_ms": lat.disk.stalled_ms(),
+        "p99_ms_clear_of_disk_stalls": lat.p99_clear,
     }))
 }
 
@@ -296,25 +317,44 @@ async fn throughput(a: &Args, numbers: &[PhoneNumber]) -> anyhow::Result<(f64, u
     Ok((rate, unanswered, duplicates))
 }
 
+/// What the latency phase measured.
+#[derive(Default)]
+struct Latency {
+    /// Offered → reply received over every message, ms.
+    p50: f64,
+    p99: f64,
+    max: f64,
+    /// p99 over the messages whose time in flight overlapped no stall of the disk, ms.
+    p99_clear: f64,
+    /// The disk's own flushes meanwhile.
+    disk: disk::Report,
+}
+
 /// Latency at `rate` on a fresh database, after one warm-up message per chat (every
-/// conversation started): p50, p99 and max in ms.
+/// conversation started), with the disk probed meanwhile.
 async fn latency(
     a: &Args,
     numbers: &[PhoneNumber],
     rate: f64,
-) -> anyhow::Result<(f64, f64, f64, u64, u64)> {
+) -> anyhow::Result<(Latency, u64, u64)> {
     let db = db::TestDb::new(a.dialect).await;
     let store = open(&db).await?;
     let mut rig = Rig::start(&store, numbers).await?;
     let chats = numbers.len() * a.contacts as usize;
     rig.run(a, numbers, chats, Some(rate)).await?;
     let count = (a.messages / 4).max(1000);
-    eprintln!("latency: {count} messages at {rate:.0} msgs/s");
+    let dir = std::env::temp_dir();
+    eprintln!(
+        "latency: {count} messages at {rate:.0} msgs/s; probing the disk in {}",
+        dir.display()
+    );
+    let probe = disk::Probe::start(&dir)?;
     let ids = rig.run(a, numbers, count, Some(rate)).await?;
-    let (p50, p99, max) = latencies(&rig.network, numbers, &ids);
+    let disk = disk::Report::of(probe.stop()?);
+    let lat = latencies(&rig.network, numbers, &ids, disk);
     let (unanswered, duplicates) = rig.stop().await;
     store.close().await;
-    Ok((p50, p99, max, unanswered, duplicates))
+    Ok((lat, unanswered, duplicates))
 }
 
 /// Offers `count` messages round-robin over numbers and their contacts, at `rate` per second
@@ -361,15 +401,17 @@ async fn wait_answered(network: &Network, total: usize) {
     }
 }
 
-/// p50, p99 and max of offered → reply received, over `ids`, from the ledger.
+/// Offered → reply received over `ids`, from the ledger, against the disk's stalls.
 fn latencies(
     network: &Network,
     numbers: &[PhoneNumber],
     ids: &[(PhoneNumber, MessageId)],
-) -> (f64, f64, f64) {
+    disk: disk::Report,
+) -> Latency {
     let wanted: std::collections::HashSet<&MessageId> = ids.iter().map(|(_, id)| id).collect();
-    let mut samples = Vec::with_capacity(ids.len());
-    // (offered at, latency), for the slow-window report.
+    // The ledger's clock (ms since the network started) in unix ms.
+    let to_unix = disk::unix_ms().saturating_sub(network.now_ms());
+    // (offered at, unix ms; latency, ms)
     let mut timed = Vec::with_capacity(ids.len());
     for n in numbers {
         let mut offered: HashMap<MessageId, u64> = HashMap::new();
@@ -384,46 +426,57 @@ fn latencies(
                     ..
                 } => {
                     if let Some(start) = offered.get(&to) {
-                        samples.push(at_ms.saturating_sub(*start));
-                        timed.push((*start, at_ms.saturating_sub(*start)));
+                        timed.push((to_unix + *start, at_ms.saturating_sub(*start)));
                     }
                 }
                 _ => {}
             }
         }
     }
-    report_slow_windows(network, timed);
-    samples.sort_unstable();
-    let pct = |p: f64| {
-        samples
-            .get(((samples.len().saturating_sub(1)) as f64 * p).round() as usize)
-            .copied()
-            .unwrap_or(0) as f64
-    };
-    (pct(0.50), pct(0.99), pct(1.0))
+    report_slow_windows(&disk, &mut timed);
+    let mut clear: Vec<u64> = timed
+        .iter()
+        .filter(|(at, ms)| disk.worst_within(*at, at + ms).is_none())
+        .map(|(_, ms)| *ms)
+        .collect();
+    let mut all: Vec<u64> = timed.iter().map(|(_, ms)| *ms).collect();
+    all.sort_unstable();
+    clear.sort_unstable();
+    Latency {
+        p50: percentile(&all, 0.50),
+        p99: percentile(&all, 0.99),
+        max: percentile(&all, 1.0),
+        p99_clear: percentile(&clear, 0.99),
+        disk,
+    }
+}
+
+fn percentile(sorted: &[u64], p: f64) -> f64 {
+    sorted
+        .get(((sorted.len().saturating_sub(1)) as f64 * p).round() as usize)
+        .copied()
+        .unwrap_or(0) as f64
 }
 
 /// Prints to stderr each 250 ms window of offers whose p90 latency exceeds 25 ms, with its
-/// wall-clock time (UTC), to line spikes up with the database's log.
-fn report_slow_windows(network: &Network, mut timed: Vec<(u64, u64)>) {
+/// wall-clock time and the worst stall of the disk while its messages were in flight.
+fn report_slow_windows(disk: &disk::Report, timed: &mut [(u64, u64)]) {
     const WINDOW_MS: u64 = 250;
     timed.sort_unstable();
-    let now_ms = network.now_ms();
-    let wall_now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default()
-        .as_millis() as u64;
     for window in timed.chunk_by(|a, b| a.0 / WINDOW_MS == b.0 / WINDOW_MS) {
         let mut lat: Vec<u64> = window.iter().map(|(_, l)| *l).collect();
         lat.sort_unstable();
         let p90 = lat[lat.len() * 9 / 10];
         if p90 > 25 {
             let start = window[0].0 / WINDOW_MS * WINDOW_MS;
-            let wall = wall_now.saturating_sub(now_ms.saturating_sub(start));
+            let end = window.iter().map(|(at, l)| at + l).max().unwrap_or(start);
+            let stall = disk
+                .worst_within(start, end)
+                .map_or("none".to_owned(), |ms| format!("{ms} ms"));
             eprintln!(
-                "latency: slow window at unix {}.{:03} s: {} messages, p50 {} ms, p90 {p90} ms, max {} ms",
-                wall / 1000,
-                wall % 1000,
+                "latency: slow window at unix {}.{:03} s: {} messages, p50 {} ms, p90 {p90} ms, max {} ms; disk stall {stall}",
+                start / 1000,
+                start % 1000,
                 lat.len(),
                 lat[lat.len() / 2],
                 lat[lat.len() - 1],
