@@ -7,6 +7,7 @@
 
 use std::fmt;
 use std::str::FromStr;
+use std::sync::Arc;
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
@@ -21,9 +22,11 @@ pub enum IdError {
     Jid(String),
 }
 
-/// An E.164 phone number such as `+15550001`: the identity of a WhatsApp account.
+/// An E.164 phone number such as `+15550001`: the identity of a WhatsApp account. Shared text:
+/// a clone is a reference count, not a copy (identifiers are cloned into every message, key and
+/// log entry).
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct PhoneNumber(String);
+pub struct PhoneNumber(Arc<str>);
 
 impl PhoneNumber {
     /// Parses `+` followed by 7 to 15 digits, the first not `0`.
@@ -35,7 +38,7 @@ impl PhoneNumber {
             && digits.bytes().all(|b| b.is_ascii_digit())
             && !digits.starts_with('0');
         if valid {
-            Ok(Self(s.to_owned()))
+            Ok(Self(s.into()))
         } else {
             Err(IdError::Phone(s.to_owned()))
         }
@@ -54,7 +57,7 @@ impl PhoneNumber {
     /// The user JID of this number.
     pub fn jid(&self) -> Jid {
         Jid {
-            full: format!("{}@{}", self.digits(), Server::User.as_str()),
+            full: format!("{}@{}", self.digits(), Server::User.as_str()).into(),
             server: Server::User,
         }
     }
@@ -94,11 +97,11 @@ impl Server {
     }
 }
 
-/// A WhatsApp address: `user@server`.
+/// A WhatsApp address: `user@server`. Shared text, like [`PhoneNumber`].
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Jid {
     /// The whole address, kept as text: it is written far more often than taken apart.
-    full: String,
+    full: Arc<str>,
     server: Server,
 }
 
@@ -120,7 +123,7 @@ impl Jid {
             return Err(err());
         }
         Ok(Self {
-            full: s.to_owned(),
+            full: s.into(),
             server,
         })
     }
@@ -181,7 +184,7 @@ macro_rules! string_serde {
     ($ty:ty) => {
         impl Serialize for $ty {
             fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-                s.collect_str(self)
+                s.serialize_str(self.as_str())
             }
         }
         impl<'de> Deserialize<'de> for $ty {

@@ -213,8 +213,14 @@ async fn open_session(state: &mut NumberState) -> Result<(), ActorProcessingErr>
         credentials,
     };
     let addr = state.myself.clone();
-    let sink: EventSink = Arc::new(move |event| {
-        let _ = addr.cast(NumberMsg::Transport(event));
+    let sink: EventSink = Arc::new(move |event| match event {
+        // Receipts change nothing the number holds: they are seen here, in the session's
+        // order, without a trip through the mailbox (two per reply sent).
+        // Seen by the session's sink already (see `open_session`).
+        WaEvent::Receipt(_) => {}
+        event => {
+            let _ = addr.cast(NumberMsg::Transport(event));
+        }
     });
     let session = a.deps.connector.start(account, sink).await?;
     if let Some(old) = a.resources.replace_session(Some(session)) {
@@ -233,9 +239,8 @@ async fn on_event(state: &mut NumberState, event: WaEvent) -> Result<(), ActorPr
                 pacer.synced();
             }
         }
-        WaEvent::Receipt(receipt) => {
-            tracing::trace!(id = %receipt.id, kind = ?receipt.kind, "receipt");
-        }
+        // Seen by the session's sink already (see `open_session`).
+        WaEvent::Receipt(_) => {}
         WaEvent::QrCode { code, .. } => {
             state.qr = Some(code);
             r.set_state(NumberPhase::Pairing);

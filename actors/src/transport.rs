@@ -19,15 +19,15 @@ use serde::{Deserialize, Serialize};
 use crate::ids::{Jid, PhoneNumber};
 
 /// A message id as WhatsApp carries it: chosen by the sender, unique per (chat, sender).
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(transparent)]
-pub struct MessageId(String);
+/// Shared text: a clone is a reference count, not a copy.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct MessageId(Arc<str>);
 
 impl MessageId {
     /// Accepts 1 to 128 printable ASCII characters without spaces.
     pub fn parse(s: &str) -> Option<Self> {
         let ok = (1..=128).contains(&s.len()) && s.bytes().all(|b| b.is_ascii_graphic());
-        ok.then(|| Self(s.to_owned()))
+        ok.then(|| Self(s.into()))
     }
 
     /// A deterministic outbound id for step `step` of the answer to `inbound` in `chat` of
@@ -37,16 +37,31 @@ impl MessageId {
         let mut h = Fnv::new();
         h.write(number.as_str().as_bytes());
         h.write(&[0]);
-        h.write(chat.to_string().as_bytes());
+        h.write(chat.as_str().as_bytes());
         h.write(&[0]);
         h.write(inbound.0.as_bytes());
         h.write(&step.to_le_bytes());
-        Self(format!("3EB0{:016X}", h.0))
+        Self(format!("3EB0{:016X}", h.0).into())
     }
 
     /// The id text.
     pub fn as_str(&self) -> &str {
         &self.0
+    }
+}
+
+impl Serialize for MessageId {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.0)
+    }
+}
+
+impl<'de> Deserialize<'de> for MessageId {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let raw = String::deserialize(d)?;
+        Self::parse(&raw).ok_or_else(|| {
+            serde::de::Error::custom("a message id is 1 to 128 printable characters without spaces")
+        })
     }
 }
 
