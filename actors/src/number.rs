@@ -212,16 +212,21 @@ async fn open_session(state: &mut NumberState) -> Result<(), ActorProcessingErr>
         client_label: a.deps.settings.client_label.clone(),
         credentials,
     };
-    let addr = state.myself.clone();
-    let sink: EventSink = Arc::new(move |event| match event {
-        // Receipts change nothing the number holds: they are seen here, in the session's
-        // order, without a trip through the mailbox (two per reply sent).
-        // Seen by the session's sink already (see `open_session`).
-        WaEvent::Receipt(_) => {}
-        event => {
-            let _ = addr.cast(NumberMsg::Transport(event));
-        }
-    });
+    let intake = Intake {
+        number: state.myself.clone(),
+        conversations: state
+            .conversations
+            .clone()
+            .ok_or("session opened before post_start")?,
+        pacer: state
+            .pacer
+            .clone()
+            .ok_or("session opened before post_start")?,
+        fence: fence(state)?.clone(),
+        resources: a.resources.clone(),
+        deps: a.deps.clone(),
+    };
+    let sink: EventSink = Arc::new(move |event| intake.on_event(event));
     let session = a.deps.connector.start(account, sink).await?;
     if let Some(old) = a.resources.replace_session(Some(session)) {
         old.shutdown().await;
@@ -232,15 +237,8 @@ async fn open_session(state: &mut NumberState) -> Result<(), ActorProcessingErr>
 async fn on_event(state: &mut NumberState, event: WaEvent) -> Result<(), ActorProcessingErr> {
     let r = state.args.resources.clone();
     match event {
-        WaEvent::Message(msg) => on_message(state, msg)?,
-        WaEvent::OfflineSyncCompleted { count } => {
-            tracing::debug!(number = %state.args.number, count, "offline sync completed");
-            if let Some(pacer) = &state.pacer {
-                pacer.synced();
-            }
-        }
-        // Seen by the session's sink already (see `open_session`).
-        WaEvent::Receipt(_) => {}
+        // Taken by the session's sink (see [`Intake`]); never queued here.
+        WaEvent::Message(_) | WaEvent::OfflineSyncCompleted { .. } | WaEvent::Receipt(_) => {}
         WaEvent::QrCode { code, .. } => {
             state.qr = Some(code);
             r.set_state(NumberPhase::Pairing);
@@ -278,57 +276,81 @@ async fn on_event(state: &mut NumberState, event: WaEvent) -> Result<(), ActorPr
     Ok(())
 }
 
-fn on_message(state: &NumberState, msg: InboundMessage) -> Result<(), ActorProcessingErr> {
-    let resources = &state.args.resources;
-    if msg.is_from_me {
-        metrics::counter!(MESSAGES_RECEIVED, "kind" => "echo").increment(1);
-        on_echo(state, msg)?;
-        return Ok(());
-    }
-    if msg.chat.is_group() && !state.args.deps.settings.groups_enabled {
-        metrics::counter!(MESSAGES_RECEIVED, "kind" => "group_ignored").increment(1);
-        if let Some(session) = resources.session() {
-            session.ack(&msg.chat, &msg.sender, &msg.id);
-        }
-        return Ok(());
-    }
-    let kind = if msg.chat.is_group() {
-        "group"
-    } else {
-        "direct"
-    };
-    metrics::counter!(MESSAGES_RECEIVED, "kind" => kind).increment(1);
-    FleetCounters::bump(&state.args.deps.counters.messages_in);
-    if let Some(conv) = &state.conversations {
-        let _ = conv.cast(ConversationsMsg::Inbound(msg));
-    }
-    Ok(())
+/// The session's sink: the number's events in the session's order. Messages go straight to
+/// the conversation supervisor (intake), echoes and the offline-sync marker straight to the
+/// store and the pacer, receipts are only traced; the session's lifecycle events go through the
+/// number's mailbox. So a message costs no trip through the number actor, and the pacer sees
+/// every redelivered echo's confirmation before the sync that follows them.
+struct Intake {
+    number: Addr<NumberMsg>,
+    conversations: Addr<ConversationsMsg>,
+    pacer: PacerHandle,
+    fence: Fence,
+    resources: Arc<NumberResources>,
+    deps: Deps,
 }
 
-/// Our own send came back: the network has it. Tell the pacer at once (so a send whose outcome
-/// was unknown is not repeated), record it, and acknowledge the echo once that is committed, so
-/// that it is redelivered if we die first.
-fn on_echo(state: &NumberState, msg: InboundMessage) -> Result<(), ActorProcessingErr> {
-    if let Some(pacer) = &state.pacer {
-        pacer.confirmed(msg.id.clone());
-    }
-    let committed = state.args.deps.store.mark_sent(fence(state)?, &msg.id);
-    let resources = state.args.resources.clone();
-    let myself = state.myself.clone();
-    tokio::spawn(async move {
-        match committed.await {
-            Ok(_) => {
-                if let Some(session) = resources.session() {
-                    session.ack(&msg.chat, &msg.sender, &msg.id);
-                }
+impl Intake {
+    fn on_event(&self, event: WaEvent) {
+        match event {
+            WaEvent::Message(msg) => self.on_message(msg),
+            WaEvent::OfflineSyncCompleted { count } => {
+                tracing::debug!(number = %self.fence.number, count, "offline sync completed");
+                self.pacer.synced();
             }
-            Err(e @ StoreError::Fenced { .. }) => {
-                let _ = myself.cast(NumberMsg::Fenced(e));
+            WaEvent::Receipt(receipt) => {
+                tracing::trace!(id = %receipt.id, kind = ?receipt.kind, "receipt");
             }
-            Err(e) => tracing::warn!(message_id = %msg.id, error = %e, "recording an echo"),
+            event => {
+                let _ = self.number.cast(NumberMsg::Transport(event));
+            }
         }
-    });
-    Ok(())
+    }
+
+    fn on_message(&self, msg: InboundMessage) {
+        if msg.is_from_me {
+            metrics::counter!(MESSAGES_RECEIVED, "kind" => "echo").increment(1);
+            return self.on_echo(msg);
+        }
+        if msg.chat.is_group() && !self.deps.settings.groups_enabled {
+            metrics::counter!(MESSAGES_RECEIVED, "kind" => "group_ignored").increment(1);
+            if let Some(session) = self.resources.session() {
+                session.ack(&msg.chat, &msg.sender, &msg.id);
+            }
+            return;
+        }
+        let kind = if msg.chat.is_group() {
+            "group"
+        } else {
+            "direct"
+        };
+        metrics::counter!(MESSAGES_RECEIVED, "kind" => kind).increment(1);
+        FleetCounters::bump(&self.deps.counters.messages_in);
+        let _ = self.conversations.cast(ConversationsMsg::Inbound(msg));
+    }
+
+    /// Our own send came back: the network has it. Tell the pacer at once (so a send whose
+    /// outcome was unknown is not repeated), record it, and acknowledge the echo once that is
+    /// committed, so that it is redelivered if we die first.
+    fn on_echo(&self, msg: InboundMessage) {
+        self.pacer.confirmed(msg.id.clone());
+        let committed = self.deps.store.mark_sent(&self.fence, &msg.id);
+        let resources = self.resources.clone();
+        let number = self.number.clone();
+        tokio::spawn(async move {
+            match committed.await {
+                Ok(_) => {
+                    if let Some(session) = resources.session() {
+                        session.ack(&msg.chat, &msg.sender, &msg.id);
+                    }
+                }
+                Err(e @ StoreError::Fenced { .. }) => {
+                    let _ = number.cast(NumberMsg::Fenced(e));
+                }
+                Err(e) => tracing::warn!(message_id = %msg.id, error = %e, "recording an echo"),
+            }
+        });
+    }
 }
 
 /// A terminal event: close the session (it does not reconnect) and record the state.
