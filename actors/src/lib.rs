@@ -2,7 +2,8 @@
 //!
 //! ```text
 //! Fleet supervisor  (fleet.rs)          one child per number; per-child budget: 10 per 10 min
-//! └── Number actor  (number.rs)         session state machine; owns the session and the pacer
+//! └── Number actor  (number.rs)         session state machine; owns the session and the pacer;
+//!     │                                 its session's sink hands messages to intake directly
 //!     ├── pacer task (pacer.rs)         rate-limited, typing, retries with the same message id
 //!     └── Conversation supervisor (conversations.rs)   intake: pending until processed
 //!         └── Conversation actor (conversation.rs)     one per chat; lazy; stops when idle;

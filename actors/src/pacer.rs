@@ -2,15 +2,15 @@
 //! account's rate limit, with a typing indicator proportional to the length.
 //!
 //! Exactly once in effect: a reply keeps the id it was given when it was queued, for every
-//! attempt. It is marked sent in the outbox when its echo arrives (the number actor does that,
-//! and acknowledges the echo only once the mark is committed, so an echo lost to a crash is
+//! attempt. It is marked sent in the outbox when its echo arrives (the number's session sink does
+//! that, and acknowledges the echo only once the mark is committed, so an echo lost to a crash is
 //! redelivered): one write per reply, made by one party. A send whose outcome is unknown (the
 //! connection dropped before the server's ack, or the node restarted) is not retried blindly:
 //! the pacer waits until the next connection's offline sync has completed. By then the network
-//! has redelivered the echo of every send it received, the number actor has confirmed those
-//! ([`PacerHandle::confirmed`]), and only the sends the network never saw are tried again. A
-//! reply handed over again after a lost commit answer ([`PacerHandle::recover`]) is sent only if
-//! the pacer has not handled its id.
+//! has redelivered the echo of every send it received, the session sink has confirmed those
+//! ([`PacerHandle::confirmed`]) in the session's order, ahead of the sync marker, and only the
+//! sends the network never saw are tried again. A reply handed over again after a lost commit
+//! answer ([`PacerHandle::recover`]) is sent only if the pacer has not handled its id.
 //!
 //! A task rather than an actor: it spends its life waiting on timers and server acks, which would
 //! block an actor's mailbox. It is cancelled with the number's token.
