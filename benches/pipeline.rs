@@ -545,7 +545,10 @@ async fn write_chunk(
                     sender: m.sender.clone(),
                     inbound: m.id.clone(),
                     replies: vec![r.clone()],
-                    checkpoint: ChatContext { turns: 1 },
+                    checkpoint: ChatContext {
+                        turns: 1,
+                        from_phone: 0,
+                    },
                 },
             )
         })
@@ -580,12 +583,14 @@ fn row(
         is_from_me: false,
         text: "hello, what are your hours?".into(),
         timestamp_ms: 1_767_225_600_000,
+        offline: false,
     };
     let reply = OutboundText {
-        id: MessageId::derived(&fence.number, &msg.chat, &id, 0),
+        id: MessageId::derived(&fence.number, &msg.chat, &msg.sender, &id, 0),
         to: msg.chat.clone(),
         text: "We are open 9:00 to 18:00, Monday to Friday.".into(),
         reply_to: Some(id),
+        reply_to_sender: None,
     };
     Ok((fence.clone(), msg, reply))
 }

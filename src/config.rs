@@ -233,6 +233,7 @@ fn read(r: &mut Reader<'_>) -> Config {
         },
         typing_per_char: r.duration("runtime.typing_per_char"),
         typing_max: r.duration("runtime.typing_max"),
+        unsettled_wait: r.duration("runtime.unsettled_wait"),
         groups_enabled: r.bool("runtime.groups_enabled"),
         ..Settings::default()
     };

@@ -27,7 +27,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::bot::{CannedModel, ChaosResponder, KeywordBot};
 use crate::sim::ledger::Summary;
-use crate::sim::{Dialer, FaultKind, Network, SimConfig, SimConnector, TrafficSpec};
+use crate::sim::{Dialer, Fault, FaultKind, Network, SimConfig, SimConnector, TrafficSpec};
 use crate::store::{NumberRecord, SessionCipher, SqlStore, StoreOptions, TenantRecord};
 
 /// What to run.
@@ -237,7 +237,7 @@ async fn phones(network: Network, stop: CancellationToken) {
     while !stop.is_cancelled() {
         tick.tick().await;
         for n in network.awaiting_pairing() {
-            let _ = network.pair(&n);
+            let _ = network.pair(&n, None);
         }
     }
 }
@@ -263,7 +263,7 @@ async fn chaos(
         } else {
             Duration::ZERO
         };
-        let _ = network.fault(FaultKind::Drop, n, 0, outage);
+        let _ = network.fault(n, Fault::new(FaultKind::Drop, outage));
         if round.is_multiple_of(10) {
             let victim = numbers[rng.random_range(0..numbers.len())].clone();
             crate::serve::crash_number(&fleet_addr, victim).await;

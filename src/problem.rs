@@ -86,24 +86,22 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for JsonBody<T> {
         let bytes = Bytes::from_request(req, state)
             .await
             .map_err(|e| Problem::new(StatusCode::BAD_REQUEST, "unreadable body", e.body_text()))?;
-        let mut de = serde_json::Deserializer::from_slice(&bytes);
-        match serde_path_to_error::deserialize(&mut de) {
-            Ok(value) => Ok(Self(value)),
-            Err(err) => {
-                let path = err.path().to_string();
-                let inner = err.into_inner();
-                if inner.is_syntax() || inner.is_eof() {
-                    return Err(Problem::new(
-                        StatusCode::BAD_REQUEST,
-                        "malformed JSON",
-                        inner.to_string(),
-                    ));
-                }
-                let field = missing_field(&inner.to_string()).unwrap_or(path);
-                Err(Problem::invalid(field, inner.to_string()))
-            }
-        }
+        parse_json(&bytes).map(Self)
     }
+}
+
+/// Parses a JSON body; a malformed one is a 400 problem, a wrong field a 422 naming it.
+pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, Problem> {
+    let mut de = serde_json::Deserializer::from_slice(bytes);
+    serde_path_to_error::deserialize(&mut de).map_err(|err| {
+        let path = err.path().to_string();
+        let inner = err.into_inner();
+        if inner.is_syntax() || inner.is_eof() {
+            return Problem::new(StatusCode::BAD_REQUEST, "malformed JSON", inner.to_string());
+        }
+        let field = missing_field(&inner.to_string()).unwrap_or(path);
+        Problem::invalid(field, inner.to_string())
+    })
 }
 
 /// serde reports a missing field at the parent's path; name the field itself.

@@ -1,7 +1,8 @@
 //! The WhatsApp simulator: the stand-in for the WhatsApp network in every test, benchmark and
 //! demo, and the referee whose ledger says whether anything was lost or sent twice.
 //!
-//! - [`network`]: accounts, connections, pairing, limits, receipts, redelivery, faults, traffic.
+//! - [`network`]: accounts and connections; pairing, traffic, delivery, receipts and faults, each
+//!   in a file of its own.
 //! - [`ledger`]: the referee's record and totals.
 //! - [`client`]: the `sim` transport (implements the transport port), in process or remote.
 //! - [`server`]: `switchboard sim serve`, the control API and the wire.
@@ -15,4 +16,4 @@ pub mod server;
 pub mod wire;
 
 pub use client::{Dialer, SimConnector};
-pub use network::{FaultKind, Network, SimConfig, TrafficSpec};
+pub use network::{Fault, FaultKind, Network, SimConfig, TrafficSpec};

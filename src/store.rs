@@ -425,7 +425,7 @@ const MAX_STATEMENT_ROWS: usize = 256;
 type AnyQuery<'q> = sqlx::query::Query<'q, Any, sqlx::any::AnyArguments<'q>>;
 
 /// Binds an inbound row in column order: number, chat, sender, message_id, sender_alt, body,
-/// preview, sent_at, received_at (= `now`).
+/// preview, sent_at, received_at (= `now`), from_me.
 fn bind_inbound_row<'q>(
     q: AnyQuery<'q>,
     fence: &'q Fence,
@@ -441,6 +441,7 @@ fn bind_inbound_row<'q>(
         .bind(preview(&msg.text))
         .bind(to_i64(msg.timestamp_ms))
         .bind(now)
+        .bind(msg.is_from_me)
 }
 
 /// `($1, $2), ($3, $4)…`: placeholders for `rows` rows of `cols` columns.

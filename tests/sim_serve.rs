@@ -8,8 +8,8 @@ use std::time::Duration;
 use serde_json::{Value, json};
 use switchboard::sim::{Dialer, Network, SimConfig, SimConnector, server};
 use switchboard_actors::transport::{
-    AccountSpec, Credentials, InboundMessage, MessageId, OutboundText, SendError, WaConnector,
-    WaEvent, WaSession,
+    AccountSpec, Credentials, InboundMessage, MessageId, OutboundText, WaConnector, WaEvent,
+    WaSession,
 };
 use switchboard_actors::{Jid, PhoneNumber};
 
@@ -117,12 +117,13 @@ impl Api {
     }
 }
 
-fn out(id: &str, to: &str, reply_to: Option<&str>) -> OutboundText {
+fn out(id: &str, to: &Jid, reply_to: Option<&str>) -> OutboundText {
     OutboundText {
         id: MessageId::parse(id).unwrap(),
-        to: PhoneNumber::parse(to).unwrap().jid(),
+        to: to.clone(),
         text: "thanks".into(),
         reply_to: reply_to.map(|r| MessageId::parse(r).unwrap()),
+        reply_to_sender: None,
     }
 }
 
@@ -190,27 +191,50 @@ async fn every_control_route_and_the_ledger_agree_with_what_happened() {
         .await;
     let id1 = body["id"].as_str().unwrap().to_owned();
     let m1 = c1.message("inbound", &id1).await;
-    c1.session.ack(&m1.chat, &m1.sender, &m1.id);
+    c1.session.ack(&[m1.key()]);
+    for id in ["3EB0R1", "3EB0R2", "3EB0R1"] {
+        c1.session
+            .send_text(out(id, &m1.chat, Some(&id1)))
+            .await
+            .unwrap();
+    }
     c1.session
-        .send_text(out("3EB0R1", contact, Some(&id1)))
+        .send_text(out("3EB0R3", &m1.chat, None))
         .await
         .unwrap();
-    c1.session
-        .send_text(out("3EB0R2", contact, Some(&id1)))
-        .await
-        .unwrap();
-    c1.session
-        .send_text(out("3EB0R1", contact, Some(&id1)))
-        .await
-        .unwrap();
-    assert_eq!(
-        c1.session.send_text(out("3EB0R3", contact, None)).await,
-        Err(SendError::RateOverlimit)
-    );
-    c1.wait("echo", |e| matches!(e, WaEvent::Message(m) if m.is_from_me))
-        .await;
+    c1.wait("rate-overlimit", |e| {
+        matches!(e, WaEvent::ServerAck(a) if a.id.as_str() == "3EB0R3"
+            && a.error.as_ref().is_some_and(|e| e.is_rate_limit()))
+    })
+    .await;
     c1.wait("receipt", |e| matches!(e, WaEvent::Receipt(_)))
         .await;
+    assert_eq!(
+        c1.count(|e| matches!(e, WaEvent::FromPhone(_))),
+        0,
+        "no copy of our own sends"
+    );
+
+    // POST /accounts/{number}/phone-send: the linked device sees it as from the phone.
+    let (status, sent) = api
+        .post(
+            &format!("/accounts/{a}/phone-send"),
+            json!({"to": contact, "text": "a person answers"}),
+        )
+        .await;
+    assert_eq!(status, 200);
+    let from_phone = c1
+        .wait("from phone", |e| matches!(e, WaEvent::FromPhone(_)))
+        .await;
+    let WaEvent::FromPhone(m) = from_phone else {
+        unreachable!()
+    };
+    assert_eq!(Some(m.id.as_str()), sent["id"].as_str());
+    assert!(m.is_from_me);
+    let (status, problem) = api
+        .post(&format!("/accounts/{a}/phone-send"), json!({"to": "x"}))
+        .await;
+    assert_eq!((status, problem["field"].as_str()), (422, Some("to")));
 
     let (status, _) = api
         .post(
@@ -326,9 +350,30 @@ async fn every_control_route_and_the_ledger_agree_with_what_happened() {
 
     // Ban and logout.
     assert_eq!(api.post("/accounts", json!({"number": b})).await.0, 201);
+    // b pairs by code: the device shows it, the phone enters it.
     let cb = Client::start(&addr, b, "node-b", None).await;
     cb.wait("qr", |e| matches!(e, WaEvent::QrCode { .. })).await;
-    api.post(&format!("/accounts/{b}/pair"), json!({})).await;
+    cb.session.request_pair_code().await.unwrap();
+    let WaEvent::PairCode { code, .. } = cb
+        .wait("pair code", |e| matches!(e, WaEvent::PairCode { .. }))
+        .await
+    else {
+        unreachable!()
+    };
+    let (status, problem) = api
+        .post(&format!("/accounts/{b}/pair"), json!({"code": "NOTTHIS1"}))
+        .await;
+    assert_eq!((status, problem["field"].as_str()), (422, Some("code")));
+    let (status, problem) = api
+        .post(&format!("/accounts/{b}/pair"), json!({"cod": code}))
+        .await;
+    assert_eq!(status, 422, "{problem}");
+    assert_eq!(
+        api.post(&format!("/accounts/{b}/pair"), json!({ "code": code }))
+            .await
+            .0,
+        200
+    );
     cb.wait("connected", |e| *e == WaEvent::Connected).await;
     assert_eq!(
         api.post(
@@ -356,9 +401,13 @@ async fn every_control_route_and_the_ledger_agree_with_what_happened() {
     assert_eq!(s["accounts"], 2);
     assert_eq!(s["inbound_acked"], 1);
     assert_eq!(s["inbound_unanswered"].as_u64().unwrap(), inbound - 1);
-    assert_eq!(s["outbound"], 3);
+    assert_eq!(s["outbound"], 2, "distinct messages");
     assert_eq!(s["duplicate_outbound_ids"], 1);
+    assert_eq!(s["resent_same_id"], 1);
     assert_eq!(s["duplicate_replies"], 1);
+    assert_eq!(s["shown_twice"], 1, "R2 repeats R1's text and quote");
+    assert_eq!(s["ack_errors"], 1);
+    assert_eq!(s["phone_sent"], 1);
     assert_eq!(s["stream_replaced"], 1);
     assert_eq!(s["replaced_then_reconnected"], 1);
     assert_eq!(s["rate_overlimit"], 1);
@@ -377,7 +426,13 @@ async fn every_control_route_and_the_ledger_agree_with_what_happened() {
         ));
         assert!(has(&|e| e["event"] == "outbound_received"
             && e["reply_to"] == id1.as_str()
-            && e["to"] == "4915300001@s.whatsapp.net"));
+            && e["to"] == m1.chat.as_str()));
+        assert!(has(
+            &|e| e["event"] == "outbound_received" && e["resend"] == true
+        ));
+        assert!(has(&|e| e["event"] == "ack_sent"
+            && e["id"] == "3EB0R3"
+            && e["error"]["code"] == 429));
         assert!(has(
             &|e| e["event"] == "connection_opened" && e["client"] == "node-a"
         ));

@@ -80,6 +80,7 @@ fn msg(from: &str, id: &str, text: &str) -> InboundMessage {
         is_from_me: false,
         text: text.into(),
         timestamp_ms: 1_767_225_600_000,
+        offline: false,
     }
 }
 
@@ -90,14 +91,18 @@ fn completion(fence: &Fence, m: &InboundMessage, reply: Option<&str>, turns: u64
         inbound: m.id.clone(),
         replies: reply
             .map(|text| OutboundText {
-                id: MessageId::derived(&fence.number, &m.chat, &m.id, 0),
+                id: MessageId::derived(&fence.number, &m.chat, &m.sender, &m.id, 0),
                 to: m.chat.clone(),
                 text: text.into(),
                 reply_to: Some(m.id.clone()),
+                reply_to_sender: None,
             })
             .into_iter()
             .collect(),
-        checkpoint: ChatContext { turns },
+        checkpoint: ChatContext {
+            turns,
+            from_phone: 0,
+        },
     }
 }
 
@@ -540,7 +545,10 @@ async fn checkpoints_takeover_and_contacts(db: &TestDb) {
         .unwrap();
     assert_eq!(
         store.checkpoint(&phone(N1), &chat).await.unwrap(),
-        Some(ChatContext { turns: 7 })
+        Some(ChatContext {
+            turns: 7,
+            from_phone: 0
+        })
     );
     store.set_human_takeover(&fence, &chat, true).await.unwrap();
     let conv = store
@@ -844,7 +852,10 @@ async fn large_batches_write_the_same_rows_as_small_ones(db: &TestDb) {
     );
     assert_eq!(
         store.checkpoint(&phone(N1), &msgs[7].chat).await.unwrap(),
-        Some(ChatContext { turns: 2 })
+        Some(ChatContext {
+            turns: 2,
+            from_phone: 0
+        })
     );
     let stale = Fence {
         number: phone(N1),
@@ -932,7 +943,7 @@ async fn unlogged_messages_are_recorded_with_their_completion_once(db: &TestDb) 
     });
     let answers = futures_util::future::join_all(writes).await;
     for (m, answer) in fresh.iter().zip(answers) {
-        let reply = MessageId::derived(&fence.number, &m.chat, &m.id, 0);
+        let reply = MessageId::derived(&fence.number, &m.chat, &m.sender, &m.id, 0);
         assert_eq!(answer, Ok(Some(vec![reply])));
         let (body, preview, status) = raw_inbound(&store, m.id.as_str()).await;
         assert_eq!((body, status.as_str()), (None, "processed"));
@@ -941,7 +952,13 @@ async fn unlogged_messages_are_recorded_with_their_completion_once(db: &TestDb) 
     assert!(store.unprocessed(&phone(N1)).await.unwrap().is_empty());
     assert_eq!(store.unsent(&phone(N1)).await.unwrap().len(), 3);
     let saved = store.checkpoint(&phone(N1), &chat(&fresh[2])).await;
-    assert_eq!(saved, Ok(Some(ChatContext { turns: 3 })));
+    assert_eq!(
+        saved,
+        Ok(Some(ChatContext {
+            turns: 3,
+            from_phone: 0
+        }))
+    );
 
     // Processed already (a redelivery): nothing is written, the answer says so.
     let again = completion(&fence, &fresh[2], Some("hi"), 9);
@@ -950,7 +967,14 @@ async fn unlogged_messages_are_recorded_with_their_completion_once(db: &TestDb) 
         Ok(None)
     );
     let saved = store.checkpoint(&phone(N1), &chat(&fresh[2])).await;
-    assert_eq!(saved, Ok(Some(ChatContext { turns: 3 })), "not overwritten");
+    assert_eq!(
+        saved,
+        Ok(Some(ChatContext {
+            turns: 3,
+            from_phone: 0
+        })),
+        "not overwritten"
+    );
     assert_eq!(
         store.record_inbound(&fence, &fresh[2]).await,
         Ok(Recorded::Duplicate { processed: true })
@@ -968,7 +992,13 @@ async fn unlogged_messages_are_recorded_with_their_completion_once(db: &TestDb) 
     );
     assert!(store.unprocessed(&phone(N1)).await.unwrap().is_empty());
     let saved = store.checkpoint(&phone(N1), &chat(&pending)).await;
-    assert_eq!(saved, Ok(Some(ChatContext { turns: 1 })));
+    assert_eq!(
+        saved,
+        Ok(Some(ChatContext {
+            turns: 1,
+            from_phone: 0
+        }))
+    );
 
     // Dead-lettered: left as it is.
     let dead = msg("+4915100031", "U10", "hello");

@@ -174,6 +174,11 @@ async fn deliver(
             before: state.ctx.clone(),
         }
     };
+    if msg.is_from_me {
+        // A person answered from the phone: recorded in the chat, never answered.
+        state.ctx.from_phone += 1;
+        return answer(state, &msg, None, intake).await;
+    }
     state.ctx.turns += 1;
     match state.args.deps.responder.respond(&state.ctx, &msg) {
         Reply::Text(text) => answer(state, &msg, Some(text), intake).await?,
@@ -247,10 +252,12 @@ async fn answer(
     let replies: Vec<OutboundText> = text
         .into_iter()
         .map(|text| OutboundText {
-            id: MessageId::derived(&a.fence.number, &a.chat, &msg.id, 0),
+            id: MessageId::derived(&a.fence.number, &a.chat, &msg.sender, &msg.id, 0),
             to: a.chat.clone(),
             text,
             reply_to: Some(msg.id.clone()),
+            // In a DM the chat says who wrote it; in a group the quote must.
+            reply_to_sender: a.chat.is_group().then(|| msg.sender.clone()),
         })
         .collect();
     let done = Completion {
@@ -300,7 +307,12 @@ async fn recover_replies(state: &ConversationState, msg: &InboundMessage) {
     let a = &state.args;
     match a.deps.store.unsent(&a.fence.number).await {
         Ok(rows) => {
-            let mine = |r: &OutboundText| r.to == a.chat && r.reply_to.as_ref() == Some(&msg.id);
+            let quoted = a.chat.is_group().then_some(&msg.sender);
+            let mine = |r: &OutboundText| {
+                r.to == a.chat
+                    && r.reply_to.as_ref() == Some(&msg.id)
+                    && r.reply_to_sender.as_ref() == quoted
+            };
             for row in rows.into_iter().filter(mine) {
                 a.pacer.recover(row);
             }
@@ -329,10 +341,7 @@ fn unless_fenced<T>(
 /// Reports `msg` processed to the supervisor, which acknowledges it.
 fn processed(state: &ConversationState, msg: &InboundMessage) {
     let a = &state.args;
-    let _ = a.parent.cast(ConversationsMsg::Processed {
-        chat: a.chat.clone(),
-        id: msg.id.clone(),
-    });
+    let _ = a.parent.cast(ConversationsMsg::Processed(msg.key()));
 }
 
 fn idle_check(myself: &ActorRef<ConversationMsg>, state: &ConversationState) {

@@ -31,9 +31,9 @@ use crate::pacer::{PacerHandle, retry_delays};
 use crate::restart::{Decision, Exit, RestartTracker};
 use crate::store::{Fence, Recorded, StoreError};
 use crate::telemetry::{ActorKind, CONVERSATIONS_ACTIVE, DEAD_LETTERS, Mailbox, PARKED, RESTARTS};
-use crate::transport::{InboundMessage, MessageId};
+use crate::transport::{InboundMessage, MessageId, MessageKey};
 
-/// How many processed message ids a chat remembers to drop redeliveries.
+/// How many processed messages a chat remembers to drop redeliveries.
 const SEEN_CAPACITY: usize = 256;
 
 /// The conversation supervisor.
@@ -45,20 +45,13 @@ pub enum ConversationsMsg {
     Inbound(InboundMessage),
     /// The store answered for a message: committed, or already there.
     Committed {
-        /// The chat.
-        chat: Jid,
         /// The message.
-        id: MessageId,
+        key: MessageKey,
         /// What the store found.
         result: Result<Recorded, StoreError>,
     },
     /// A conversation finished a message.
-    Processed {
-        /// The chat.
-        chat: Jid,
-        /// The message.
-        id: MessageId,
-    },
+    Processed(MessageKey),
     /// A backoff delay ended: start the chat's conversation again.
     Respawn(Jid),
     /// A conversation's write was refused as fenced: the number must stop.
@@ -131,8 +124,9 @@ struct Chat {
     pending: VecDeque<Entry>,
     tracker: RestartTracker,
     phase: ChatPhase,
-    seen: HashSet<MessageId>,
-    seen_order: VecDeque<MessageId>,
+    /// Senders and ids processed lately (an id is unique only per chat and sender).
+    seen: HashSet<(Jid, MessageId)>,
+    seen_order: VecDeque<(Jid, MessageId)>,
     restarts: u32,
 }
 
@@ -212,10 +206,8 @@ impl Actor for ConversationsActor {
         state.args.mailbox.dequeued();
         match message {
             ConversationsMsg::Inbound(msg) => inbound(state, msg).await,
-            ConversationsMsg::Committed { chat, id, result } => {
-                committed(state, &chat, &id, result);
-            }
-            ConversationsMsg::Processed { chat, id } => done(state, &chat, &id),
+            ConversationsMsg::Committed { key, result } => committed(state, &key, result),
+            ConversationsMsg::Processed(key) => done(state, &key),
             ConversationsMsg::Fenced(e) => {
                 let _ = state.args.number.cast(NumberMsg::Fenced(e));
             }
@@ -269,12 +261,16 @@ fn chat_of<'a>(state: &'a mut ConversationsState, jid: &Jid) -> &'a mut Chat {
 
 async fn inbound(state: &mut ConversationsState, msg: InboundMessage) {
     let chat = chat_of(state, &msg.chat);
-    if chat.seen.contains(&msg.id) {
+    if chat.seen.contains(&(msg.sender.clone(), msg.id.clone())) {
         // A redelivery of something already processed: our ack was lost; ack again.
         ack(&state.args.resources, &msg);
         return;
     }
-    if chat.pending.iter().any(|p| p.msg.id == msg.id) {
+    if chat
+        .pending
+        .iter()
+        .any(|p| p.msg.id == msg.id && p.msg.sender == msg.sender)
+    {
         return;
     }
     if let ChatPhase::Parked { last_error, until } = &chat.phase {
@@ -322,8 +318,7 @@ fn record(state: &ConversationsState, msg: InboundMessage) {
             result = store.record_inbound(&fence, &msg).await;
         }
         let _ = myself.cast(ConversationsMsg::Committed {
-            chat: msg.chat,
-            id: msg.id,
+            key: msg.key(),
             result,
         });
     });
@@ -331,16 +326,16 @@ fn record(state: &ConversationsState, msg: InboundMessage) {
 
 fn committed(
     state: &mut ConversationsState,
-    jid: &Jid,
-    id: &MessageId,
+    key: &MessageKey,
     result: Result<Recorded, StoreError>,
 ) {
-    let Some(chat) = state.chats.get_mut(jid) else {
+    let Some(chat) = state.chats.get_mut(&key.chat) else {
         return;
     };
-    let Some(pos) = chat.pending.iter().position(|e| e.msg.id == *id) else {
+    let Some(pos) = position(chat, key) else {
         return;
     };
+    let (jid, id) = (&key.chat, &key.id);
     match result {
         Ok(Recorded::New | Recorded::Duplicate { processed: false }) => {
             if let Some(entry) = chat.pending.get_mut(pos) {
@@ -348,7 +343,7 @@ fn committed(
             }
             deliver_ready(chat);
         }
-        Ok(Recorded::Duplicate { processed: true }) => done(state, jid, id),
+        Ok(Recorded::Duplicate { processed: true }) => done(state, key),
         Err(e @ StoreError::Fenced { .. }) => {
             let _ = state.args.number.cast(NumberMsg::Fenced(e));
         }
@@ -419,12 +414,19 @@ async fn start(state: &mut ConversationsState, jid: &Jid) {
     }
 }
 
-/// The message is processed (its outcome committed): acknowledge it and remember its id.
-fn done(state: &mut ConversationsState, jid: &Jid, id: &MessageId) {
-    let Some(chat) = state.chats.get_mut(jid) else {
+/// Where the message `key` waits in its chat's queue.
+fn position(chat: &Chat, key: &MessageKey) -> Option<usize> {
+    chat.pending
+        .iter()
+        .position(|e| e.msg.id == key.id && e.msg.sender == key.sender)
+}
+
+/// The message is processed (its outcome committed): acknowledge it and remember it.
+fn done(state: &mut ConversationsState, key: &MessageKey) {
+    let Some(chat) = state.chats.get_mut(&key.chat) else {
         return;
     };
-    let Some(pos) = chat.pending.iter().position(|e| e.msg.id == *id) else {
+    let Some(pos) = position(chat, key) else {
         return;
     };
     if let Some(Entry { msg, .. }) = chat.pending.remove(pos) {
@@ -434,8 +436,9 @@ fn done(state: &mut ConversationsState, jid: &Jid, id: &MessageId) {
         {
             chat.seen.remove(&old);
         }
-        chat.seen.insert(msg.id.clone());
-        chat.seen_order.push_back(msg.id);
+        let seen = (msg.sender, msg.id);
+        chat.seen.insert(seen.clone());
+        chat.seen_order.push_back(seen);
     }
 }
 
@@ -522,7 +525,7 @@ fn dead_letter(args: &ConversationsArgs, message: InboundMessage, reason: DeadLe
 
 fn ack(resources: &NumberResources, msg: &InboundMessage) {
     if let Some(session) = resources.session() {
-        session.ack(&msg.chat, &msg.sender, &msg.id);
+        session.ack(&[msg.key()]);
     }
 }
 

@@ -43,6 +43,9 @@ pub struct Settings {
     pub typing_per_char: Duration,
     /// Upper bound of the typing time.
     pub typing_max: Duration,
+    /// After a login, how long replies of unknown outcome wait for receipts that settle them
+    /// before they are sent again with the same id.
+    pub unsettled_wait: Duration,
     /// Answer group chats (DM-only by default).
     pub groups_enabled: bool,
     /// Deadline of calls between actors.
@@ -64,6 +67,7 @@ impl Default for Settings {
             },
             typing_per_char: Duration::from_millis(10),
             typing_max: Duration::from_secs(2),
+            unsettled_wait: Duration::from_secs(5),
             groups_enabled: false,
             call_timeout: Duration::from_secs(5),
         }

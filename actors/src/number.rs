@@ -238,12 +238,17 @@ async fn on_event(state: &mut NumberState, event: WaEvent) -> Result<(), ActorPr
     let r = state.args.resources.clone();
     match event {
         // Taken by the session's sink (see [`Intake`]); never queued here.
-        WaEvent::Message(_) | WaEvent::OfflineSyncCompleted { .. } | WaEvent::Receipt(_) => {}
+        WaEvent::Message(_)
+        | WaEvent::FromPhone(_)
+        | WaEvent::Undecryptable { .. }
+        | WaEvent::OfflineSyncCompleted { .. }
+        | WaEvent::Receipt(_)
+        | WaEvent::ServerAck(_) => {}
         WaEvent::QrCode { code, .. } => {
             state.qr = Some(code);
             r.set_state(NumberPhase::Pairing);
         }
-        WaEvent::PairCode { code } => {
+        WaEvent::PairCode { code, .. } => {
             state.pair_code = Some(code);
             r.set_state(NumberPhase::Pairing);
         }
@@ -264,9 +269,11 @@ async fn on_event(state: &mut NumberState, event: WaEvent) -> Result<(), ActorPr
             end_session(state, "logged_out", NumberPhase::LoggedOut);
         }
         WaEvent::StreamReplaced => end_session(state, "stream_replaced", NumberPhase::Replaced),
-        WaEvent::QrCodesExhausted => {
+        WaEvent::QrCodesExhausted { disconnected } => {
             state.qr = None;
-            end_session(state, "qr_exhausted", NumberPhase::Unpaired);
+            if disconnected {
+                end_session(state, "qr_exhausted", NumberPhase::Unpaired);
+            }
         }
         WaEvent::TemporaryBan { duration } => {
             end_session(state, "temporary_ban", NumberPhase::Banned);
@@ -276,11 +283,11 @@ async fn on_event(state: &mut NumberState, event: WaEvent) -> Result<(), ActorPr
     Ok(())
 }
 
-/// The session's sink: the number's events in the session's order. Messages go straight to
-/// the conversation supervisor (intake), echoes and the offline-sync marker straight to the
-/// store and the pacer, receipts are only traced; the session's lifecycle events go through the
-/// number's mailbox. So a message costs no trip through the number actor, and the pacer sees
-/// every redelivered echo's confirmation before the sync that follows them.
+/// The session's sink: the number's events as the session reports them. Messages (a contact's,
+/// or one sent from the phone) go straight to the conversation supervisor (intake); server
+/// acks, receipts and the connection's ups and downs straight to the pacer, which settles sends
+/// by them; the session's lifecycle events go through the number's mailbox. So a message costs
+/// no trip through the number actor.
 struct Intake {
     number: Addr<NumberMsg>,
     conversations: Addr<ConversationsMsg>,
@@ -294,12 +301,27 @@ impl Intake {
     fn on_event(&self, event: WaEvent) {
         match event {
             WaEvent::Message(msg) => self.on_message(msg),
+            WaEvent::FromPhone(msg) => {
+                metrics::counter!(MESSAGES_RECEIVED, "kind" => "from_phone").increment(1);
+                let _ = self.conversations.cast(ConversationsMsg::Inbound(msg));
+            }
+            WaEvent::Undecryptable { id, offline, .. } => {
+                // The session asked for a resend; the readable copy arrives with the same id.
+                metrics::counter!(MESSAGES_RECEIVED, "kind" => "undecryptable").increment(1);
+                tracing::debug!(number = %self.fence.number, message_id = %id, offline, "undecryptable");
+            }
+            WaEvent::ServerAck(ack) => self.pacer.server_ack(ack),
+            WaEvent::Receipt(receipt) => self.pacer.receipt(receipt.ids),
             WaEvent::OfflineSyncCompleted { count } => {
                 tracing::debug!(number = %self.fence.number, count, "offline sync completed");
-                self.pacer.synced();
             }
-            WaEvent::Receipt(receipt) => {
-                tracing::trace!(id = %receipt.id, kind = ?receipt.kind, "receipt");
+            WaEvent::Connected => {
+                self.pacer.connected();
+                let _ = self.number.cast(NumberMsg::Transport(WaEvent::Connected));
+            }
+            event @ WaEvent::Disconnected { .. } => {
+                self.pacer.disconnected();
+                let _ = self.number.cast(NumberMsg::Transport(event));
             }
             event => {
                 let _ = self.number.cast(NumberMsg::Transport(event));
@@ -308,14 +330,10 @@ impl Intake {
     }
 
     fn on_message(&self, msg: InboundMessage) {
-        if msg.is_from_me {
-            metrics::counter!(MESSAGES_RECEIVED, "kind" => "echo").increment(1);
-            return self.on_echo(msg);
-        }
         if msg.chat.is_group() && !self.deps.settings.groups_enabled {
             metrics::counter!(MESSAGES_RECEIVED, "kind" => "group_ignored").increment(1);
             if let Some(session) = self.resources.session() {
-                session.ack(&msg.chat, &msg.sender, &msg.id);
+                session.ack(&[msg.key()]);
             }
             return;
         }
@@ -327,29 +345,6 @@ impl Intake {
         metrics::counter!(MESSAGES_RECEIVED, "kind" => kind).increment(1);
         FleetCounters::bump(&self.deps.counters.messages_in);
         let _ = self.conversations.cast(ConversationsMsg::Inbound(msg));
-    }
-
-    /// Our own send came back: the network has it. Tell the pacer at once (so a send whose
-    /// outcome was unknown is not repeated), record it, and acknowledge the echo once that is
-    /// committed, so that it is redelivered if we die first.
-    fn on_echo(&self, msg: InboundMessage) {
-        self.pacer.confirmed(msg.id.clone());
-        let committed = self.deps.store.mark_sent(&self.fence, &msg.id);
-        let resources = self.resources.clone();
-        let number = self.number.clone();
-        tokio::spawn(async move {
-            match committed.await {
-                Ok(_) => {
-                    if let Some(session) = resources.session() {
-                        session.ack(&msg.chat, &msg.sender, &msg.id);
-                    }
-                }
-                Err(e @ StoreError::Fenced { .. }) => {
-                    let _ = number.cast(NumberMsg::Fenced(e));
-                }
-                Err(e) => tracing::warn!(message_id = %msg.id, error = %e, "recording an echo"),
-            }
-        });
     }
 }
 

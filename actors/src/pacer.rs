@@ -1,58 +1,66 @@
 //! The outbound pacer: one task per number that sends the number's outbox in order, under the
-//! account's rate limit, with a typing indicator proportional to the length.
+//! account's rate limit, with a typing indicator proportional to the length, and settles each
+//! send by the server's answer.
 //!
-//! Exactly once in effect: a reply keeps the id it was given when it was queued, for every
-//! attempt. It is marked sent in the outbox when its echo arrives (the number's session sink does
-//! that, and acknowledges the echo only once the mark is committed, so an echo lost to a crash is
-//! redelivered): one write per reply, made by one party. A send whose outcome is unknown (the
-//! connection dropped before the server's ack, or the node restarted) is not retried blindly:
-//! the pacer waits until the next connection's offline sync has completed. By then the network
-//! has redelivered the echo of every send it received, the session sink has confirmed those
-//! ([`PacerHandle::confirmed`]) in the session's order, ahead of the sync marker, and only the
-//! sends the network never saw are tried again. A reply handed over again after a lost commit
-//! answer ([`PacerHandle::recover`]) is sent only if the pacer has not handled its id.
+//! Exactly once in effect, on WhatsApp's real semantics (the sending device gets no copy of its
+//! own sends; a send resolves when it is written; the server's ack comes later, or never):
+//! - A reply keeps the id it was given when it was queued, for every attempt.
+//! - It is marked sent in the outbox when the server acks it, or when a receipt names it; it is
+//!   remembered as handled only once that mark commits.
+//! - An error ack is handled by kind: rate-overlimit cools the number down and sends the same
+//!   id again; other refusals are retried with backoff, then the row is given up with the reason
+//!   ([`MAX_ACK_ERRORS`](book::MAX_ACK_ERRORS)).
+//! - A send whose ack never came has an unknown outcome: the connection dropped first, or an
+//!   earlier owner of the number left it unsent in the outbox. After the next login (whose
+//!   offline receipts settle whatever they name) the pacer waits `unsettled_wait`, then sends
+//!   what is still unsettled again, same id, ahead of everything else. Recipients keep one
+//!   message per sender and id, so the contact sees it once.
+//! - No timer resends a reply whose ack is merely late: only a lost connection makes an
+//!   outcome unknown.
+//! - A reply handed over again after a lost commit answer ([`PacerHandle::recover`]) is sent
+//!   only if the pacer does not know its id.
 //!
-//! A task rather than an actor: it spends its life waiting on timers and server acks, which would
-//! block an actor's mailbox. It is cancelled with the number's token.
+//! The bookkeeping is [`book::Book`], pure and unit-tested; this file is the task around it.
+//! The command channel is unbounded; what flows through it is bounded upstream: one reply per
+//! message the conversations process (bounded by intake), and acks and receipts per send.
 
-use std::collections::{HashSet, VecDeque};
+mod book;
+
 use std::sync::Arc;
 use std::time::Duration;
 
-use backon::{BackoffBuilder, ExponentialBuilder};
+use backon::{BackoffBuilder, ExponentialBackoff, ExponentialBuilder};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use crate::deps::{Deps, FleetCounters, NumberResources, SendRate};
 use crate::store::{Fence, StoreError};
-use crate::telemetry::{MESSAGES_SENT, OUTBOUND_QUEUE};
-use crate::transport::{MessageId, OutboundText, SendError, WaSession};
+use crate::telemetry::{MESSAGES_SENT, OUTBOUND_DEAD, OUTBOUND_QUEUE, OUTBOUND_RESENT};
+use crate::transport::{MessageId, OutboundText, ServerAck, WaSession};
+use book::{AfterError, Book};
 
-/// A send whose outcome is unknown is tried again after this long even if no new offline sync
-/// came (the connection stayed up but the server's ack never arrived).
-const UNSETTLED_WAIT: Duration = Duration::from_secs(30);
-
-/// How many message ids the pacer remembers as handled (sent, given up or confirmed), so that a
-/// reply handed over again ([`PacerHandle::recover`]) is not sent twice. A handled reply leaves
-/// the outbox's unsent rows once its sent mark commits (well under a second), so the memory
-/// only has to cover the replies of that window; an account sends a few per second at most.
-const HANDLED_MEMORY: usize = 256;
-
-/// Sends that fail this many times in a row (not counting waits for a connection) are given up
-/// and marked failed in the outbox.
-const MAX_ATTEMPTS: u32 = 20;
+/// How long a failed sent mark waits before it is committed again.
+const MARK_RETRY: Duration = Duration::from_secs(1);
 
 /// What the pacer is told.
 #[derive(Debug)]
 enum Command {
     /// Send this reply (already committed to the outbox).
     Send(OutboundText),
-    /// Send this reply unless it was handled already (see [`PacerHandle::recover`]).
+    /// Send this reply unless its id is known (see [`PacerHandle::recover`]).
     Recover(OutboundText),
-    /// The network has this message (its echo arrived): never send it again.
-    Confirmed(MessageId),
-    /// The session finished its offline sync: unknown outcomes are settled.
-    Synced,
+    /// The server answered a send.
+    Ack(ServerAck),
+    /// A receipt named these ids: the network has them.
+    Receipt(Vec<MessageId>),
+    /// The session logged in (the offline queue is drained).
+    Connected,
+    /// The session's connection dropped.
+    Disconnected,
+    /// The sent mark of this id committed.
+    Marked(MessageId),
+    /// The sent mark of this id failed; commit it again later.
+    MarkFailed(MessageId),
 }
 
 /// Talks to a number's pacer.
@@ -64,31 +72,35 @@ pub struct PacerHandle {
 impl PacerHandle {
     /// Queues a reply that is committed to the outbox; false if the pacer has stopped.
     pub fn enqueue(&self, msg: OutboundText) -> bool {
-        let queued = self.tx.send(Command::Send(msg)).is_ok();
-        if queued {
-            metrics::gauge!(OUTBOUND_QUEUE).increment(1.0);
-        }
-        queued
+        self.tx.send(Command::Send(msg)).is_ok()
     }
 
     /// Hands over a reply found unsent in the outbox that this pacer may never have been given:
     /// its completion was committed but the answer was lost (the connection dropped at commit),
     /// so the conversation could not tell it was newly queued. It is sent unless this pacer has
-    /// it queued or has sent, given up or seen confirmed that id.
+    /// it queued, in flight or unsettled, or has handled that id.
     pub fn recover(&self, msg: OutboundText) {
-        if self.tx.send(Command::Recover(msg)).is_ok() {
-            metrics::gauge!(OUTBOUND_QUEUE).increment(1.0);
-        }
+        let _ = self.tx.send(Command::Recover(msg));
     }
 
-    /// The network has `id`: drop it from the queue.
-    pub fn confirmed(&self, id: MessageId) {
-        let _ = self.tx.send(Command::Confirmed(id));
+    /// The server answered one of our sends.
+    pub fn server_ack(&self, ack: ServerAck) {
+        let _ = self.tx.send(Command::Ack(ack));
     }
 
-    /// The session's offline sync completed.
-    pub fn synced(&self) {
-        let _ = self.tx.send(Command::Synced);
+    /// A receipt named `ids`.
+    pub fn receipt(&self, ids: Vec<MessageId>) {
+        let _ = self.tx.send(Command::Receipt(ids));
+    }
+
+    /// The session logged in.
+    pub fn connected(&self) {
+        let _ = self.tx.send(Command::Connected);
+    }
+
+    /// The session's connection dropped.
+    pub fn disconnected(&self) {
+        let _ = self.tx.send(Command::Disconnected);
     }
 }
 
@@ -100,12 +112,19 @@ pub fn spawn(resources: Arc<NumberResources>, deps: &Deps, fence: Fence) -> Pace
         bucket: Bucket::new(settings.send_rate),
         typing_per_char: settings.typing_per_char,
         typing_max: settings.typing_max,
+        unsettled_wait: settings.unsettled_wait,
         resources,
         deps: deps.clone(),
         fence,
-        queue: Queue::default(),
-        synced: false,
-        settle_by: None,
+        book: Book::default(),
+        online: false,
+        resend_at: None,
+        paused_until: None,
+        error_delays: retry_delays(),
+        failed_marks: Vec::new(),
+        retry_marks_at: None,
+        gauge: 0,
+        tx: tx.clone(),
     };
     tokio::spawn(pacer.run(rx));
     PacerHandle { tx }
@@ -115,23 +134,26 @@ struct Pacer {
     bucket: Bucket,
     typing_per_char: Duration,
     typing_max: Duration,
+    unsettled_wait: Duration,
     resources: Arc<NumberResources>,
     deps: Deps,
     fence: Fence,
-    queue: Queue,
-    /// Whether sends may go out: false until the session's offline sync, and again after a send
-    /// whose outcome is unknown.
-    synced: bool,
-    /// When an unknown outcome is settled by waiting if no sync comes first.
-    settle_by: Option<Instant>,
-}
-
-/// How one delivery ended.
-enum Outcome {
-    /// Acknowledged, given up, or confirmed: next message.
-    Done,
-    /// Unknown or not connected: wait for the next sync, then try again.
-    Unsettled,
+    book: Book,
+    /// The session is logged in.
+    online: bool,
+    /// When replies of unknown outcome are sent again (set at login); nothing is sent before.
+    resend_at: Option<Instant>,
+    /// Cooling down after an error ack until then.
+    paused_until: Option<Instant>,
+    /// Delays after error acks; starts over after an ack without error.
+    error_delays: ExponentialBackoff,
+    /// Sent marks to commit again at `retry_marks_at`.
+    failed_marks: Vec<MessageId>,
+    retry_marks_at: Option<Instant>,
+    /// What this pacer adds to the queue-depth gauge now.
+    gauge: usize,
+    /// Its own commands, for the answers of the store.
+    tx: mpsc::UnboundedSender<Command>,
 }
 
 impl Pacer {
@@ -145,51 +167,39 @@ impl Pacer {
             while let Ok(cmd) = rx.try_recv() {
                 self.apply(cmd);
             }
-            let next = if self.synced { self.next() } else { None };
-            let Some(msg) = next else {
-                let settle_by = self.settle_by;
+            self.report();
+            let next = if self.may_send() {
+                self.book.next()
+            } else {
+                None
+            };
+            if let Some(msg) = next {
                 tokio::select! {
                     () = cancel.cancelled() => break,
-                    cmd = rx.recv() => match cmd {
-                        Some(cmd) => self.apply(cmd),
-                        None => break,
-                    },
-                    () = sleep_until(settle_by) => {
-                        self.synced = true;
-                        self.settle_by = None;
-                    }
+                    () = self.deliver(msg) => {}
                 }
                 continue;
-            };
-            let outcome = tokio::select! {
+            }
+            tokio::select! {
                 () = cancel.cancelled() => break,
-                outcome = self.deliver(&msg) => outcome,
-            };
-            match outcome {
-                Outcome::Done => self.queue.handled(msg.id),
-                Outcome::Unsettled => {
-                    self.synced = false;
-                    self.settle_by = Some(Instant::now() + UNSETTLED_WAIT);
-                    self.queue.push_front(msg);
-                }
+                cmd = rx.recv() => match cmd {
+                    Some(cmd) => self.apply(cmd),
+                    None => break,
+                },
+                () = sleep_until(self.next_timer()) => self.on_timer(),
             }
         }
-        metrics::gauge!(OUTBOUND_QUEUE).decrement(self.queue.len() as f64);
-        let left = rx.len();
-        if left > 0 {
-            metrics::gauge!(OUTBOUND_QUEUE).decrement(left as f64);
-        }
+        self.gauge_to(0);
     }
 
-    /// Loads what earlier owners of the number left unsent. Their outcome is unknown until the
-    /// first offline sync.
+    /// Loads what earlier owners of the number left unsent: their outcome is unknown.
     async fn load(&mut self) {
         let mut delays = retry_delays();
         loop {
             match self.deps.store.unsent(&self.fence.number).await {
                 Ok(rows) => {
                     for row in rows {
-                        self.queue.push_back(row);
+                        self.book.push_unknown(row);
                     }
                     return;
                 }
@@ -201,88 +211,166 @@ impl Pacer {
         }
     }
 
+    fn may_send(&self) -> bool {
+        let now = Instant::now();
+        self.online && self.resend_at.is_none() && self.paused_until.is_none_or(|t| t <= now)
+    }
+
+    fn next_timer(&self) -> Option<Instant> {
+        [self.resend_at, self.paused_until, self.retry_marks_at]
+            .into_iter()
+            .flatten()
+            .min()
+    }
+
+    fn on_timer(&mut self) {
+        let now = Instant::now();
+        if self.resend_at.is_some_and(|t| t <= now) {
+            self.resend_at = None;
+            let n = self.book.resend_unknown();
+            if n > 0 {
+                tracing::info!(number = %self.fence.number, count = n, "sending unsettled replies again");
+                metrics::counter!(OUTBOUND_RESENT).increment(n as u64);
+            }
+        }
+        if self.paused_until.is_some_and(|t| t <= now) {
+            self.paused_until = None;
+        }
+        if self.retry_marks_at.is_some_and(|t| t <= now) {
+            self.retry_marks_at = None;
+            for id in std::mem::take(&mut self.failed_marks) {
+                self.mark_sent(id);
+            }
+        }
+    }
+
     fn apply(&mut self, cmd: Command) {
         match cmd {
-            Command::Send(msg) => {
-                // `enqueue` counted it; the queue counts what it keeps.
-                metrics::gauge!(OUTBOUND_QUEUE).decrement(1.0);
-                self.queue.push_back(msg);
+            Command::Send(msg) | Command::Recover(msg) => {
+                self.book.push(msg);
             }
-            Command::Recover(msg) => {
-                metrics::gauge!(OUTBOUND_QUEUE).decrement(1.0);
-                if !self.queue.handled.contains(&msg.id) {
-                    self.queue.push_back(msg);
+            Command::Ack(ack) => self.on_ack(ack),
+            Command::Receipt(ids) => {
+                for id in ids {
+                    if self.book.settle(&id) {
+                        self.mark_sent(id);
+                    }
                 }
             }
-            Command::Confirmed(id) => self.queue.confirm(id),
-            Command::Synced => {
-                self.synced = true;
-                self.settle_by = None;
+            Command::Connected => {
+                self.online = true;
+                if self.book.has_unknown() {
+                    self.resend_at = Some(Instant::now() + self.unsettled_wait);
+                }
+            }
+            Command::Disconnected => {
+                self.online = false;
+                self.resend_at = None;
+                self.book.connection_lost();
+            }
+            Command::Marked(id) => self.book.marked(id),
+            Command::MarkFailed(id) => {
+                self.failed_marks.push(id);
+                self.retry_marks_at
+                    .get_or_insert_with(|| Instant::now() + MARK_RETRY);
             }
         }
     }
 
-    /// The next message to send, skipping the confirmed ones.
-    fn next(&mut self) -> Option<OutboundText> {
-        self.queue.pop_front()
+    fn on_ack(&mut self, ack: ServerAck) {
+        let Some(error) = ack.error else {
+            if self.book.settle(&ack.id) {
+                metrics::counter!(MESSAGES_SENT, "outcome" => "ok").increment(1);
+                FleetCounters::bump(&self.deps.counters.messages_out);
+                self.error_delays = retry_delays();
+                self.mark_sent(ack.id);
+            }
+            return;
+        };
+        let after = self.book.refused(&ack.id, &error);
+        if after == AfterError::Unknown {
+            return;
+        }
+        metrics::counter!(MESSAGES_SENT, "outcome" => error.label()).increment(1);
+        tracing::warn!(number = %self.fence.number, message_id = %ack.id, %error, "send refused");
+        let delay = self.error_delays.next().unwrap_or(Duration::from_secs(30));
+        match after {
+            AfterError::CoolDown => {
+                self.bucket.drain();
+                self.paused_until = Some(Instant::now() + delay);
+                self.send_failed(&ack.id, error.to_string(), false);
+            }
+            AfterError::Retry => {
+                self.paused_until = Some(Instant::now() + delay);
+                self.send_failed(&ack.id, error.to_string(), false);
+            }
+            AfterError::GiveUp(reason) => {
+                metrics::counter!(OUTBOUND_DEAD, "reason" => "refused").increment(1);
+                tracing::error!(number = %self.fence.number, message_id = %ack.id, %reason, "reply given up");
+                self.send_failed(&ack.id, reason, true);
+            }
+            AfterError::Unknown => {}
+        }
     }
 
-    /// Sends one message, retrying a refusal for rate with backoff; reports an unknown outcome.
-    async fn deliver(&mut self, msg: &OutboundText) -> Outcome {
-        let mut delays = retry_delays();
-        let mut attempts = 0;
-        loop {
-            let Some(session) = self.resources.session() else {
-                return Outcome::Unsettled;
-            };
-            self.type_for(msg, session.as_ref()).await;
-            // The token is taken right before the send, so the network sees sends spaced by the
-            // bucket whatever the typing times were.
-            self.bucket.take().await;
-            let outcome = session.send_text(msg.clone()).await;
-            metrics::counter!(MESSAGES_SENT, "outcome" => label(&outcome)).increment(1);
-            attempts += 1;
-            let error = match outcome {
+    /// Writes one reply to the connection; its outcome is the server's ack, later.
+    async fn deliver(&mut self, msg: OutboundText) {
+        let Some(session) = self.resources.session() else {
+            self.book.not_written(msg);
+            self.online = false;
+            return;
+        };
+        self.type_for(&msg, session.as_ref()).await;
+        // The token is taken right before the send, so the network sees sends spaced by the
+        // bucket whatever the typing times were.
+        self.bucket.take().await;
+        match session.send_text(msg.clone()).await {
+            Ok(()) => self.book.written(msg),
+            Err(e) => {
+                metrics::counter!(MESSAGES_SENT, "outcome" => "not_connected").increment(1);
+                tracing::debug!(number = %self.fence.number, error = %e, "send not written");
+                self.book.not_written(msg);
+                self.online = false;
+            }
+        }
+    }
+
+    /// Commits that the network has `id`; the answer comes back as a command.
+    fn mark_sent(&self, id: MessageId) {
+        let committed = self.deps.store.mark_sent(&self.fence, &id);
+        let tx = self.tx.clone();
+        let cancel = self.resources.cancel.clone();
+        tokio::spawn(async move {
+            match committed.await {
                 Ok(_) => {
-                    FleetCounters::bump(&self.deps.counters.messages_out);
-                    return Outcome::Done;
+                    let _ = tx.send(Command::Marked(id));
                 }
-                Err(SendError::Refused(reason)) => {
-                    tracing::warn!(message_id = %msg.id, %reason, "send refused by the server");
-                    self.failed(msg, reason, true);
-                    return Outcome::Done;
+                Err(StoreError::Fenced { .. }) => {
+                    tracing::warn!("outbox write fenced; stopping sends");
+                    cancel.cancel();
                 }
-                Err(SendError::RateOverlimit) => {
-                    self.bucket.drain();
-                    "rate-overlimit"
+                Err(e) => {
+                    tracing::warn!(message_id = %id, error = %e, "recording a send");
+                    let _ = tx.send(Command::MarkFailed(id));
                 }
-                Err(SendError::NotConnected | SendError::Timeout(_) | SendError::Closed) => {
-                    return Outcome::Unsettled;
-                }
-            };
-            if attempts >= MAX_ATTEMPTS {
-                self.failed(msg, error.to_owned(), true);
-                return Outcome::Done;
             }
-            self.failed(msg, error.to_owned(), false);
-            tokio::time::sleep(delays.next().unwrap_or(Duration::from_secs(30))).await;
-        }
+        });
     }
 
-    /// Records a failed attempt in the outbox, off the send path.
-    fn failed(&self, msg: &OutboundText, error: String, give_up: bool) {
+    /// Records a refused send in the outbox, off the send path; `give_up` ends the row.
+    fn send_failed(&self, id: &MessageId, error: String, give_up: bool) {
         let store = self.deps.store.clone();
         let fence = self.fence.clone();
-        let id = msg.id.clone();
-        let resources = self.resources.clone();
+        let id = id.clone();
+        let cancel = self.resources.cancel.clone();
         tokio::spawn(async move {
             match store.send_failed(&fence, &id, &error, give_up).await {
                 Ok(()) => {}
                 Err(StoreError::Fenced { .. }) => {
                     tracing::warn!(number = %fence.number, "outbox write fenced; stopping sends");
-                    resources.cancel.cancel();
+                    cancel.cancel();
                 }
-                Err(e) => tracing::warn!(message_id = %id, error = %e, "recording a send"),
+                Err(e) => tracing::warn!(message_id = %id, error = %e, "recording a refusal"),
             }
         });
     }
@@ -301,71 +389,17 @@ impl Pacer {
             let _ = session.send_typing(&msg.to, false).await;
         }
     }
-}
 
-/// The replies waiting to be sent, in order, each once; counted in the queue-depth gauge.
-#[derive(Default)]
-struct Queue {
-    order: VecDeque<OutboundText>,
-    ids: HashSet<MessageId>,
-    /// Ids the network is known to have, among those queued.
-    confirmed: HashSet<MessageId>,
-    /// The latest ids sent, given up or confirmed (at most [`HANDLED_MEMORY`]), oldest first.
-    handled: HashSet<MessageId>,
-    handled_order: VecDeque<MessageId>,
-}
-
-impl Queue {
-    fn push_back(&mut self, msg: OutboundText) {
-        if self.ids.insert(msg.id.clone()) {
-            metrics::gauge!(OUTBOUND_QUEUE).increment(1.0);
-            self.order.push_back(msg);
-        }
+    /// Brings the queue-depth gauge up to date with the book.
+    fn report(&mut self) {
+        self.gauge_to(self.book.queued() + self.book.unsettled());
     }
 
-    fn push_front(&mut self, msg: OutboundText) {
-        if self.ids.insert(msg.id.clone()) {
-            metrics::gauge!(OUTBOUND_QUEUE).increment(1.0);
-            self.order.push_front(msg);
+    fn gauge_to(&mut self, depth: usize) {
+        if depth != self.gauge {
+            metrics::gauge!(OUTBOUND_QUEUE).increment(depth as f64 - self.gauge as f64);
+            self.gauge = depth;
         }
-    }
-
-    /// The first message the network does not have yet and that was not handled meanwhile.
-    fn pop_front(&mut self) -> Option<OutboundText> {
-        while let Some(msg) = self.order.pop_front() {
-            self.ids.remove(&msg.id);
-            metrics::gauge!(OUTBOUND_QUEUE).decrement(1.0);
-            if self.confirmed.remove(&msg.id) {
-                self.handled(msg.id);
-            } else if !self.handled.contains(&msg.id) {
-                return Some(msg);
-            }
-        }
-        None
-    }
-
-    fn confirm(&mut self, id: MessageId) {
-        if self.ids.contains(&id) {
-            self.confirmed.insert(id);
-        } else {
-            self.handled(id);
-        }
-    }
-
-    /// Remembers that `id` needs no more sending.
-    fn handled(&mut self, id: MessageId) {
-        if self.handled.insert(id.clone()) {
-            self.handled_order.push_back(id);
-            if self.handled_order.len() > HANDLED_MEMORY
-                && let Some(old) = self.handled_order.pop_front()
-            {
-                self.handled.remove(&old);
-            }
-        }
-    }
-
-    fn len(&self) -> usize {
-        self.order.len()
     }
 }
 
@@ -376,19 +410,8 @@ async fn sleep_until(at: Option<Instant>) {
     }
 }
 
-fn label<T>(outcome: &Result<T, SendError>) -> &'static str {
-    match outcome {
-        Ok(_) => "ok",
-        Err(SendError::RateOverlimit) => "rate_overlimit",
-        Err(SendError::NotConnected) => "not_connected",
-        Err(SendError::Timeout(_)) => "timeout",
-        Err(SendError::Refused(_)) => "refused",
-        Err(SendError::Closed) => "closed",
-    }
-}
-
 /// Delays between retries: exponential from 500 ms, jittered, capped at 30 s, never ending.
-pub fn retry_delays() -> impl Iterator<Item = Duration> {
+pub fn retry_delays() -> ExponentialBackoff {
     ExponentialBuilder::default()
         .with_min_delay(Duration::from_millis(500))
         .with_max_delay(Duration::from_secs(30))

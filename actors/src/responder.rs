@@ -13,6 +13,9 @@ use crate::transport::InboundMessage;
 pub struct ChatContext {
     /// Messages of this chat handled so far (restored from the checkpoint after a restart).
     pub turns: u64,
+    /// Messages a person sent in this chat from the account's phone.
+    #[serde(default)]
+    pub from_phone: u64,
 }
 
 /// A responder's decision.

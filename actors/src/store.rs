@@ -13,8 +13,8 @@
 //!    effects, in one write. It is acknowledged to the network only after that commit, so a crash
 //!    before it loses nothing (the network redelivers what was not acknowledged); what has to
 //!    wait is always recorded first.
-//! 3. The pacer sends what [`Store::unsent`] holds and [`Store::mark_sent`] records the server's
-//!    ack (or the message's own echo, redelivered after a crash).
+//! 3. The pacer sends what [`Store::unsent`] holds and [`Store::mark_sent`] records that the
+//!    network has it (its server ack, or a receipt naming it).
 //!
 //! The hot-path methods return a [`Pending`] future: the write is queued *when the method is
 //! called* (so writes keep the caller's order) and the future resolves once it is committed.
@@ -260,10 +260,10 @@ impl MemState {
                 });
             return Recorded::New;
         }
-        let processed = self.inbound.get(&fence.number).is_some_and(|rows| {
-            rows.iter()
-                .any(|r| r.done && r.msg.id == msg.id && r.msg.chat == msg.chat)
-        });
+        let processed = self
+            .inbound
+            .get(&fence.number)
+            .is_some_and(|rows| rows.iter().any(|r| r.done && r.msg.key() == msg.key()));
         Recorded::Duplicate { processed }
     }
 }

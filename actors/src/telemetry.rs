@@ -27,8 +27,14 @@ pub const CONVERSATIONS_ACTIVE: &str = "switchboard_conversations_active";
 pub const DEAD_LETTERS: &str = "switchboard_dead_letters_total";
 /// `switchboard_ai_jobs_total{outcome}`: AI jobs by how they ended.
 pub const AI_JOBS: &str = "switchboard_ai_jobs_total";
-/// `switchboard_outbound_queue_depth`: replies waiting in number pacers.
+/// `switchboard_outbound_queue_depth`: replies in number pacers, queued or sent and not yet
+/// settled by the network.
 pub const OUTBOUND_QUEUE: &str = "switchboard_outbound_queue_depth";
+/// `switchboard_outbound_resent_total`: replies sent again with the same id because their
+/// outcome was unknown after a lost connection or a restart.
+pub const OUTBOUND_RESENT: &str = "switchboard_outbound_resent_total";
+/// `switchboard_outbound_dead_letters_total{reason}`: replies given up (refused too often).
+pub const OUTBOUND_DEAD: &str = "switchboard_outbound_dead_letters_total";
 
 /// Registers help texts for every metric above with the installed recorder.
 pub fn describe() {
@@ -52,7 +58,15 @@ pub fn describe() {
     describe_gauge!(CONVERSATIONS_ACTIVE, "Running conversation actors");
     describe_counter!(DEAD_LETTERS, "Messages dead-lettered, by reason");
     describe_counter!(AI_JOBS, "AI jobs by outcome");
-    describe_gauge!(OUTBOUND_QUEUE, "Replies queued in number pacers");
+    describe_gauge!(
+        OUTBOUND_QUEUE,
+        "Replies in number pacers: queued, or sent and not yet settled"
+    );
+    describe_counter!(
+        OUTBOUND_RESENT,
+        "Replies sent again with the same id after an unknown outcome"
+    );
+    describe_counter!(OUTBOUND_DEAD, "Replies given up, by reason");
 }
 
 /// The kinds of actor in the tree, used as the bounded `kind` label.

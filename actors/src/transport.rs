@@ -1,10 +1,26 @@
-//! The transport port: how a number talks to WhatsApp.
+//! The transport port: how a number talks to WhatsApp, as the whatsapp-rust 0.7 client presents
+//! it.
 //!
 //! [`WaConnector::start`] opens a [`WaSession`] for one account. The session owns its connection
-//! loop: it connects, retries silent connect failures with Fibonacci backoff (1, 1, 2, 3, 5 … s,
-//! ±10 %, capped at 900 s), and reports what happens as [`WaEvent`]s through one ordered
-//! [`EventSink`]. Terminal events (logged out, stream replaced, temporary ban, QR codes exhausted)
-//! end the loop: the session never reconnects by itself after one of them.
+//! loop: it connects, and after a failed connect or a dropped connection it waits by Fibonacci
+//! backoff (1, 1, 2, 3, 5 … s, ±10 %, capped at 900 s; the step resets only after a connection
+//! stayed up 30 s) and tries again. It reports what happens as [`WaEvent`]s through one
+//! [`EventSink`]. Terminal events (logged out, stream replaced, temporary ban, QR codes exhausted
+//! with the connection closed) end the loop: the session never reconnects by itself after one.
+//!
+//! What the port promises, and what it does not (the real client's semantics):
+//! - On every login the server first drains the offline queue (messages and receipts, marked
+//!   `offline`), then [`WaEvent::OfflineSyncCompleted`], then [`WaEvent::Connected`].
+//! - [`WaSession::send_text`] resolves once the message is written to the connection. Whether
+//!   the server took it is a later [`WaEvent::ServerAck`], which may carry an error, may never
+//!   come (the connection dropped first) and is not replayed after a reconnect. The sending
+//!   device gets no copy of its own sends; receipts ([`WaEvent::Receipt`]) name delivered and
+//!   read ids, in lists, and are queued while the client is offline.
+//! - Sending the same id again is accepted: recipients keep one message per sender and id.
+//! - Server acks and receipts may arrive out of order with other events (the real client
+//!   handles them on tasks of their own); messages and lifecycle events keep their order.
+//! - An inbound message stays owed to the server until [`WaSession::ack`] names it; what is owed
+//!   is redelivered at the next login.
 //!
 //! Implementations: the simulator (tests, benchmarks, demo) and whatsapp-rust (production). No
 //! implementation type crosses this port.
@@ -30,14 +46,24 @@ impl MessageId {
         ok.then(|| Self(s.into()))
     }
 
-    /// A deterministic outbound id for step `step` of the answer to `inbound` in `chat` of
-    /// `number`: retries of the same reply reuse it, so the network can tell a repeat from a
-    /// second reply. Shaped like WhatsApp web ids (`3EB0` + 16 hex digits).
-    pub fn derived(number: &PhoneNumber, chat: &Jid, inbound: &MessageId, step: u32) -> Self {
+    /// A deterministic outbound id for step `step` of the answer to message `inbound` of
+    /// `sender` in `chat` of `number`: retries of the same reply reuse it, so the network can
+    /// tell a repeat from a second reply. The sender is part of it because an id is unique only
+    /// per (chat, sender): two members of a group may send the same id. Shaped like WhatsApp web
+    /// ids (`3EB0` + 16 hex digits).
+    pub fn derived(
+        number: &PhoneNumber,
+        chat: &Jid,
+        sender: &Jid,
+        inbound: &MessageId,
+        step: u32,
+    ) -> Self {
         let mut h = Fnv::new();
         h.write(number.as_str().as_bytes());
         h.write(&[0]);
         h.write(chat.as_str().as_bytes());
+        h.write(&[0]);
+        h.write(sender.as_str().as_bytes());
         h.write(&[0]);
         h.write(inbound.0.as_bytes());
         h.write(&step.to_le_bytes());
@@ -113,18 +139,23 @@ pub struct AccountSpec {
 pub struct InboundMessage {
     /// Sender-chosen id, unique per (chat, sender).
     pub id: MessageId,
-    /// The chat: the contact for a DM, the group otherwise.
+    /// The chat: the contact for a DM (by phone or by LID), the group otherwise.
     pub chat: Jid,
     /// Who wrote it; may be a LID.
     pub sender: Jid,
-    /// The sender's other address (the phone JID when `sender` is a LID).
+    /// The sender's other address (the phone JID when `sender` is a LID, and the other way).
     pub sender_alt: Option<Jid>,
-    /// True for our own sends coming back (sent by this or another device of the account).
+    /// Written by a person on the account's own phone (delivered as [`WaEvent::FromPhone`]),
+    /// not by the contact: recorded in the chat, never answered.
+    #[serde(default)]
     pub is_from_me: bool,
     /// The text.
     pub text: String,
     /// Server time in milliseconds since the epoch.
     pub timestamp_ms: u64,
+    /// Delivered from the offline queue at login rather than live.
+    #[serde(default)]
+    pub offline: bool,
 }
 
 impl InboundMessage {
@@ -134,6 +165,26 @@ impl InboundMessage {
             .phone()
             .or_else(|| self.sender_alt.as_ref().and_then(Jid::phone))
     }
+
+    /// What identifies this message to the server, for [`WaSession::ack`].
+    pub fn key(&self) -> MessageKey {
+        MessageKey {
+            chat: self.chat.clone(),
+            sender: self.sender.clone(),
+            id: self.id.clone(),
+        }
+    }
+}
+
+/// What identifies an inbound message: its id is unique per (chat, sender).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct MessageKey {
+    /// The chat.
+    pub chat: Jid,
+    /// Who wrote it.
+    pub sender: Jid,
+    /// The sender-chosen id.
+    pub id: MessageId,
 }
 
 /// A text to send.
@@ -147,19 +198,56 @@ pub struct OutboundText {
     pub text: String,
     /// The inbound message this answers (WhatsApp's quoted-message context).
     pub reply_to: Option<MessageId>,
+    /// Who wrote the quoted message, where the chat alone does not say it (groups).
+    #[serde(default)]
+    pub reply_to_sender: Option<Jid>,
 }
 
-/// The server accepted a send.
+/// The server's answer to one send: taken, or refused with an error.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ServerAck {
     /// The id the sender chose.
     pub id: MessageId,
-    /// Server time in milliseconds since the epoch.
-    pub server_time_ms: u64,
+    /// Why the server refused it; `None` when it took it.
+    pub error: Option<AckError>,
+}
+
+/// An error carried by a server ack.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AckError {
+    /// The numeric code (WhatsApp's stanza error codes; 429 is rate-overlimit).
+    pub code: u16,
+    /// The server's text for it.
+    pub text: String,
+}
+
+impl AckError {
+    /// Code 429: the account sent faster than it may.
+    pub const RATE_OVERLIMIT: u16 = 429;
+
+    /// True when the account should slow down and send the same id again later.
+    pub fn is_rate_limit(&self) -> bool {
+        self.code == Self::RATE_OVERLIMIT || self.text == "rate-overlimit"
+    }
+
+    /// A bounded label for metrics.
+    pub fn label(&self) -> &'static str {
+        if self.is_rate_limit() {
+            "rate_overlimit"
+        } else {
+            "refused"
+        }
+    }
+}
+
+impl fmt::Display for AckError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} {}", self.code, self.text)
+    }
 }
 
 /// Delivery progress of a sent message.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ReceiptKind {
     /// Reached the contact's device.
@@ -168,15 +256,19 @@ pub enum ReceiptKind {
     Read,
 }
 
-/// A receipt for a message we sent.
+/// A receipt for messages we sent: the network has them, and the contact's device too.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Receipt {
-    /// The sent message.
-    pub id: MessageId,
-    /// The chat it was sent to.
+    /// The chat they were sent to.
     pub chat: Jid,
+    /// The group member whose device sent the receipt; `None` in a DM.
+    pub sender: Option<Jid>,
+    /// The messages, one or many.
+    pub ids: Vec<MessageId>,
     /// Delivered or read.
     pub kind: ReceiptKind,
+    /// Queued while we were offline and delivered at login.
+    pub offline: bool,
 }
 
 /// Why a connection ended without a terminal event; the session reconnects.
@@ -199,7 +291,8 @@ impl DisconnectReason {
     }
 }
 
-/// What a session reports, in order.
+/// What a session reports. Lifecycle events and messages come in order; server acks and
+/// receipts may overtake them.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum WaEvent {
     /// Show this QR code; it is valid for `valid_for`, then the next one follows.
@@ -209,19 +302,32 @@ pub enum WaEvent {
         /// How long the phone may scan it.
         valid_for: Duration,
     },
-    /// All QR codes expired unscanned; the connection closed and the session ended (terminal).
-    QrCodesExhausted,
-    /// Enter this code on the phone.
+    /// All QR codes expired unscanned. With `disconnected` the connection closed and the session
+    /// ended (terminal); without, a pair code is still outstanding and the connection stays.
+    QrCodesExhausted {
+        /// Whether the session ended.
+        disconnected: bool,
+    },
+    /// Enter this code on the phone (the answer to [`WaSession::request_pair_code`]).
     PairCode {
         /// The 8-character code.
         code: String,
+        /// How long it stays valid.
+        valid_for: Duration,
     },
-    /// The phone confirmed pairing; keep these credentials to reconnect without pairing.
+    /// The phone confirmed pairing; keep these credentials to reconnect without pairing. The
+    /// server then asks for a new connection, on which [`WaEvent::Connected`] follows.
     PairSuccess {
         /// The device identity.
         credentials: Credentials,
     },
-    /// Online and able to send.
+    /// The server delivered everything queued while we were offline. Comes before
+    /// [`WaEvent::Connected`].
+    OfflineSyncCompleted {
+        /// Items drained from the offline queue (messages and receipts).
+        count: usize,
+    },
+    /// Logged in, the offline queue drained: able to send.
     Connected,
     /// The connection ended; the session retries on its own.
     Disconnected {
@@ -237,18 +343,27 @@ pub enum WaEvent {
         /// How long the ban lasts.
         duration: Duration,
     },
-    /// A message arrived; acknowledge it with [`WaSession::ack`] once it is committed. Our own
-    /// sends come back as messages with `is_from_me` (redelivered after a reconnect until
-    /// acknowledged), which is how a restarted node learns that a send it lost track of arrived.
+    /// A contact's message; acknowledge it with [`WaSession::ack`] once it is committed.
     Message(InboundMessage),
-    /// After connecting, the server has delivered everything queued while we were offline
-    /// (WhatsApp's offline-sync marker). Sends whose outcome was unknown can now be settled.
-    OfflineSyncCompleted {
-        /// Messages delivered from the offline queue.
-        count: usize,
+    /// A message a person sent from the account's phone (`is_from_me`); acknowledge it like a
+    /// contact's. Our own sends from this device never come back.
+    FromPhone(InboundMessage),
+    /// A message arrived that could not be decrypted. The session has asked the sender's device
+    /// to resend it; it arrives again, readable, with the same id.
+    Undecryptable {
+        /// The message's chat.
+        chat: Jid,
+        /// Its sender.
+        sender: Jid,
+        /// Its id.
+        id: MessageId,
+        /// Delivered from the offline queue.
+        offline: bool,
     },
-    /// A receipt for a message we sent.
+    /// Receipts for messages we sent.
     Receipt(Receipt),
+    /// The server's answer to one of our sends.
+    ServerAck(ServerAck),
 }
 
 impl WaEvent {
@@ -256,7 +371,7 @@ impl WaEvent {
     pub fn is_terminal(&self) -> bool {
         matches!(
             self,
-            Self::QrCodesExhausted
+            Self::QrCodesExhausted { disconnected: true }
                 | Self::LoggedOut
                 | Self::StreamReplaced
                 | Self::TemporaryBan { .. }
@@ -264,24 +379,15 @@ impl WaEvent {
     }
 }
 
-/// Receives a session's events in order; must not block.
+/// Receives a session's events; must not block.
 pub type EventSink = Arc<dyn Fn(WaEvent) + Send + Sync>;
 
-/// Why a send failed.
+/// Why a send was not written.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum SendError {
-    /// No live connection right now; retry later with the same id.
+    /// No live, logged-in connection right now: nothing was written; try again later.
     #[error("not connected")]
     NotConnected,
-    /// The account sent faster than its limit (WhatsApp's 429).
-    #[error("rate-overlimit")]
-    RateOverlimit,
-    /// No server ack in time; the send may or may not have arrived.
-    #[error("no server ack within {0:?}")]
-    Timeout(Duration),
-    /// The server refused it for another reason.
-    #[error("refused by the server: {0}")]
-    Refused(String),
     /// The session has ended.
     #[error("session closed")]
     Closed,
@@ -328,18 +434,27 @@ pub trait WaConnector: Send + Sync + 'static {
 /// One account's live session.
 #[async_trait]
 pub trait WaSession: Send + Sync + 'static {
-    /// Sends a text and resolves at the server ack (or its refusal).
-    async fn send_text(&self, msg: OutboundText) -> Result<ServerAck, SendError>;
+    /// Writes a text to the connection and resolves once it is written. The server's verdict
+    /// comes later as [`WaEvent::ServerAck`] (possibly before this returns), or never if the
+    /// connection drops first. Sending an id again is a resend of the same message.
+    async fn send_text(&self, msg: OutboundText) -> Result<(), SendError>;
     /// Shows or clears "typing…" in a chat.
     async fn send_typing(&self, chat: &Jid, typing: bool) -> Result<(), SendError>;
-    /// Marks messages of a chat as read.
-    async fn mark_read(&self, chat: &Jid, ids: &[MessageId]) -> Result<(), SendError>;
-    /// Acknowledges an inbound message after it is committed; unacknowledged ones are
-    /// redelivered after a reconnect.
-    fn ack(&self, chat: &Jid, sender: &Jid, id: &MessageId);
-    /// Asks for a pair code instead of QR codes.
+    /// Marks messages of a chat as read; in a group, `sender` is the member who wrote them.
+    async fn mark_read(
+        &self,
+        chat: &Jid,
+        sender: Option<&Jid>,
+        ids: &[MessageId],
+    ) -> Result<(), SendError>;
+    /// Acknowledges inbound messages once they are committed (one or a batch); what stays
+    /// unacknowledged is redelivered at the next login, and a live connection that owes acks
+    /// for too long is recycled by the server.
+    fn ack(&self, messages: &[MessageKey]);
+    /// Asks for a pair code besides the QR codes; it arrives as [`WaEvent::PairCode`]. Refused
+    /// while one is outstanding or once paired.
     async fn request_pair_code(&self) -> Result<(), TransportError>;
-    /// Unlinks this device from the account.
+    /// Unlinks this device from the account; works offline too. [`WaEvent::LoggedOut`] follows.
     async fn logout(&self) -> Result<(), TransportError>;
     /// Closes the connection and ends the loop; no event follows.
     async fn shutdown(&self);

@@ -17,8 +17,9 @@ use switchboard_actors::store::{
     Completion, Coordinator, Fence, MemoryStore, Pending, Recorded, Store, StoreError,
 };
 use switchboard_actors::transport::{
-    AccountSpec, Credentials, EventSink, InboundMessage, MessageId, OutboundText, SendError,
-    ServerAck, SessionStats, TransportError, WaConnector, WaEvent, WaSession,
+    AccountSpec, AckError, Credentials, EventSink, InboundMessage, MessageId, MessageKey,
+    OutboundText, Receipt, ReceiptKind, SendError, ServerAck, SessionStats, TransportError,
+    WaConnector, WaEvent, WaSession,
 };
 use switchboard_actors::{Deps, Fleet, FleetCounters, Jid, NumberPhase, PhoneNumber, Settings};
 use tokio::time::Instant;
@@ -30,6 +31,22 @@ struct FakeNet {
     sessions: Mutex<HashMap<PhoneNumber, Vec<Arc<FakeSession>>>>,
     /// Delivered on connect, before the offline-sync marker (like unacknowledged messages).
     offline: Mutex<HashMap<PhoneNumber, Vec<InboundMessage>>>,
+    /// Delivery receipts queued for the next login, before the offline-sync marker.
+    offline_receipts: Mutex<HashMap<PhoneNumber, Vec<MessageId>>>,
+    /// How the server answers sends, for every session.
+    acks: Mutex<Acks>,
+}
+
+/// How the fake server answers sends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+enum Acks {
+    /// At once, without error.
+    #[default]
+    Ok,
+    /// Never (the `no_ack` fault).
+    Withheld,
+    /// With this error code.
+    Error(u16),
 }
 
 impl FakeNet {
@@ -61,6 +78,7 @@ impl WaConnector for FakeConnector {
         events: EventSink,
     ) -> Result<Arc<dyn WaSession>, TransportError> {
         let session = Arc::new(FakeSession {
+            net: Arc::downgrade(&self.0),
             sink: events.clone(),
             sent: Mutex::default(),
             acked: Mutex::default(),
@@ -73,18 +91,13 @@ impl WaConnector for FakeConnector {
             .entry(account.number.clone())
             .or_default()
             .push(session.clone());
-        events(WaEvent::Connected);
-        let offline = self.0.offline.lock().unwrap().remove(&account.number);
-        let count = offline.as_ref().map_or(0, Vec::len);
-        for msg in offline.into_iter().flatten() {
-            events(WaEvent::Message(msg));
-        }
-        events(WaEvent::OfflineSyncCompleted { count });
+        session.login(&self.0, &account.number);
         Ok(session)
     }
 }
 
 struct FakeSession {
+    net: std::sync::Weak<FakeNet>,
     sink: EventSink,
     sent: Mutex<Vec<OutboundText>>,
     acked: Mutex<Vec<MessageId>>,
@@ -95,29 +108,79 @@ impl FakeSession {
     fn inject(&self, msg: InboundMessage) {
         (self.sink)(WaEvent::Message(msg));
     }
+
+    /// Logs in as WhatsApp does: the offline queue, the sync marker, then `Connected`.
+    fn login(&self, net: &FakeNet, n: &PhoneNumber) {
+        let offline = net.offline.lock().unwrap().remove(n).unwrap_or_default();
+        let receipts = net
+            .offline_receipts
+            .lock()
+            .unwrap()
+            .remove(n)
+            .unwrap_or_default();
+        let count = offline.len() + usize::from(!receipts.is_empty());
+        for msg in offline {
+            (self.sink)(WaEvent::Message(msg));
+        }
+        if !receipts.is_empty() {
+            (self.sink)(WaEvent::Receipt(Receipt {
+                chat: Jid::parse("4915100099@s.whatsapp.net").unwrap(),
+                sender: None,
+                ids: receipts.clone(),
+                kind: ReceiptKind::Delivered,
+                offline: true,
+            }));
+        }
+        (self.sink)(WaEvent::OfflineSyncCompleted { count });
+        (self.sink)(WaEvent::Connected);
+    }
+
+    /// The connection drops and comes back: what was owed is redelivered.
+    fn reconnect(&self, net: &FakeNet, n: &PhoneNumber) {
+        (self.sink)(WaEvent::Disconnected {
+            reason: switchboard_actors::transport::DisconnectReason::ConnectionLost,
+        });
+        self.login(net, n);
+    }
+
+    /// The server acks `id` now (late).
+    fn ack_now(&self, id: &MessageId) {
+        (self.sink)(WaEvent::ServerAck(ServerAck {
+            id: id.clone(),
+            error: None,
+        }));
+    }
 }
 
 #[async_trait]
 impl WaSession for FakeSession {
-    async fn send_text(&self, msg: OutboundText) -> Result<ServerAck, SendError> {
+    async fn send_text(&self, msg: OutboundText) -> Result<(), SendError> {
         if self.closed.load(Ordering::SeqCst) {
             return Err(SendError::Closed);
         }
         let id = msg.id.clone();
         self.sent.lock().unwrap().push(msg);
-        Ok(ServerAck {
-            id,
-            server_time_ms: 0,
-        })
+        let acks = self.net.upgrade().map(|n| *n.acks.lock().unwrap());
+        let error = match acks {
+            Some(Acks::Ok) | None => None,
+            Some(Acks::Withheld) => return Ok(()),
+            Some(Acks::Error(code)) => Some(AckError {
+                code,
+                text: "refused".into(),
+            }),
+        };
+        (self.sink)(WaEvent::ServerAck(ServerAck { id, error }));
+        Ok(())
     }
     async fn send_typing(&self, _: &Jid, _: bool) -> Result<(), SendError> {
         Ok(())
     }
-    async fn mark_read(&self, _: &Jid, _: &[MessageId]) -> Result<(), SendError> {
+    async fn mark_read(&self, _: &Jid, _: Option<&Jid>, _: &[MessageId]) -> Result<(), SendError> {
         Ok(())
     }
-    fn ack(&self, _: &Jid, _: &Jid, id: &MessageId) {
-        self.acked.lock().unwrap().push(id.clone());
+    fn ack(&self, messages: &[MessageKey]) {
+        let mut acked = self.acked.lock().unwrap();
+        acked.extend(messages.iter().map(|m| m.id.clone()));
     }
     async fn request_pair_code(&self) -> Result<(), TransportError> {
         Ok(())
@@ -354,6 +417,7 @@ fn dm(from: &PhoneNumber, id: &str, text: &str) -> InboundMessage {
         is_from_me: false,
         text: text.to_owned(),
         timestamp_ms: 0,
+        offline: false,
     }
 }
 
@@ -626,13 +690,18 @@ async fn ai_jobs_answer_and_time_out_to_the_fallback() {
 }
 
 #[tokio::test(start_paused = true)]
-async fn echoes_and_groups_are_acknowledged_but_not_answered() {
+async fn phone_messages_and_groups_are_recorded_and_acknowledged_but_not_answered() {
     let n = phone("+15550010");
     let h = harness(&[&n], Duration::ZERO).await;
     let s = h.net.latest(&n);
-    let mut echo = dm(&phone("+4915100010"), "E1", "our own send");
-    echo.is_from_me = true;
-    s.inject(echo);
+    let contact = phone("+4915100010");
+    // A person answers the contact from the account's phone.
+    let from_phone = InboundMessage {
+        sender: n.jid(),
+        is_from_me: true,
+        ..dm(&contact, "E1", "a human answer")
+    };
+    (s.sink)(WaEvent::FromPhone(from_phone));
     let mut group = dm(&phone("+4915100011"), "G1", "hello group");
     group.chat = Jid::group("120363-77").unwrap();
     s.inject(group);
@@ -640,6 +709,15 @@ async fn echoes_and_groups_are_acknowledged_but_not_answered() {
     eventually("dm answered", || replies_to(&h.net.sent(&n), "D1") == 1).await;
     eventually("all acked", || s.acked.lock().unwrap().len() == 3).await;
     assert_eq!(h.net.sent(&n).len(), 1);
+    // The phone's message is in the chat's record, not answered.
+    let saved = h
+        .store
+        .checkpoint(&n, &contact.jid())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!((saved.turns, saved.from_phone), (0, 1));
+    assert!(h.store.unprocessed(&n).await.unwrap().is_empty());
 }
 
 #[tokio::test(start_paused = true)]
@@ -668,25 +746,27 @@ async fn idle_conversations_are_passivated_and_start_again_on_the_next_message()
     );
 }
 
-#[tokio::test(start_paused = true)]
-async fn a_restarted_node_sends_only_what_the_network_does_not_have() {
-    let n = phone("+15550020");
-    let store = Arc::new(MemoryStore::default());
+/// An earlier node committed a reply per message and died; returns the replies.
+async fn committed_replies(
+    store: &MemoryStore,
+    n: &PhoneNumber,
+    ids: &[&str],
+) -> Vec<OutboundText> {
     let fence = Fence {
         number: n.clone(),
-        token: store.acquire(&n).await.unwrap(),
+        token: store.acquire(n).await.unwrap(),
     };
-    // An earlier node committed two replies and died; the network had received the first.
     let contact = phone("+4915100030");
     let mut replies = Vec::new();
-    for id in ["Q1", "Q2"] {
+    for id in ids {
         let m = dm(&contact, id, "hello");
         store.record_inbound(&fence, &m).await.unwrap();
         let reply = OutboundText {
-            id: MessageId::derived(&n, &m.chat, &m.id, 0),
+            id: MessageId::derived(n, &m.chat, &m.sender, &m.id, 0),
             to: m.chat.clone(),
             text: "hi".into(),
             reply_to: Some(m.id.clone()),
+            reply_to_sender: None,
         };
         let done = Completion {
             chat: m.chat.clone(),
@@ -698,14 +778,21 @@ async fn a_restarted_node_sends_only_what_the_network_does_not_have() {
         store.complete(&fence, done).await.unwrap();
         replies.push(reply);
     }
-    // On connect the network redelivers the first reply's echo, before the sync marker.
+    replies
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_restarted_node_sends_only_what_the_network_does_not_have() {
+    let n = phone("+15550020");
+    let store = Arc::new(MemoryStore::default());
+    let replies = committed_replies(&store, &n, &["Q1", "Q2"]).await;
+    // The network had received the first: at login its delivery receipt comes from the offline
+    // queue, before the sync marker. There is no echo of our own sends.
     let net = Arc::new(FakeNet::default());
-    let echo = InboundMessage {
-        is_from_me: true,
-        sender: n.jid(),
-        ..dm(&contact, replies[0].id.as_str(), "hi")
-    };
-    net.offline.lock().unwrap().insert(n.clone(), vec![echo]);
+    net.offline_receipts
+        .lock()
+        .unwrap()
+        .insert(n.clone(), vec![replies[0].id.clone()]);
 
     let h = start(net, store.clone(), &[&n], Duration::ZERO).await;
     eventually("the second reply sent", || h.net.sent(&n).len() == 1).await;
@@ -713,11 +800,120 @@ async fn a_restarted_node_sends_only_what_the_network_does_not_have() {
     let sent = h.net.sent(&n);
     assert_eq!(sent.len(), 1, "the first reply is not sent again: {sent:?}");
     assert_eq!(sent[0].id, replies[1].id);
-    // The echo is acknowledged once the sent mark is committed; the second reply waits for its
-    // own echo (this fake network sends none).
-    let acked = h.net.latest(&n).acked.lock().unwrap().clone();
-    assert!(acked.contains(&replies[0].id), "{acked:?}");
-    assert_eq!(store.unsent(&n).await.unwrap(), vec![replies[1].clone()]);
+    // Both are settled: the first by its receipt, the second by its server ack.
+    eventually("outbox settled", || {
+        futures_now(store.unsent(&n)).is_some_and(|u| u.is_empty())
+    })
+    .await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_late_ack_is_waited_for_and_never_answered_by_a_resend() {
+    let n = phone("+15550024");
+    let h = harness(&[&n], Duration::ZERO).await;
+    *h.net.acks.lock().unwrap() = Acks::Withheld;
+    let s = h.net.latest(&n);
+    s.inject(dm(&phone("+4915100060"), "W1", "hello"));
+    eventually("sent", || h.net.sent(&n).len() == 1).await;
+    // The ack is late, not lost: no timer sends it again, however long it takes.
+    tokio::time::sleep(Duration::from_secs(600)).await;
+    let sent = h.net.sent(&n);
+    assert_eq!(sent.len(), 1, "{sent:?}");
+    assert_eq!(
+        h.store.unsent(&n).await.unwrap().len(),
+        1,
+        "not settled yet"
+    );
+    s.ack_now(&sent[0].id);
+    eventually("settled by the late ack", || {
+        futures_now(h.store.unsent(&n)).is_some_and(|u| u.is_empty())
+    })
+    .await;
+    // A reconnect now changes nothing: the reply is settled.
+    s.reconnect(&h.net, &n);
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    assert_eq!(h.net.sent(&n).len(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_send_of_unknown_outcome_is_resent_once_after_the_next_login_unless_a_receipt_settles_it()
+{
+    let n = phone("+15550025");
+    let h = harness(&[&n], Duration::ZERO).await;
+    *h.net.acks.lock().unwrap() = Acks::Withheld;
+    let s = h.net.latest(&n);
+    let contact = phone("+4915100061");
+    s.inject(dm(&contact, "U1", "one"));
+    s.inject(dm(&phone("+4915100062"), "U2", "two"));
+    eventually("both sent", || h.net.sent(&n).len() == 2).await;
+    let sent = h.net.sent(&n);
+    // The connection drops before either ack; at the next login a receipt names U1's reply.
+    *h.net.acks.lock().unwrap() = Acks::Ok;
+    h.net
+        .offline_receipts
+        .lock()
+        .unwrap()
+        .insert(n.clone(), vec![sent[0].id.clone()]);
+    let t = Instant::now();
+    s.reconnect(&h.net, &n);
+    eventually("the unsettled one resent", || h.net.sent(&n).len() == 3).await;
+    let waited = t.elapsed();
+    let wait = Settings::default().unsettled_wait;
+    assert!(waited >= wait, "resent after {waited:?}, before the wait");
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    let sent = h.net.sent(&n);
+    assert_eq!(sent.len(), 3, "{sent:?}");
+    assert_eq!(sent[2].id, sent[1].id, "resent with the same id");
+    eventually("outbox settled", || {
+        futures_now(h.store.unsent(&n)).is_some_and(|u| u.is_empty())
+    })
+    .await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn error_acks_cool_down_on_rate_limits_and_give_up_other_refusals() {
+    let n = phone("+15550026");
+    let h = harness(&[&n], Duration::ZERO).await;
+    *h.net.acks.lock().unwrap() = Acks::Error(AckError::RATE_OVERLIMIT);
+    let s = h.net.latest(&n);
+    s.inject(dm(&phone("+4915100063"), "R1", "hello"));
+    eventually("refused twice", || h.net.sent(&n).len() >= 2).await;
+    *h.net.acks.lock().unwrap() = Acks::Ok;
+    eventually("settled", || {
+        futures_now(h.store.unsent(&n)).is_some_and(|u| u.is_empty())
+    })
+    .await;
+    let sent = h.net.sent(&n);
+    assert!(
+        sent.iter().all(|m| m.id == sent[0].id),
+        "same id every time"
+    );
+
+    // Another refusal is retried a bounded number of times, then given up.
+    *h.net.acks.lock().unwrap() = Acks::Error(479);
+    s.inject(dm(&phone("+4915100064"), "R2", "hello"));
+    eventually("given up", || {
+        futures_now(h.store.unsent(&n)).is_some_and(|u| u.is_empty())
+            && replies_to(&h.net.sent(&n), "R2") > 1
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(600)).await;
+    assert_eq!(
+        replies_to(&h.net.sent(&n), "R2"),
+        5,
+        "MAX_ACK_ERRORS attempts"
+    );
+}
+
+/// The value of a store future that is ready at once (the memory store's are).
+fn futures_now<T>(f: impl std::future::Future<Output = Result<T, StoreError>>) -> Option<T> {
+    let waker = std::task::Waker::noop();
+    let mut cx = std::task::Context::from_waker(waker);
+    let mut f = std::pin::pin!(f);
+    match f.as_mut().poll(&mut cx) {
+        std::task::Poll::Ready(r) => r.ok(),
+        std::task::Poll::Pending => None,
+    }
 }
 
 #[tokio::test(start_paused = true)]
@@ -761,7 +957,10 @@ async fn a_redelivery_of_a_processed_message_is_acknowledged_and_not_answered_ag
         sender: q1.sender.clone(),
         inbound: q1.id.clone(),
         replies: Vec::new(),
-        checkpoint: ChatContext { turns: 1 },
+        checkpoint: ChatContext {
+            turns: 1,
+            ..ChatContext::default()
+        },
     };
     store.complete(&fence, done).await.unwrap();
 
@@ -774,13 +973,13 @@ async fn a_redelivery_of_a_processed_message_is_acknowledged_and_not_answered_ag
     .await;
     assert!(h.net.sent(&n).is_empty(), "not answered again");
     let saved = store.checkpoint(&n, &q1.chat).await.unwrap();
-    assert_eq!(saved, Some(ChatContext { turns: 1 }));
+    assert_eq!(saved.map(|c| c.turns), Some(1));
 
     // The chat's state did not count it twice.
     h.net.latest(&n).inject(dm(&contact, "Q2", "again"));
     eventually("Q2 answered", || h.net.sent(&n).len() == 1).await;
     let saved = store.checkpoint(&n, &q1.chat).await.unwrap();
-    assert_eq!(saved, Some(ChatContext { turns: 2 }));
+    assert_eq!(saved.map(|c| c.turns), Some(2));
 }
 
 #[tokio::test(start_paused = true)]

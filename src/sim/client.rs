@@ -1,11 +1,12 @@
 //! The simulator's client: the `sim` transport, implementing the transport port.
 //!
-//! A [`SimSession`] behaves as a whatsapp-rust 0.7 client does: it runs its own connection loop,
-//! retries connects that fail silently with Fibonacci backoff (1, 1, 2, 3, 5 … s, ±10 %, capped
-//! at 900 s), reconnects after a dropped connection, and stops for good after a terminal event.
+//! A [`SimSession`] behaves as a whatsapp-rust 0.7 client does: it runs its own connection loop;
+//! after a failed connect or a dropped connection it waits by Fibonacci backoff (1, 1, 2, 3, 5 …
+//! s, ±10 %, capped at 900 s; the step resets only after a connection stayed up 30 s) and tries
+//! again; after the server's restart request that follows pairing it reconnects at once; after a
+//! terminal event it stops for good. A send resolves once written; its server ack is an event.
 //! It reaches the network in process ([`Dialer::Local`]) or over `sim serve` ([`Dialer::Remote`]).
 
-use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
@@ -14,21 +15,26 @@ use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use switchboard_actors::ids::{Jid, PhoneNumber};
 use switchboard_actors::transport::{
-    AccountSpec, Credentials, DisconnectReason, EventSink, MessageId, OutboundText, SendError,
-    ServerAck, SessionStats, TransportError, WaConnector, WaEvent, WaSession,
+    AccountSpec, Credentials, DisconnectReason, EventSink, MessageId, MessageKey, OutboundText,
+    SendError, ServerAck, SessionStats, TransportError, WaConnector, WaEvent, WaSession,
 };
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::network::{LinkReceiver, LinkSender, Network};
 use super::remote;
-use super::wire::{ClientFrame, Refusal, ServerFrame};
+use super::wire::{ClientFrame, ServerFrame};
 
-/// How long a send waits for its server ack.
-const SEND_TIMEOUT: Duration = Duration::from_secs(20);
 /// Upper bound of the reconnect backoff.
 const BACKOFF_CAP: Duration = Duration::from_secs(900);
+/// A connection that stayed up this long resets the backoff.
+const STABLE_AFTER: Duration = Duration::from_secs(30);
+/// How long a pair code the client generated stays valid.
+const PAIR_CODE_VALID: Duration = Duration::from_secs(180);
+/// The pair-code alphabet of the real client (Crockford base 32 without 0, I, O, U).
+const PAIR_CODE_ALPHABET: &[u8; 32] = b"123456789ABCDEFGHJKLMNPQRSTVWXYZ";
 
 /// Where the network is.
 #[derive(Clone)]
@@ -49,16 +55,19 @@ pub(crate) struct Link {
 #[derive(Clone)]
 pub(crate) enum LinkTx {
     Local(LinkSender),
-    Remote(mpsc::UnboundedSender<ClientFrame>),
+    /// Bounded: a socket that cannot take more frames is a broken connection.
+    Remote(mpsc::Sender<ClientFrame>),
 }
 
 impl LinkTx {
-    fn send(&self, frame: ClientFrame) {
+    /// Writes `frame`; false if it could not be written.
+    fn send(&self, frame: ClientFrame) -> bool {
         match self {
-            Self::Local(tx) => tx.send(frame),
-            Self::Remote(tx) => {
-                let _ = tx.send(frame);
+            Self::Local(tx) => {
+                tx.send(frame);
+                true
             }
+            Self::Remote(tx) => tx.try_send(frame).is_ok(),
         }
     }
 }
@@ -66,7 +75,7 @@ impl LinkTx {
 /// The receiving half of a connection.
 pub(crate) enum LinkRx {
     Local(LinkReceiver),
-    Remote(mpsc::UnboundedReceiver<ServerFrame>, JoinHandle<()>),
+    Remote(mpsc::Receiver<ServerFrame>, JoinHandle<()>),
 }
 
 impl LinkRx {
@@ -140,12 +149,13 @@ impl WaConnector for SimConnector {
             inner: Mutex::new(Inner {
                 credentials: account.credentials.map(|c| c.0),
                 link: None,
-                connected: false,
-                pending: HashMap::new(),
+                connected_at: None,
+                pair_code_until: None,
+                rng: SmallRng::seed_from_u64(seed),
                 stats: SessionStats::default(),
             }),
         });
-        let task = tokio::spawn(run(shared.clone(), SmallRng::seed_from_u64(seed)));
+        let task = tokio::spawn(run(shared.clone()));
         Ok(Arc::new(SimSession {
             shared,
             task: Mutex::new(Some(task)),
@@ -165,8 +175,12 @@ struct Shared {
 struct Inner {
     credentials: Option<String>,
     link: Option<LinkTx>,
-    connected: bool,
-    pending: HashMap<MessageId, oneshot::Sender<Result<ServerAck, SendError>>>,
+    /// When the live connection logged in (`Connected`); `None` while not logged in.
+    connected_at: Option<Instant>,
+    /// The pair code shown is valid until then.
+    pair_code_until: Option<Instant>,
+    /// Backoff jitter and pair codes.
+    rng: SmallRng,
     stats: SessionStats,
 }
 
@@ -179,14 +193,14 @@ impl Shared {
         (self.events)(event);
     }
 
-    /// Sends on the live, logged-in connection.
+    /// Writes on the live, logged-in connection.
     fn send_connected(&self, frame: ClientFrame) -> Result<(), SendError> {
+        if self.cancel.is_cancelled() {
+            return Err(SendError::Closed);
+        }
         let inner = self.lock();
-        match (&inner.link, inner.connected) {
-            (Some(link), true) => {
-                link.send(frame);
-                Ok(())
-            }
+        match (&inner.link, inner.connected_at) {
+            (Some(link), Some(_)) if link.send(frame) => Ok(()),
             _ => Err(SendError::NotConnected),
         }
     }
@@ -202,7 +216,10 @@ pub struct SimSession {
 enum End {
     /// A terminal event: stop.
     Terminal,
-    /// The connection was lost; reconnect. `false` if it never got a frame (silent failure).
+    /// The server asked for a new connection (after pairing): reconnect at once.
+    Restart,
+    /// The connection was lost; reconnect after the backoff. `answered` is false if it never
+    /// got a frame (a silent connect failure).
     Lost {
         answered: bool,
         reason: DisconnectReason,
@@ -212,8 +229,8 @@ enum End {
 }
 
 /// The connection loop.
-async fn run(shared: Arc<Shared>, mut rng: SmallRng) {
-    let mut failures: u32 = 0;
+async fn run(shared: Arc<Shared>) {
+    let mut step: u32 = 0;
     loop {
         let credentials = shared.lock().credentials.clone();
         shared.lock().stats.connect_attempts += 1;
@@ -230,44 +247,50 @@ async fn run(shared: Arc<Shared>, mut rng: SmallRng) {
             () = shared.cancel.cancelled() => End::Cancelled,
             end = pump(&shared, &mut rx) => end,
         };
-        {
+        let stable = {
             let mut inner = shared.lock();
             inner.link = None;
-            inner.connected = false;
             inner.stats.connected = false;
-            for (_, waiter) in inner.pending.drain() {
-                let _ = waiter.send(Err(SendError::NotConnected));
-            }
-        }
+            inner.pair_code_until = None;
+            inner
+                .connected_at
+                .take()
+                .is_some_and(|t| t.elapsed() >= STABLE_AFTER)
+        };
         rx.close().await;
-        match end {
+        let answered = match end {
             End::Terminal | End::Cancelled => return,
-            End::Lost {
-                answered: true,
-                reason,
-            } => {
-                shared.emit(WaEvent::Disconnected { reason });
-                failures = 0;
+            End::Restart => {
+                step = 0;
+                continue;
             }
-            End::Lost {
-                answered: false, ..
-            } => {
-                shared.lock().stats.connect_failures += 1;
-                failures += 1;
-                let delay = fibonacci_backoff(failures, &mut rng);
-                tokio::select! {
-                    () = shared.cancel.cancelled() => return,
-                    () = tokio::time::sleep(delay) => {}
+            End::Lost { answered, reason } => {
+                if answered {
+                    shared.emit(WaEvent::Disconnected { reason });
                 }
+                answered
             }
+        };
+        if !answered {
+            shared.lock().stats.connect_failures += 1;
+        }
+        if stable {
+            step = 0;
+        }
+        let delay = fibonacci_backoff(step, &mut shared.lock().rng);
+        step = step.saturating_add(1);
+        tokio::select! {
+            () = shared.cancel.cancelled() => return,
+            () = tokio::time::sleep(delay) => {}
         }
     }
 }
 
-/// The delay before retry `n` (1-based) after silent failures: Fibonacci seconds, ±10 %.
-pub fn fibonacci_backoff(n: u32, rng: &mut impl Rng) -> Duration {
+/// The delay before reconnect number `step` (0-based) since the last stable connection:
+/// Fibonacci seconds (1, 1, 2, 3, 5 …) capped at 900 s, ±10 %.
+pub fn fibonacci_backoff(step: u32, rng: &mut impl Rng) -> Duration {
     let (mut a, mut b) = (1u64, 1u64);
-    for _ in 1..n.min(40) {
+    for _ in 0..step.min(40) {
         (a, b) = (b, a.saturating_add(b));
     }
     let nominal = Duration::from_secs(a).min(BACKOFF_CAP);
@@ -295,36 +318,47 @@ fn on_frame(shared: &Shared, frame: ServerFrame) -> Option<End> {
             code,
             valid_for: Duration::from_millis(valid_ms),
         },
-        ServerFrame::QrExhausted => WaEvent::QrCodesExhausted,
-        ServerFrame::PairCode { code } => WaEvent::PairCode { code },
+        ServerFrame::QrExhausted { disconnected } => WaEvent::QrCodesExhausted { disconnected },
         ServerFrame::PairSuccess { credentials } => {
             shared.lock().credentials = Some(credentials.clone());
             WaEvent::PairSuccess {
                 credentials: Credentials(credentials),
             }
         }
+        ServerFrame::Restart => return Some(End::Restart),
+        ServerFrame::OfflineSyncCompleted { count } => WaEvent::OfflineSyncCompleted { count },
         ServerFrame::Connected => {
             let mut inner = shared.lock();
-            inner.connected = true;
+            inner.connected_at = Some(Instant::now());
             inner.stats.connected = true;
             inner.stats.connections += 1;
             WaEvent::Connected
         }
+        ServerFrame::Message { message } if message.is_from_me => WaEvent::FromPhone(message),
         ServerFrame::Message { message } => WaEvent::Message(message),
-        ServerFrame::OfflineSyncCompleted { count } => WaEvent::OfflineSyncCompleted { count },
+        ServerFrame::Undecryptable {
+            chat,
+            sender,
+            id,
+            offline,
+        } => {
+            // As the real client does: ask the sender's device to resend it.
+            if let Some(link) = &shared.lock().link {
+                link.send(ClientFrame::RetryRequest {
+                    chat: chat.clone(),
+                    sender: sender.clone(),
+                    id: id.clone(),
+                });
+            }
+            WaEvent::Undecryptable {
+                chat,
+                sender,
+                id,
+                offline,
+            }
+        }
+        ServerFrame::Ack { id, error } => WaEvent::ServerAck(ServerAck { id, error }),
         ServerFrame::Receipt { receipt } => WaEvent::Receipt(receipt),
-        ServerFrame::SendAck { id, server_time_ms } => {
-            resolve(shared, &id.clone(), Ok(ServerAck { id, server_time_ms }));
-            return None;
-        }
-        ServerFrame::SendError { id, error } => {
-            let err = match error {
-                Refusal::RateOverlimit => SendError::RateOverlimit,
-                Refusal::NotAuthenticated => SendError::NotConnected,
-            };
-            resolve(shared, &id, Err(err));
-            return None;
-        }
         ServerFrame::LoggedOut => {
             shared.lock().credentials = None;
             WaEvent::LoggedOut
@@ -345,38 +379,16 @@ fn on_frame(shared: &Shared, frame: ServerFrame) -> Option<End> {
     terminal.then_some(End::Terminal)
 }
 
-fn resolve(shared: &Shared, id: &MessageId, result: Result<ServerAck, SendError>) {
-    if let Some(waiter) = shared.lock().pending.remove(id) {
-        let _ = waiter.send(result);
-    }
-}
-
 #[async_trait]
 impl WaSession for SimSession {
-    async fn send_text(&self, msg: OutboundText) -> Result<ServerAck, SendError> {
-        let (tx, rx) = oneshot::channel();
-        let id = msg.id.clone();
-        {
-            let mut inner = self.shared.lock();
-            match (&inner.link, inner.connected) {
-                (Some(link), true) => link.send(ClientFrame::Send {
-                    id: msg.id,
-                    to: msg.to,
-                    text: msg.text,
-                    reply_to: msg.reply_to,
-                }),
-                _ => return Err(SendError::NotConnected),
-            }
-            inner.pending.insert(id.clone(), tx);
-        }
-        match tokio::time::timeout(SEND_TIMEOUT, rx).await {
-            Ok(Ok(result)) => result,
-            Ok(Err(_)) => Err(SendError::Closed),
-            Err(_) => {
-                self.shared.lock().pending.remove(&id);
-                Err(SendError::Timeout(SEND_TIMEOUT))
-            }
-        }
+    async fn send_text(&self, msg: OutboundText) -> Result<(), SendError> {
+        self.shared.send_connected(ClientFrame::Send {
+            id: msg.id,
+            to: msg.to,
+            text: msg.text,
+            reply_to: msg.reply_to,
+            reply_to_sender: msg.reply_to_sender,
+        })
     }
 
     async fn send_typing(&self, chat: &Jid, typing: bool) -> Result<(), SendError> {
@@ -386,41 +398,71 @@ impl WaSession for SimSession {
         })
     }
 
-    async fn mark_read(&self, chat: &Jid, ids: &[MessageId]) -> Result<(), SendError> {
+    async fn mark_read(
+        &self,
+        chat: &Jid,
+        sender: Option<&Jid>,
+        ids: &[MessageId],
+    ) -> Result<(), SendError> {
         self.shared.send_connected(ClientFrame::Read {
             chat: chat.clone(),
+            sender: sender.cloned(),
             ids: ids.to_vec(),
         })
     }
 
-    fn ack(&self, chat: &Jid, sender: &Jid, id: &MessageId) {
-        let _ = self.shared.send_connected(ClientFrame::Ack {
-            chat: chat.clone(),
-            sender: sender.clone(),
-            id: id.clone(),
-        });
-    }
-
-    async fn request_pair_code(&self) -> Result<(), TransportError> {
-        let inner = self.shared.lock();
-        match &inner.link {
-            Some(link) if !inner.connected => {
-                link.send(ClientFrame::PairCode);
-                Ok(())
-            }
-            Some(_) => Err(TransportError::InvalidState(
-                "already paired and connected".to_owned(),
-            )),
-            None => Err(TransportError::InvalidState(
-                "not connected to the network".to_owned(),
-            )),
+    fn ack(&self, messages: &[MessageKey]) {
+        if messages.is_empty() {
+            return;
+        }
+        if let Some(link) = &self.shared.lock().link {
+            link.send(ClientFrame::Ack {
+                messages: messages.to_vec(),
+            });
         }
     }
 
+    async fn request_pair_code(&self) -> Result<(), TransportError> {
+        let (code, valid_for) = {
+            let mut inner = self.shared.lock();
+            let now = Instant::now();
+            if inner.credentials.is_some() || inner.connected_at.is_some() {
+                return Err(TransportError::InvalidState("already paired".to_owned()));
+            }
+            let Some(link) = inner.link.clone() else {
+                return Err(TransportError::InvalidState(
+                    "not connected to the network".to_owned(),
+                ));
+            };
+            if let Some(until) = inner.pair_code_until.filter(|t| *t > now) {
+                return Err(TransportError::InvalidState(format!(
+                    "a pair code is outstanding for {:?}",
+                    until - now
+                )));
+            }
+            let code: String = (0..8)
+                .map(|_| char::from(PAIR_CODE_ALPHABET[inner.rng.random_range(0..32)]))
+                .collect();
+            if !link.send(ClientFrame::PairCode { code: code.clone() }) {
+                return Err(TransportError::InvalidState("connection lost".to_owned()));
+            }
+            inner.pair_code_until = Some(now + PAIR_CODE_VALID);
+            (code, PAIR_CODE_VALID)
+        };
+        self.shared.emit(WaEvent::PairCode { code, valid_for });
+        Ok(())
+    }
+
     async fn logout(&self) -> Result<(), TransportError> {
-        self.shared
-            .send_connected(ClientFrame::Logout)
-            .map_err(|_| TransportError::InvalidState("not connected".to_owned()))
+        if self.shared.send_connected(ClientFrame::Logout).is_ok() {
+            return Ok(());
+        }
+        // Offline: the device forgets its identity and the session ends, as the real client's
+        // logout does without a connection.
+        self.shared.lock().credentials = None;
+        self.shared.cancel.cancel();
+        self.shared.emit(WaEvent::LoggedOut);
+        Ok(())
     }
 
     async fn shutdown(&self) {

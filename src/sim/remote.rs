@@ -7,11 +7,14 @@ use tokio_tungstenite::tungstenite::Message;
 use super::client::{Link, LinkRx, LinkTx};
 use super::wire::{ClientFrame, ServerFrame};
 
+/// Frames queued each way between the socket and the session.
+const FRAMES_QUEUED: usize = 65_536;
+
 /// Connects to `ws://{addr}/wire` and says hello. A connection that fails to open, or that the
 /// network closes before any frame, is a silent connect failure to the session.
 pub(crate) async fn dial(addr: &str, hello: ClientFrame) -> Link {
-    let (client_tx, mut client_rx) = mpsc::unbounded_channel::<ClientFrame>();
-    let (server_tx, server_rx) = mpsc::unbounded_channel::<ServerFrame>();
+    let (client_tx, mut client_rx) = mpsc::channel::<ClientFrame>(FRAMES_QUEUED);
+    let (server_tx, server_rx) = mpsc::channel::<ServerFrame>(FRAMES_QUEUED);
     let url = format!("ws://{addr}/wire");
     let task = tokio::spawn(async move {
         let Ok((ws, _)) = tokio_tungstenite::connect_async(url.as_str()).await else {
@@ -37,7 +40,8 @@ pub(crate) async fn dial(addr: &str, hello: ClientFrame) -> Link {
                 incoming = stream.next() => match incoming {
                     Some(Ok(Message::Text(text))) => match serde_json::from_str::<ServerFrame>(&text) {
                         Ok(frame) => {
-                            if server_tx.send(frame).is_err() {
+                            // Waiting here holds the socket: the server sees a slow reader.
+                            if server_tx.send(frame).await.is_err() {
                                 break;
                             }
                         }

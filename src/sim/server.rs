@@ -4,10 +4,11 @@
 //! |---|---|
 //! | `GET /healthz` | 200 when ready |
 //! | `POST /accounts` `{"number"}` | create an unpaired account (idempotent) |
-//! | `POST /accounts/{number}/pair` | the phone scans the QR / confirms the pair code |
+//! | `POST /accounts/{number}/pair` `{}` or `{"code"}` | the phone scans the QR, or enters the pair code |
 //! | `POST /accounts/{number}/inbound` `{"from","text","group","id"}` | a contact writes; `{"id"}` |
+//! | `POST /accounts/{number}/phone-send` `{"to","text"}` | a person writes from the account's phone; `{"id"}` |
 //! | `POST /traffic` `{"numbers","contacts_per_number","rate_per_s","duration_s","seed"}` | scripted load; `{"run"}` |
-//! | `POST /faults` `{"kind","number","ms","duration_s"}` | inject a fault |
+//! | `POST /faults` `{"kind","number","ms","duration_s","code"}` | inject a fault |
 //! | `GET /ledger/summary` | the referee's totals |
 //! | `GET /ledger?number=` | every event of one account |
 //! | `GET /wire` | WebSocket: one client connection, JSON frames, `hello` first |
@@ -15,6 +16,7 @@
 use std::future::Future;
 use std::time::Duration;
 
+use axum::body::Bytes;
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
@@ -26,9 +28,9 @@ use serde::Deserialize;
 use serde_json::json;
 use switchboard_actors::ids::PhoneNumber;
 
-use super::network::{FaultKind, Network, SimError, TrafficSpec};
+use super::network::{self, FaultKind, Network, SimError, TrafficSpec};
 use super::wire::ClientFrame;
-use crate::problem::{JsonBody, Problem};
+use crate::problem::{JsonBody, Problem, parse_json};
 
 /// The control API and the wire, over one network.
 pub fn router(network: Network) -> Router {
@@ -37,6 +39,7 @@ pub fn router(network: Network) -> Router {
         .route("/accounts", post(create_account))
         .route("/accounts/{number}/pair", post(pair))
         .route("/accounts/{number}/inbound", post(inbound))
+        .route("/accounts/{number}/phone-send", post(phone_send))
         .route("/traffic", post(traffic))
         .route("/faults", post(fault))
         .route("/ledger/summary", get(summary))
@@ -61,6 +64,7 @@ impl From<SimError> for Problem {
         match &e {
             SimError::UnknownAccount(_) => Problem::not_found(e.to_string()),
             SimError::NotPairing(_) | SimError::DuplicateId(_) => Problem::conflict(e.to_string()),
+            SimError::WrongPairCode(_) => Problem::invalid("code", e.to_string()),
             SimError::Invalid { field, .. } => Problem::invalid(*field, e.to_string()),
         }
     }
@@ -93,13 +97,44 @@ async fn create_account(
         .into_response()
 }
 
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Pair {
+    #[serde(default)]
+    code: Option<String>,
+}
+
 async fn pair(
     State(net): State<Network>,
     Path(number): Path<String>,
+    body: Bytes,
 ) -> Result<Json<serde_json::Value>, Problem> {
     let number = path_number(&number)?;
-    net.pair(&number)?;
+    // No body, or `{}`, scans the QR code; `{"code": …}` enters the pair code.
+    let body: Pair = if body.iter().all(u8::is_ascii_whitespace) {
+        Pair { code: None }
+    } else {
+        parse_json(&body)?
+    };
+    net.pair(&number, body.code.as_deref())?;
     Ok(Json(json!({"number": number, "paired": true})))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PhoneSend {
+    to: PhoneNumber,
+    text: String,
+}
+
+async fn phone_send(
+    State(net): State<Network>,
+    Path(number): Path<String>,
+    JsonBody(body): JsonBody<PhoneSend>,
+) -> Result<Json<serde_json::Value>, Problem> {
+    let number = path_number(&number)?;
+    let id = net.phone_send(&number, &body.to, &body.text)?;
+    Ok(Json(json!({"id": id})))
 }
 
 #[derive(Deserialize)]
@@ -191,18 +226,21 @@ struct Fault {
     ms: u64,
     #[serde(default)]
     duration_s: u64,
+    #[serde(default)]
+    code: Option<u16>,
 }
 
 async fn fault(
     State(net): State<Network>,
     JsonBody(body): JsonBody<Fault>,
 ) -> Result<Json<serde_json::Value>, Problem> {
-    net.fault(
-        body.kind,
-        &body.number,
-        body.ms,
-        Duration::from_secs(body.duration_s),
-    )?;
+    let fault = network::Fault {
+        kind: body.kind,
+        ms: body.ms,
+        duration: Duration::from_secs(body.duration_s),
+        code: body.code,
+    };
+    net.fault(&body.number, fault)?;
     Ok(Json(
         json!({"kind": body.kind, "number": body.number, "injected": true}),
     ))

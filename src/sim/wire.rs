@@ -5,7 +5,7 @@
 
 use serde::{Deserialize, Serialize};
 use switchboard_actors::ids::{Jid, PhoneNumber};
-use switchboard_actors::transport::{InboundMessage, MessageId, Receipt};
+use switchboard_actors::transport::{AckError, InboundMessage, MessageId, MessageKey, Receipt};
 
 /// Client → network.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -30,6 +30,9 @@ pub enum ClientFrame {
         text: String,
         /// The inbound message this answers.
         reply_to: Option<MessageId>,
+        /// Who wrote the quoted message (groups).
+        #[serde(default)]
+        reply_to_sender: Option<Jid>,
     },
     /// Typing indicator.
     Typing {
@@ -42,11 +45,18 @@ pub enum ClientFrame {
     Read {
         /// The chat.
         chat: Jid,
+        /// The group member who wrote them.
+        sender: Option<Jid>,
         /// The messages.
         ids: Vec<MessageId>,
     },
-    /// An inbound message is committed on the client.
+    /// Inbound messages are committed on the client (one or a batch).
     Ack {
+        /// The messages.
+        messages: Vec<MessageKey>,
+    },
+    /// A message arrived undecryptable: the client asks the sender's device to resend it.
+    RetryRequest {
         /// Its chat.
         chat: Jid,
         /// Its sender.
@@ -54,20 +64,13 @@ pub enum ClientFrame {
         /// Its id.
         id: MessageId,
     },
-    /// Ask for a pair code instead of QR codes.
-    PairCode,
+    /// The client generated this pair code and shows it; the phone may now enter it.
+    PairCode {
+        /// The code.
+        code: String,
+    },
     /// Unlink this device.
     Logout,
-}
-
-/// Why the network refused a send.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Refusal {
-    /// Over the account's rate limit.
-    RateOverlimit,
-    /// The connection is not logged in.
-    NotAuthenticated,
 }
 
 /// Network → client.
@@ -81,45 +84,50 @@ pub enum ServerFrame {
         /// Validity in milliseconds.
         valid_ms: u64,
     },
-    /// Every QR code expired; the network closes the connection.
-    QrExhausted,
-    /// A pair code to type on the phone.
-    PairCode {
-        /// The code.
-        code: String,
+    /// Every QR code expired; with `disconnected` the network closes the connection.
+    QrExhausted {
+        /// Whether the connection closes (no pair code outstanding).
+        disconnected: bool,
     },
-    /// Pairing done: the device identity to reconnect with.
+    /// Pairing done: the device identity to reconnect with. [`ServerFrame::Restart`] follows.
     PairSuccess {
         /// The device identity.
         credentials: String,
     },
-    /// Logged in.
+    /// The server asks the client to reconnect at once (WhatsApp's stream error 515, sent after
+    /// pairing); not a disconnect the client reports.
+    Restart,
+    /// Everything queued while the client was offline has been delivered.
+    OfflineSyncCompleted {
+        /// How many items (messages and receipts) the offline queue held.
+        count: usize,
+    },
+    /// Logged in and drained.
     Connected,
-    /// An inbound message (or the echo of our own send).
+    /// An inbound message (from a contact, or `is_from_me` from the account's phone).
     Message {
         /// The message.
         message: InboundMessage,
     },
-    /// Everything queued while the client was offline has been delivered.
-    OfflineSyncCompleted {
-        /// How many messages were delivered from the offline queue.
-        count: usize,
+    /// A message that could not be decrypted; the client asks for a resend.
+    Undecryptable {
+        /// Its chat.
+        chat: Jid,
+        /// Its sender.
+        sender: Jid,
+        /// Its id.
+        id: MessageId,
+        /// From the offline queue.
+        offline: bool,
     },
-    /// A send was accepted.
-    SendAck {
+    /// The server's answer to a send.
+    Ack {
         /// The sender's id.
         id: MessageId,
-        /// Server time.
-        server_time_ms: u64,
+        /// Why it was refused, if it was.
+        error: Option<AckError>,
     },
-    /// A send was refused.
-    SendError {
-        /// The sender's id.
-        id: MessageId,
-        /// Why.
-        error: Refusal,
-    },
-    /// Delivery progress of a message we sent.
+    /// Delivery progress of messages we sent.
     Receipt {
         /// The receipt.
         receipt: Receipt,
@@ -133,7 +141,7 @@ pub enum ServerFrame {
         /// Ban length in milliseconds.
         duration_ms: u64,
     },
-    /// The network closes the connection (the client may reconnect).
+    /// The network closes the connection (the client reconnects after its backoff).
     Closed {
         /// Why.
         reason: String,

@@ -14,7 +14,7 @@ use tokio::sync::oneshot;
 
 use super::batch::Op;
 use super::cipher::Sealed;
-use super::{SqlStore, bind_inbound_row, db, now_ms};
+use super::{SqlStore, bind_inbound_row, db, flag, now_ms};
 
 /// Queues `op` built around a fresh reply channel and returns the future of the answer.
 fn queued<T: Send + 'static>(
@@ -74,8 +74,8 @@ impl Store for SqlStore {
         // Dead letters keep the whole text: they are there to be inspected and replayed.
         let q = sqlx::query(
             "INSERT INTO inbound (number, chat, sender, message_id, sender_alt, body, preview, \
-             sent_at, received_at, status, processed_at, error) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, 'dead', $9, $10) \
+             sent_at, received_at, from_me, status, processed_at, error) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, 'dead', $9, $11) \
              ON CONFLICT (number, chat, sender, message_id) DO UPDATE SET status = 'dead', \
              processed_at = excluded.processed_at, error = excluded.error",
         );
@@ -112,7 +112,8 @@ impl Store for SqlStore {
 
     async fn unprocessed(&self, number: &PhoneNumber) -> Result<Vec<InboundMessage>, StoreError> {
         let rows = sqlx::query(
-            "SELECT chat, sender, message_id, sender_alt, body, preview, sent_at FROM inbound \
+            "SELECT chat, sender, message_id, sender_alt, body, preview, sent_at, from_me \
+             FROM inbound \
              WHERE number = $1 AND status = 'pending' ORDER BY seq",
         )
         .bind(number.as_str())
@@ -124,7 +125,7 @@ impl Store for SqlStore {
 
     async fn unsent(&self, number: &PhoneNumber) -> Result<Vec<OutboundText>, StoreError> {
         let rows = sqlx::query(
-            "SELECT message_id, chat, body, reply_to FROM outbox \
+            "SELECT message_id, chat, body, reply_to, reply_to_sender FROM outbox \
              WHERE number = $1 AND status = 'queued' ORDER BY seq",
         )
         .bind(number.as_str())
@@ -245,7 +246,7 @@ impl SqlStore {
         number: &PhoneNumber,
     ) -> Result<Vec<(InboundMessage, String)>, StoreError> {
         let rows = sqlx::query(
-            "SELECT chat, sender, message_id, sender_alt, body, preview, sent_at, error \
+            "SELECT chat, sender, message_id, sender_alt, body, preview, sent_at, from_me, error \
              FROM inbound WHERE number = $1 AND status = 'dead' ORDER BY seq",
         )
         .bind(number.as_str())
@@ -280,9 +281,10 @@ fn inbound_of(row: &AnyRow) -> Result<InboundMessage, StoreError> {
         sender_alt: alt
             .map(|a| parse(&a, "sender", |s| Jid::parse(s).ok()))
             .transpose()?,
-        is_from_me: false,
+        is_from_me: flag(row, "from_me")?,
         text: body.unwrap_or(preview),
         timestamp_ms: u64::try_from(sent_at).unwrap_or(0),
+        offline: false,
     })
 }
 
@@ -290,12 +292,16 @@ fn outbound_of(row: &AnyRow) -> Result<OutboundText, StoreError> {
     let id: String = row.try_get("message_id").map_err(db)?;
     let chat: String = row.try_get("chat").map_err(db)?;
     let reply_to: Option<String> = row.try_get("reply_to").map_err(db)?;
+    let quoted: Option<String> = row.try_get("reply_to_sender").map_err(db)?;
     Ok(OutboundText {
         id: parse(&id, "message id", MessageId::parse)?,
         to: parse(&chat, "chat", |s| Jid::parse(s).ok())?,
         text: row.try_get("body").map_err(db)?,
         reply_to: reply_to
             .map(|r| parse(&r, "message id", MessageId::parse))
+            .transpose()?,
+        reply_to_sender: quoted
+            .map(|q| parse(&q, "sender", |s| Jid::parse(s).ok()))
             .transpose()?,
     })
 }

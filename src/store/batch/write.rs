@@ -185,14 +185,14 @@ const POSTGRES_BATCH: &str = "WITH \
             ON w.number = fences.number \
         ORDER BY fences.number FOR SHARE OF fences FOR KEY SHARE OF numbers), \
     ins AS (INSERT INTO inbound (number, chat, sender, message_id, sender_alt, body, preview, \
-            sent_at, received_at, status, processed_at) \
+            sent_at, received_at, from_me, status, processed_at) \
         SELECT x.number, chat, sender, message_id, sender_alt, \
             CASE WHEN x.done AND NOT f.full_transcripts THEN NULL ELSE body END, preview, \
-            sent_at, $6, CASE WHEN x.done THEN 'processed' ELSE 'pending' END, \
+            sent_at, $6, from_me, CASE WHEN x.done THEN 'processed' ELSE 'pending' END, \
             CASE WHEN x.done THEN $6 END \
         FROM json_to_recordset($1::json) AS x(number text, token bigint, chat text, \
             sender text, message_id text, sender_alt text, body text, preview text, \
-            sent_at bigint, done boolean) \
+            sent_at bigint, from_me boolean, done boolean) \
         JOIN f ON f.number = x.number AND f.token = x.token \
         ON CONFLICT (number, chat, sender, message_id) DO NOTHING \
         RETURNING number, chat, sender, message_id, status), \
@@ -217,11 +217,12 @@ const POSTGRES_BATCH: &str = "WITH \
             AND ok.chat = c.chat AND ok.sender = c.sender AND ok.message_id = c.inbound) \
         ON CONFLICT (number, chat) DO UPDATE SET checkpoint = excluded.checkpoint, \
             updated_at = excluded.updated_at), \
-    q AS (INSERT INTO outbox (number, message_id, chat, body, reply_to, created_at) \
-        SELECT o.number, o.message_id, o.chat, body, reply_to, $6 \
+    q AS (INSERT INTO outbox (number, message_id, chat, body, reply_to, reply_to_sender, \
+            created_at) \
+        SELECT o.number, o.message_id, o.chat, body, reply_to, reply_to_sender, $6 \
         FROM json_to_recordset($4::json) AS o(number text, token bigint, message_id text, \
-            chat text, body text, reply_to text, unlogged boolean, in_chat text, \
-            sender text, inbound text) \
+            chat text, body text, reply_to text, reply_to_sender text, unlogged boolean, \
+            in_chat text, sender text, inbound text) \
         JOIN f ON f.number = o.number AND f.token = o.token \
         WHERE NOT o.unlogged OR EXISTS (SELECT 1 FROM ok WHERE ok.number = o.number \
             AND ok.chat = o.in_chat AND ok.sender = o.sender AND ok.message_id = o.inbound) \
@@ -262,6 +263,7 @@ struct JsonInbound<'a> {
     body: &'a str,
     preview: String,
     sent_at: i64,
+    from_me: bool,
     /// Recorded already processed (an unlogged message's completion).
     done: bool,
 }
@@ -296,6 +298,7 @@ struct JsonReply<'a> {
     chat: &'a str,
     body: &'a str,
     reply_to: Option<&'a str>,
+    reply_to_sender: Option<&'a str>,
     /// The completion it belongs to, like [`JsonCheckpoint`]'s.
     unlogged: bool,
     in_chat: &'a str,
@@ -383,6 +386,7 @@ impl<'a> Selection<'a> {
                 body: &msg.text,
                 preview: preview(&msg.text),
                 sent_at: to_i64(msg.timestamp_ms),
+                from_me: msg.is_from_me,
                 done,
             })
             .collect();
@@ -420,6 +424,7 @@ impl<'a> Selection<'a> {
                 chat: r.to.as_str(),
                 body: &r.text,
                 reply_to: r.reply_to.as_ref().map(MessageId::as_str),
+                reply_to_sender: r.reply_to_sender.as_ref().map(Jid::as_str),
                 unlogged: part.2.is_some(),
                 in_chat: part.1.chat.as_str(),
                 sender: part.1.sender.as_str(),
@@ -748,9 +753,9 @@ async fn duplicates(
 fn inbound_sql(first: usize, rows: usize) -> String {
     format!(
         "INSERT INTO inbound (number, chat, sender, message_id, sender_alt, body, preview, \
-         sent_at, received_at) VALUES {} ON CONFLICT (number, chat, sender, message_id) \
-         DO NOTHING",
-        values_from(first, rows, 9)
+         sent_at, received_at, from_me) VALUES {} ON CONFLICT (number, chat, sender, \
+         message_id) DO NOTHING",
+        values_from(first, rows, 10)
     )
 }
 
@@ -842,9 +847,9 @@ fn replies<'a>(rows: &[&'a CompletePart]) -> Vec<(&'a CompletePart, &'a Outbound
 
 fn queue_sql(first: usize, rows: usize) -> String {
     format!(
-        "INSERT INTO outbox (number, message_id, chat, body, reply_to, created_at) VALUES {} \
-         ON CONFLICT (number, message_id) DO NOTHING",
-        values_from(first, rows, 6)
+        "INSERT INTO outbox (number, message_id, chat, body, reply_to, reply_to_sender, \
+         created_at) VALUES {} ON CONFLICT (number, message_id) DO NOTHING",
+        values_from(first, rows, 7)
     )
 }
 
@@ -860,6 +865,7 @@ fn bind_queue<'q>(
             .bind(r.to.to_string())
             .bind(r.text.as_str())
             .bind(r.reply_to.as_ref().map(|id| id.as_str().to_owned()))
+            .bind(r.reply_to_sender.as_ref().map(|s| s.as_str().to_owned()))
             .bind(now);
     }
     q
