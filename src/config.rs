@@ -225,7 +225,6 @@ fn read(r: &mut Reader<'_>) -> Config {
     let runtime = Settings {
         client_label: node_id.clone(),
         conversation_idle: r.duration("runtime.conversation_idle"),
-        park_cooldown: r.duration("runtime.park_cooldown"),
         ai_timeout: r.duration("runtime.ai_timeout"),
         send_rate: SendRate {
             burst: r.int("runtime.send_burst", 1, 1000) as u32,

@@ -5,6 +5,9 @@
 //! numbers add`); their sessions, inbound log, outbox and conversation checkpoints survive a
 //! restart of the process, so a restarted node resumes exactly where the last one stopped.
 //!
+//! `/readyz` answers 200 once every number is started and while the store is up; 503 while the
+//! node starts, stops, or waits out a store outage.
+//!
 //! Shutdown (on the trigger passed in): readiness turns 503, the fleet stops its numbers within a
 //! deadline (sessions closed, queued writes committed), then the store's batcher and pool close.
 
@@ -23,6 +26,7 @@ use secrecy::ExposeSecret;
 use switchboard_actors::fleet::FleetMsg;
 use switchboard_actors::number::NumberMsg;
 use switchboard_actors::responder::Responder;
+use switchboard_actors::store::{Health, Store};
 use switchboard_actors::{Addr, Deps, Fleet, FleetCounters, PhoneNumber};
 use tokio_util::sync::CancellationToken;
 
@@ -38,9 +42,9 @@ const SHUTDOWN_DEADLINE: Duration = Duration::from_secs(10);
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
     let ready = Arc::new(AtomicBool::new(false));
     let stop = CancellationToken::new();
-    let server = serve_http(&config, ready.clone(), stop.clone()).await?;
-
     let store = open_store(&config.store).await?;
+    let server = serve_http(&config, ready.clone(), store.health(), stop.clone()).await?;
+
     let numbers = store.numbers().await.context("listing numbers")?;
     if numbers.is_empty() {
         tracing::warn!("no numbers registered; add some with `switchboard numbers add`");
@@ -141,6 +145,7 @@ fn key_file(path: &Path) -> anyhow::Result<String> {
 async fn serve_http(
     config: &Config,
     ready: Arc<AtomicBool>,
+    store: Health,
     stop: CancellationToken,
 ) -> anyhow::Result<tokio::task::JoinHandle<std::io::Result<()>>> {
     let metrics = crate::telemetry::prometheus();
@@ -156,7 +161,8 @@ async fn serve_http(
         .route(
             "/readyz",
             get(move || {
-                let status = if ready.load(Ordering::Relaxed) {
+                // Not ready while starting, stopping, or while the store is down.
+                let status = if ready.load(Ordering::Relaxed) && store.is_up() {
                     StatusCode::OK
                 } else {
                     StatusCode::SERVICE_UNAVAILABLE

@@ -20,6 +20,7 @@ mod admin;
 mod batch;
 mod cipher;
 mod events;
+mod health;
 mod path;
 
 use std::collections::HashMap;
@@ -29,7 +30,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use sqlx::any::{AnyConnectOptions, AnyPoolOptions, AnyRow};
 use sqlx::{Any, AnyPool, Row, Transaction};
-use switchboard_actors::store::{Coordinator, Fence, Store, StoreError};
+use switchboard_actors::store::{Coordinator, Fence, OutageKind, Store, StoreError};
 
 pub use admin::{AiJobRecord, AiJobStatus};
 pub use admin::{ConversationRecord, FlowRecord, FlowStatus, NumberRecord, OptIn, TenantRecord};
@@ -93,6 +94,8 @@ pub struct SqlStore {
     dialect: Dialect,
     cipher: Arc<SessionCipher>,
     batch: batch::Handle,
+    /// Whether the database is up, and the probe that finds out when it is back.
+    watch: health::Watch,
 }
 
 impl std::fmt::Debug for SqlStore {
@@ -119,14 +122,22 @@ impl SqlStore {
     pub async fn connect(opts: StoreOptions) -> Result<Self, StoreError> {
         let pool = open_pool(&opts.url, opts.max_connections).await?;
         let dialect = Dialect::of_url(&opts.url)
-            .ok_or_else(|| StoreError::Unavailable("unsupported database URL".into()))?;
+            .ok_or_else(|| StoreError::Setup("unsupported database URL".into()))?;
         migrate_pool(&pool, dialect).await?;
-        let batch = batch::Handle::spawn(pool.clone(), dialect, opts.batch_max, opts.batch_wait);
+        let watch = health::Watch::new(pool.clone());
+        let batch = batch::Handle::spawn(
+            pool.clone(),
+            dialect,
+            opts.batch_max,
+            opts.batch_wait,
+            watch.clone(),
+        );
         Ok(Self {
             pool,
             dialect,
             cipher: opts.cipher,
             batch,
+            watch,
         })
     }
 
@@ -176,7 +187,7 @@ impl SqlStore {
                 }
             })
             .collect();
-        batch::flush(&self.pool, self.dialect, ops).await;
+        let _ = batch::flush(&self.pool, self.dialect, ops).await;
         for rx in recorded {
             rx.await.unwrap_or(Err(StoreError::Closed))?;
         }
@@ -220,8 +231,8 @@ pub enum HotWrite {
 /// Applies pending migrations to the database at `url` (the `switchboard migrate` command).
 /// Returns the dialect and how many migrations were applied.
 pub async fn migrate(url: &str) -> Result<(Dialect, usize), StoreError> {
-    let dialect = Dialect::of_url(url)
-        .ok_or_else(|| StoreError::Unavailable("unsupported database URL".into()))?;
+    let dialect =
+        Dialect::of_url(url).ok_or_else(|| StoreError::Setup("unsupported database URL".into()))?;
     let pool = open_pool(url, 1).await?;
     let before = applied(&pool).await;
     migrate_pool(&pool, dialect).await?;
@@ -241,7 +252,7 @@ async fn applied(pool: &AnyPool) -> usize {
 async fn open_pool(url: &str, max_connections: u32) -> Result<AnyPool, StoreError> {
     sqlx::any::install_default_drivers();
     let dialect = Dialect::of_url(url).ok_or_else(|| {
-        StoreError::Unavailable("database URL must start with sqlite: or postgres:".into())
+        StoreError::Setup("database URL must start with sqlite: or postgres:".into())
     })?;
     if dialect == Dialect::Sqlite {
         create_sqlite_dir(url)?;
@@ -295,7 +306,7 @@ fn create_sqlite_dir(url: &str) -> Result<(), StoreError> {
         && !dir.as_os_str().is_empty()
     {
         std::fs::create_dir_all(dir)
-            .map_err(|e| StoreError::Unavailable(format!("creating {}: {e}", dir.display())))?;
+            .map_err(|e| StoreError::Setup(format!("creating {}: {e}", dir.display())))?;
     }
     Ok(())
 }
@@ -308,7 +319,7 @@ async fn migrate_pool(pool: &AnyPool, dialect: Dialect) -> Result<(), StoreError
     migrator
         .run(pool)
         .await
-        .map_err(|e| StoreError::Unavailable(format!("migrations: {e}")))
+        .map_err(|e| StoreError::Setup(format!("migrations: {e}")))
 }
 
 /// Locks the fences of `tokens`' numbers for this transaction, raising stored tokens where a
@@ -469,27 +480,61 @@ fn values_from(first: usize, rows: usize, cols: usize) -> String {
     out
 }
 
-/// Starts the message of an error that a retry of the whole transaction may cure.
-const RETRY_MARK: &str = "transaction lost a race: ";
-
-/// Maps a database error onto the port's error: unique violations are conflicts.
+/// Maps a database error onto the port's error. Whether it is worth retrying is decided here,
+/// once, by kind: unreachable, pool timeout, locked, read-only, disk full and lost races are
+/// outages; what the database says about the statement itself is a refusal; unique and foreign
+/// key violations are conflicts and missing rows.
 fn db(e: sqlx::Error) -> StoreError {
+    use OutageKind as K;
     match &e {
-        // PostgreSQL: deadlock_detected, serialization_failure.
-        sqlx::Error::Database(d) if matches!(d.code().as_deref(), Some("40P01" | "40001")) => {
-            StoreError::Unavailable(format!("{RETRY_MARK}{e}"))
-        }
         sqlx::Error::Database(d) if d.is_unique_violation() => {
             StoreError::Conflict(d.message().to_owned())
         }
         sqlx::Error::Database(d) if d.is_foreign_key_violation() => {
             StoreError::NotFound(d.message().to_owned())
         }
+        sqlx::Error::Database(d) => match d.code().and_then(|c| outage_of_code(&c)) {
+            Some(kind) => StoreError::outage(kind, d.message()),
+            None => StoreError::Refused(d.message().to_owned()),
+        },
+        sqlx::Error::PoolTimedOut => StoreError::outage(K::PoolTimeout, e.to_string()),
+        sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::Protocol(_)
+        | sqlx::Error::WorkerCrashed => StoreError::outage(K::Unreachable, e.to_string()),
         sqlx::Error::ColumnDecode { .. } | sqlx::Error::Decode(_) => {
             StoreError::Corrupt(e.to_string())
         }
+        sqlx::Error::RowNotFound => StoreError::NotFound(e.to_string()),
         sqlx::Error::PoolClosed => StoreError::Closed,
-        _ => StoreError::Unavailable(e.to_string()),
+        _ => StoreError::outage(K::Other, e.to_string()),
+    }
+}
+
+/// The outage a database error code stands for, if it is one: PostgreSQL's five-character
+/// SQLSTATE, or SQLite's (extended) result code.
+fn outage_of_code(code: &str) -> Option<OutageKind> {
+    use OutageKind as K;
+    if code.len() == 5 {
+        return match code {
+            "40P01" | "40001" => Some(K::Contention),
+            "25006" => Some(K::ReadOnly),
+            "53100" => Some(K::DiskFull),
+            "55P03" => Some(K::Locked),
+            "57014" | "58030" => Some(K::Other),
+            c if c.starts_with("08") || c.starts_with("57P") => Some(K::Unreachable),
+            c if c.starts_with("53") => Some(K::Other),
+            _ => None,
+        };
+    }
+    // SQLite: the primary code is the low byte of the extended one.
+    match code.parse::<u32>().ok()? & 0xff {
+        5 | 6 => Some(K::Locked),   // SQLITE_BUSY, SQLITE_LOCKED
+        8 => Some(K::ReadOnly),     // SQLITE_READONLY
+        13 => Some(K::DiskFull),    // SQLITE_FULL
+        14 => Some(K::Unreachable), // SQLITE_CANTOPEN
+        7 | 10 => Some(K::Other),   // SQLITE_NOMEM, SQLITE_IOERR
+        _ => None,
     }
 }
 

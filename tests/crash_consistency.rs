@@ -16,19 +16,20 @@
 
 #[path = "support/db.rs"]
 mod db;
+#[path = "support/fleet.rs"]
+mod fleet;
 
-use std::net::TcpListener;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use std::collections::HashSet;
 
 use db::TestDb;
+use fleet::Rig;
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
-use serde_json::{Value, json};
+use serde_json::json;
 use sqlx::Row;
-use switchboard::store::{Dialect, SessionCipher};
+use switchboard::store::Dialect;
 
 const NUMBERS: usize = 50;
 const MESSAGES: usize = 5_000;
@@ -43,110 +44,8 @@ const QUIET: Duration = Duration::from_secs(60);
 /// How long the backlog may take to drain after the last message is offered.
 const DRAIN: Duration = Duration::from_secs(300);
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 fn number(i: usize) -> String {
     format!("+1555200{i:04}")
-}
-
-/// A child process killed when dropped.
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-struct Node {
-    env: Vec<(String, String)>,
-    dir: tempfile::TempDir,
-}
-
-impl Node {
-    fn command(&self, args: &[&str]) -> Command {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_switchboard"));
-        cmd.args(args)
-            .current_dir(self.dir.path())
-            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-            .env("RUST_LOG", "warn,switchboard::panic=off");
-        cmd
-    }
-
-    fn start(&self) -> Proc {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.dir.path().join("serve.log"))
-            .unwrap();
-        Proc(
-            self.command(&["serve"])
-                .stdout(Stdio::null())
-                .stderr(log)
-                .spawn()
-                .unwrap(),
-        )
-    }
-
-    fn kill(&self, node: &mut Proc) {
-        // SIGKILL: no shutdown sequence, no flush.
-        node.0.kill().unwrap();
-        node.0.wait().unwrap();
-    }
-}
-
-async fn wait_healthy(http: &reqwest::Client, url: &str) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while http
-        .get(url)
-        .send()
-        .await
-        .map(|r| r.status().is_success())
-        .ok()
-        != Some(true)
-    {
-        assert!(Instant::now() < deadline, "{url} never became healthy");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
-async fn summary(http: &reqwest::Client, sim: &str) -> Value {
-    http.get(format!("{sim}/ledger/summary"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap()
-}
-
-/// Pairs every account once its node shows a QR code (the phones scan it).
-async fn pair_all(http: &reqwest::Client, sim: &str) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let mut left: Vec<String> = (0..NUMBERS).map(number).collect();
-    while !left.is_empty() {
-        assert!(Instant::now() < deadline, "unpaired: {left:?}");
-        let mut still = Vec::new();
-        for n in left {
-            let r = http
-                .post(format!("{sim}/accounts/{n}/pair"))
-                .send()
-                .await
-                .unwrap();
-            if !r.status().is_success() {
-                still.push(n);
-            }
-        }
-        left = still;
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
 }
 
 /// The kill times, sorted.
@@ -161,12 +60,7 @@ fn kill_times() -> Vec<Duration> {
 
 /// Replies the node had written to WhatsApp but not settled when it died: queued in the
 /// database (frozen: the node is dead) and received by the network.
-async fn in_flight(
-    http: &reqwest::Client,
-    sim: &str,
-    db: &sqlx::AnyPool,
-    numbers: &[String],
-) -> u64 {
+async fn in_flight(rig: &Rig, db: &sqlx::AnyPool) -> u64 {
     let queued: HashSet<(String, String)> =
         sqlx::query("SELECT number, message_id FROM outbox WHERE status = 'queued'")
             .fetch_all(db)
@@ -176,19 +70,9 @@ async fn in_flight(
             .map(|r| (r.get::<String, _>(0), r.get::<String, _>(1)))
             .collect();
     let mut count = 0;
-    for n in numbers {
-        let ledger: Value = http
-            .get(format!("{sim}/ledger"))
-            .query(&[("number", n)])
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        let received: HashSet<&str> = ledger["events"]
-            .as_array()
-            .unwrap()
+    for n in &rig.numbers {
+        let events = rig.ledger(n).await;
+        let received: HashSet<&str> = events
             .iter()
             .filter(|e| e["event"] == "outbound_received")
             .filter_map(|e| e["id"].as_str())
@@ -209,66 +93,16 @@ async fn count(db: &sqlx::AnyPool, sql: &str) -> i64 {
         .get::<i64, _>(0)
 }
 
-async fn fault(http: &reqwest::Client, sim: &str, body: Value) {
-    let r = http
-        .post(format!("{sim}/faults"))
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
-    assert!(r.status().is_success(), "fault {body}");
-}
-
 async fn crash_consistency(dialect: Dialect) {
     let database = TestDb::new(dialect).await;
-    let http = reqwest::Client::new();
-    let sim_port = free_port();
-    let sim_url = format!("http://127.0.0.1:{sim_port}");
-    let node = Node {
-        env: vec![
-            ("SWITCHBOARD__STORE__URL".into(), database.url.clone()),
-            (
-                "SWITCHBOARD__STORE__SESSION_KEYS".into(),
-                SessionCipher::generate("crash"),
-            ),
-            ("SWITCHBOARD__TRANSPORT__SIM_URL".into(), sim_url.clone()),
-            (
-                "SWITCHBOARD__HTTP__LISTEN".into(),
-                format!("127.0.0.1:{}", free_port()),
-            ),
-            ("SWITCHBOARD__RUNTIME__TYPING_PER_CHAR".into(), "0ms".into()),
-            ("SWITCHBOARD__CHAOS__PANIC_EVERY".into(), "97".into()),
-            (
-                "SWITCHBOARD__CHAOS__CRASH_NUMBER_EVERY".into(),
-                "1500ms".into(),
-            ),
-        ],
-        dir: tempfile::tempdir().unwrap(),
-    };
-    let _sim = Proc(
-        node.command(&["sim", "serve", "--listen", &format!("127.0.0.1:{sim_port}")])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    wait_healthy(&http, &format!("{sim_url}/healthz")).await;
     let numbers: Vec<String> = (0..NUMBERS).map(number).collect();
-    let mut add = node.command(&["numbers", "add", "--tenant", "crash"]);
-    let status = add.args(&numbers).stdout(Stdio::null()).status().unwrap();
-    assert!(status.success(), "numbers add failed");
-    for n in &numbers {
-        let r = http
-            .post(format!("{sim_url}/accounts"))
-            .json(&json!({ "number": n }))
-            .send()
-            .await
-            .unwrap();
-        assert!(r.status().is_success());
-    }
-
-    let mut serve = node.start();
-    pair_all(&http, &sim_url).await;
+    let chaos = [
+        ("SWITCHBOARD__CHAOS__PANIC_EVERY", "97"),
+        ("SWITCHBOARD__CHAOS__CRASH_NUMBER_EVERY", "1500ms"),
+    ];
+    let rig = Rig::new(&database.url, numbers.clone(), &chaos).await;
+    let node = &rig.node;
+    let mut serve = rig.serve().await;
     sqlx::any::install_default_drivers();
     let db = sqlx::AnyPool::connect(&database.url).await.unwrap();
 
@@ -296,7 +130,7 @@ async fn crash_consistency(dialect: Dialect) {
         if kills.peek().is_some_and(|k| started.elapsed() >= **k) {
             kills.next();
             node.kill(&mut serve);
-            in_flight_at_kills += in_flight(&http, &sim_url, &db, &numbers).await;
+            in_flight_at_kills += in_flight(&rig, &db).await;
             serve = node.start();
         }
         if faults
@@ -304,48 +138,35 @@ async fn crash_consistency(dialect: Dialect) {
             .is_some_and(|(at, _)| started.elapsed() >= *at)
         {
             let (_, body) = faults.next().unwrap();
-            fault(&http, &sim_url, body).await;
+            rig.post("/faults", body).await;
         }
         let to = &numbers[i % NUMBERS];
         let from = format!("+4915{:07}", i % 997);
-        let r = http
-            .post(format!("{sim_url}/accounts/{to}/inbound"))
-            .json(&json!({ "from": from, "text": format!("message {i}: hello there") }))
-            .send()
-            .await
-            .unwrap();
-        assert!(r.status().is_success(), "inbound {i}: {}", r.status());
+        let text = format!("message {i}: hello there");
+        rig.post(
+            &format!("/accounts/{to}/inbound"),
+            json!({ "from": from, "text": text }),
+        )
+        .await;
     }
     for kill in kills {
         if let Some(wait) = kill.checked_sub(started.elapsed()) {
             tokio::time::sleep(wait).await;
         }
         node.kill(&mut serve);
-        in_flight_at_kills += in_flight(&http, &sim_url, &db, &numbers).await;
+        in_flight_at_kills += in_flight(&rig, &db).await;
         serve = node.start();
     }
 
-    let deadline = Instant::now() + DRAIN;
-    let totals = loop {
-        let s = summary(&http, &sim_url).await;
-        if s["inbound_unanswered"] == 0 && s["inbound_acked"] == MESSAGES {
-            break s;
-        }
-        if Instant::now() > deadline {
-            let log = std::fs::read_to_string(node.dir.path().join("serve.log")).unwrap();
-            let tail: Vec<&str> = log.lines().rev().take(40).collect();
-            panic!("not drained: {s}\nlog tail:\n{}", tail.join("\n"));
-        }
-        tokio::time::sleep(Duration::from_secs(1)).await;
-    };
+    let totals = rig.drained(DRAIN).await;
     // Quiet: nothing is owed, so a kill now must change nothing the contacts see.
     tokio::time::sleep(QUIET).await;
-    let before = summary(&http, &sim_url).await;
+    let before = rig.summary().await;
     node.kill(&mut serve);
-    let in_flight_quiet = in_flight(&http, &sim_url, &db, &numbers).await;
+    let in_flight_quiet = in_flight(&rig, &db).await;
     let serve = node.start();
     tokio::time::sleep(QUIET).await;
-    let after = summary(&http, &sim_url).await;
+    let after = rig.summary().await;
     let queued = count(&db, "SELECT COUNT(*) FROM outbox WHERE status = 'queued'").await;
     let pending = count(&db, "SELECT COUNT(*) FROM inbound WHERE status = 'pending'").await;
     drop(serve);

@@ -478,12 +478,12 @@ async fn dead_letters_keep_the_reason_and_are_not_resumed(db: &TestDb) {
         .dead_letter(&fence, &committed, &reason)
         .await
         .unwrap();
-    // A message never committed can be dead-lettered too (its chat was parked).
-    let fresh = msg("+4915100001", "E2", "while parked");
-    let parked = DeadLetterReason::ConversationParked {
-        last_error: "panicked".into(),
+    // A message never committed can be dead-lettered too (the store refused its record).
+    let fresh = msg("+4915100001", "E2", "refused");
+    let refused = DeadLetterReason::StoreRefused {
+        error: "value too long".into(),
     };
-    store.dead_letter(&fence, &fresh, &parked).await.unwrap();
+    store.dead_letter(&fence, &fresh, &refused).await.unwrap();
 
     assert!(store.unprocessed(&phone(N1)).await.unwrap().is_empty());
     let letters = store.dead_letters(&phone(N1)).await.unwrap();
@@ -494,7 +494,7 @@ async fn dead_letters_keep_the_reason_and_are_not_resumed(db: &TestDb) {
         "{}",
         letters[0].1
     );
-    assert!(letters[1].1.contains("parked"));
+    assert!(letters[1].1.contains("refused by the store"));
     assert_eq!(
         store.record_inbound(&fence, &fresh).await,
         Ok(Recorded::Duplicate { processed: true })

@@ -21,6 +21,8 @@ use ractor::{Actor, ActorId, ActorProcessingErr, ActorRef, SupervisionEvent};
 use tokio::time::Instant;
 
 use crate::addr::Addr;
+use tokio_util::sync::CancellationToken;
+
 use crate::ai_job::{AiJobActor, AiJobArgs};
 use crate::conversations::ConversationsMsg;
 use crate::deps::Deps;
@@ -56,6 +58,8 @@ pub enum ConversationMsg {
 
 /// What a conversation is started with.
 pub struct ConversationArgs {
+    /// Ends the number's work: a write waiting out a store outage gives up when it fires.
+    pub cancel: CancellationToken,
     /// The number it belongs to, with its ownership's token.
     pub fence: Fence,
     /// The chat.
@@ -117,7 +121,12 @@ impl Actor for ConversationActor {
         schedule_idle_check(&addr, state.args.deps.settings.conversation_idle);
         state.myself = Some(addr);
         let a = &state.args;
-        if let Some(ctx) = a.deps.store.checkpoint(&a.fence.number, &a.chat).await? {
+        let store = &a.deps.store;
+        let saved = store
+            .health()
+            .retrying(&a.cancel, || store.checkpoint(&a.fence.number, &a.chat))
+            .await?;
+        if let Some(ctx) = saved {
             state.ctx = ctx;
         }
         Ok(())
@@ -190,8 +199,12 @@ async fn deliver(
             if let Intake::Unlogged { before } = intake {
                 // A job takes a while: the message is recorded before it waits on one.
                 let a = &state.args;
-                let recorded = a.deps.store.record_inbound(&a.fence, &msg).await;
-                match unless_fenced(state, recorded)? {
+                let store = &a.deps.store;
+                let recorded = store
+                    .health()
+                    .retrying(&a.cancel, || store.record_inbound(&a.fence, &msg))
+                    .await;
+                match unless_refused(state, &msg, recorded)? {
                     None => return Ok(()),
                     Some(Recorded::Duplicate { processed: true }) => {
                         state.ctx = before;
@@ -267,11 +280,20 @@ async fn answer(
         replies: replies.clone(),
         checkpoint: state.ctx.clone(),
     };
-    let written = match &intake {
-        Intake::Logged => a.deps.store.complete(&a.fence, done).await.map(Some),
-        Intake::Unlogged { .. } => a.deps.store.record_completed(&a.fence, msg, done).await,
-    };
-    let Some(written) = unless_fenced(state, written)? else {
+    // An outage is waited out here (the write is idempotent: a retry after a lost answer finds
+    // its own earlier commit), so it never costs the conversation a restart.
+    let store = &a.deps.store;
+    let written = store
+        .health()
+        .retrying(&a.cancel, || match &intake {
+            Intake::Logged => {
+                let completed = store.complete(&a.fence, done.clone());
+                Box::pin(async move { completed.await.map(Some) })
+            }
+            Intake::Unlogged { .. } => store.record_completed(&a.fence, msg, done.clone()),
+        })
+        .await;
+    let Some(written) = unless_refused(state, msg, written)? else {
         return Ok(());
     };
     // Whether the message was completed before: then its replies may be waiting unsent.
@@ -321,17 +343,26 @@ async fn recover_replies(state: &ConversationState, msg: &InboundMessage) {
     }
 }
 
-/// A write's result, with a fenced refusal taken out: the number is told to stop (through the
-/// supervisor) and `None` returned, leaving the message unacknowledged for the new owner. Other
+/// A write's result for `msg`, with two refusals taken out and `None` returned: a fenced one
+/// (the number is told to stop, through the supervisor, leaving the message unacknowledged for
+/// the new owner) and one for what the message holds (the supervisor dead-letters it). Other
 /// errors crash the conversation.
-fn unless_fenced<T>(
+fn unless_refused<T>(
     state: &ConversationState,
+    msg: &InboundMessage,
     result: Result<T, StoreError>,
 ) -> Result<Option<T>, ActorProcessingErr> {
     match result {
         Ok(value) => Ok(Some(value)),
         Err(e @ StoreError::Fenced { .. }) => {
             let _ = state.args.parent.cast(ConversationsMsg::Fenced(e));
+            Ok(None)
+        }
+        Err(StoreError::Refused(error)) => {
+            let _ = state
+                .args
+                .parent
+                .cast(ConversationsMsg::Refused(msg.key(), error));
             Ok(None)
         }
         Err(e) => Err(e.into()),

@@ -11,12 +11,17 @@
 //! queued messages), nothing is lost: the supervisor restarts the child under its own
 //! [`RestartTracker`] and redelivers the pending messages in order; and when the whole node dies,
 //! the log holds what was waiting (the supervisor reloads it on start) and the network
-//! redelivers what was not acknowledged. When the child's budget is spent, the chat is parked
-//! `failed` for a cooldown and its pending messages are dead-lettered with the reason — never
-//! silently dropped. Siblings and the number are untouched.
+//! redelivers what was not acknowledged. Siblings and the number are untouched.
+//!
+//! Only a message that fails on its own is poison: when a conversation spends its budget, the
+//! message at the head of its chat (the one it keeps failing on) is dead-lettered with the
+//! reason, and the chat goes on with the next. A store outage is not poison: a conversation
+//! that fails because the store is down is started again once it is back, at no cost to its
+//! budget, and every store write here waits out an outage instead of failing.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
+use std::time::Duration;
 
 use ractor::{Actor, ActorId, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
 use tokio::time::Instant;
@@ -27,7 +32,7 @@ use crate::dead_letter::DeadLetterReason;
 use crate::deps::{Deps, FleetCounters, NumberResources};
 use crate::ids::Jid;
 use crate::number::NumberMsg;
-use crate::pacer::{PacerHandle, retry_delays};
+use crate::pacer::PacerHandle;
 use crate::restart::{Decision, Exit, RestartTracker};
 use crate::store::{Fence, Recorded, StoreError};
 use crate::telemetry::{ActorKind, CONVERSATIONS_ACTIVE, DEAD_LETTERS, Mailbox, PARKED, RESTARTS};
@@ -56,6 +61,8 @@ pub enum ConversationsMsg {
     Respawn(Jid),
     /// A conversation's write was refused as fenced: the number must stop.
     Fenced(StoreError),
+    /// The store refused a message's outcome for what it holds: it is dead-lettered.
+    Refused(MessageKey, String),
     /// Report every chat's state.
     Status(RpcReplyPort<Vec<ChatStatus>>),
 }
@@ -80,15 +87,8 @@ pub enum ChatPhase {
     Idle,
     /// The actor runs.
     Running,
-    /// Waiting out a backoff delay before a restart.
+    /// Waiting out a backoff delay, or the store's return, before a restart.
     Restarting,
-    /// Budget spent: messages are dead-lettered until the cooldown ends.
-    Parked {
-        /// The error that spent the budget.
-        last_error: String,
-        /// When a new message may start it again.
-        until: Instant,
-    },
 }
 
 /// What the supervisor is started with.
@@ -162,11 +162,12 @@ impl Actor for ConversationsActor {
         state: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
         // Whatever earlier owners committed and did not finish is processed first.
-        let left = state
-            .args
-            .deps
-            .store
-            .unprocessed(&state.args.fence.number)
+        let a = &state.args;
+        let (store, cancel) = (&a.deps.store, &a.resources.cancel);
+        let number = &a.fence.number;
+        let left = store
+            .health()
+            .retrying(cancel, || store.unprocessed(number))
             .await?;
         if !left.is_empty() {
             tracing::info!(number = %state.args.fence.number, count = left.len(), "resuming");
@@ -211,6 +212,7 @@ impl Actor for ConversationsActor {
             ConversationsMsg::Fenced(e) => {
                 let _ = state.args.number.cast(NumberMsg::Fenced(e));
             }
+            ConversationsMsg::Refused(key, error) => refused(state, &key, error),
             ConversationsMsg::Respawn(chat) => {
                 let due = state
                     .chats
@@ -235,7 +237,7 @@ impl Actor for ConversationsActor {
     ) -> Result<(), ActorProcessingErr> {
         match event {
             SupervisionEvent::ActorFailed(cell, err) => {
-                child_exited(state, cell.get_id(), Exit::Failed(err.to_string())).await;
+                child_exited(state, cell.get_id(), Exit::of_failure(err.as_ref())).await;
             }
             SupervisionEvent::ActorTerminated(cell, ..) => {
                 child_exited(state, cell.get_id(), Exit::Normal).await;
@@ -273,17 +275,6 @@ async fn inbound(state: &mut ConversationsState, msg: InboundMessage) {
     {
         return;
     }
-    if let ChatPhase::Parked { last_error, until } = &chat.phase {
-        if Instant::now() < *until {
-            let reason = DeadLetterReason::ConversationParked {
-                last_error: last_error.clone(),
-            };
-            dead_letter(&state.args, msg, reason);
-            return;
-        }
-        chat.tracker.reset(Instant::now());
-        chat.phase = ChatPhase::Idle;
-    }
     // Nothing ahead of it and a conversation running or free to start: it is processed now.
     let unlogged =
         chat.pending.is_empty() && matches!(chat.phase, ChatPhase::Running | ChatPhase::Idle);
@@ -303,20 +294,24 @@ async fn inbound(state: &mut ConversationsState, msg: InboundMessage) {
     }
 }
 
-/// Commits `msg` to the inbound log, retrying while the store is unavailable, and reports back.
+/// Commits `msg` to the inbound log, waiting out an outage of the store, and reports back.
 fn record(state: &ConversationsState, msg: InboundMessage) {
     let store = state.args.deps.store.clone();
     let fence = state.args.fence.clone();
     let myself = state.myself.clone();
+    let cancel = state.args.resources.cancel.clone();
+    // Queued now, so that writes keep the arrival order; only a retry waits.
     let first = store.record_inbound(&fence, &msg);
     tokio::spawn(async move {
-        let mut result = first.await;
-        let mut delays = retry_delays();
-        while let Err(StoreError::Unavailable(e)) = &result {
-            tracing::warn!(number = %fence.number, error = %e, "inbound not committed; retrying");
-            tokio::time::sleep(delays.next().unwrap_or(std::time::Duration::from_secs(30))).await;
-            result = store.record_inbound(&fence, &msg).await;
-        }
+        let mut first = Some(first);
+        let result = store
+            .health()
+            .retrying(&cancel, || {
+                first
+                    .take()
+                    .unwrap_or_else(|| store.record_inbound(&fence, &msg))
+            })
+            .await;
         let _ = myself.cast(ConversationsMsg::Committed {
             key: msg.key(),
             result,
@@ -347,6 +342,7 @@ fn committed(
         Err(e @ StoreError::Fenced { .. }) => {
             let _ = state.args.number.cast(NumberMsg::Fenced(e));
         }
+        Err(StoreError::Refused(error)) => refused(state, key, error),
         Err(e) => {
             // Not acknowledged: the network redelivers it after the next reconnect.
             tracing::error!(chat = %jid, message_id = %id, error = %e, "inbound not committed");
@@ -378,6 +374,7 @@ fn deliver_ready(chat: &mut Chat) {
 async fn start(state: &mut ConversationsState, jid: &Jid) {
     let mailbox = Mailbox::new(ActorKind::Conversation);
     let args = ConversationArgs {
+        cancel: state.args.resources.cancel.clone(),
         fence: state.args.fence.clone(),
         chat: jid.clone(),
         mailbox: mailbox.clone(),
@@ -474,26 +471,55 @@ async fn child_exited(state: &mut ConversationsState, id: ActorId, exit: Exit) {
                     .cast_after(delay, ConversationsMsg::Respawn(jid));
             }
         }
-        Decision::Park { last_error } => park(state, &jid, last_error),
+        Decision::AwaitDependency => {
+            tracing::info!(chat = %jid, ?exit, "conversation waits for the store");
+            chat.phase = ChatPhase::Restarting;
+            let health = state.args.deps.store.health();
+            let myself = state.myself.clone();
+            tokio::spawn(async move {
+                health.wait_up(Duration::from_secs(60)).await;
+                let _ = myself.cast(ConversationsMsg::Respawn(jid));
+            });
+        }
+        Decision::Park { last_error } => poisoned(state, &jid, last_error).await,
     }
 }
 
-fn park(state: &mut ConversationsState, jid: &Jid, last_error: String) {
+/// The chat's conversation spent its budget on the message at the head of its queue: that
+/// message fails on its own. It is dead-lettered with the reason, the budget starts over, and the
+/// chat goes on with the next message.
+async fn poisoned(state: &mut ConversationsState, jid: &Jid, last_error: String) {
     let Some(chat) = state.chats.get_mut(jid) else {
         return;
     };
     metrics::counter!(PARKED, "kind" => ActorKind::Conversation.as_str()).increment(1);
-    tracing::warn!(chat = %jid, %last_error, "conversation spent its restart budget; parked");
-    chat.phase = ChatPhase::Parked {
-        last_error: last_error.clone(),
-        until: Instant::now() + state.args.deps.settings.park_cooldown,
-    };
-    let pending: Vec<_> = chat.pending.drain(..).map(|e| e.msg).collect();
-    for msg in pending {
-        let reason = DeadLetterReason::RestartBudgetSpent {
-            last_error: last_error.clone(),
-        };
+    tracing::warn!(chat = %jid, %last_error, "conversation spent its restart budget on a message");
+    chat.tracker.reset(Instant::now());
+    chat.phase = ChatPhase::Idle;
+    if let Some(Entry { msg, .. }) = chat.pending.pop_front() {
+        let reason = DeadLetterReason::RestartBudgetSpent { last_error };
         dead_letter(&state.args, msg, reason);
+    }
+    let more = state.chats.get(jid).is_some_and(|c| !c.pending.is_empty());
+    if more {
+        start(state, jid).await;
+    } else {
+        state.chats.remove(jid);
+    }
+}
+
+/// The store refused the message `key` (or its outcome) for what it holds: dead-letter it and
+/// go on with the chat.
+fn refused(state: &mut ConversationsState, key: &MessageKey, error: String) {
+    let Some(chat) = state.chats.get_mut(&key.chat) else {
+        return;
+    };
+    let Some(pos) = position(chat, key) else {
+        return;
+    };
+    if let Some(Entry { msg, .. }) = chat.pending.remove(pos) {
+        dead_letter(&state.args, msg, DeadLetterReason::StoreRefused { error });
+        deliver_ready(chat);
     }
 }
 
@@ -513,7 +539,12 @@ fn dead_letter(args: &ConversationsArgs, message: InboundMessage, reason: DeadLe
     let resources = args.resources.clone();
     let number = args.number.clone();
     tokio::spawn(async move {
-        match store.dead_letter(&fence, &message, &reason).await {
+        let cancel = &resources.cancel;
+        let written = store
+            .health()
+            .retrying(cancel, || store.dead_letter(&fence, &message, &reason))
+            .await;
+        match written {
             Ok(()) => ack(&resources, &message),
             Err(e @ StoreError::Fenced { .. }) => {
                 let _ = number.cast(NumberMsg::Fenced(e));

@@ -4,15 +4,15 @@
 /// Why a message was dead-lettered.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum DeadLetterReason {
-    /// Its conversation spent its restart budget while the message was unprocessed.
+    /// Its conversation spent its restart budget on it: it fails on its own (poison).
     RestartBudgetSpent {
         /// The error of the last crash.
         last_error: String,
     },
-    /// It arrived while its conversation was parked `failed`.
-    ConversationParked {
-        /// Why the conversation was parked.
-        last_error: String,
+    /// The database refused to store it (or its outcome), alone, for what it holds.
+    StoreRefused {
+        /// What the database said.
+        error: String,
     },
 }
 
@@ -21,7 +21,7 @@ impl DeadLetterReason {
     pub fn label(&self) -> &'static str {
         match self {
             Self::RestartBudgetSpent { .. } => "restart_budget_spent",
-            Self::ConversationParked { .. } => "conversation_parked",
+            Self::StoreRefused { .. } => "store_refused",
         }
     }
 }
@@ -32,9 +32,7 @@ impl std::fmt::Display for DeadLetterReason {
             Self::RestartBudgetSpent { last_error } => {
                 write!(f, "restart budget spent: {last_error}")
             }
-            Self::ConversationParked { last_error } => {
-                write!(f, "conversation parked: {last_error}")
-            }
+            Self::StoreRefused { error } => write!(f, "refused by the store: {error}"),
         }
     }
 }

@@ -32,9 +32,6 @@ pub struct Settings {
     pub conversation_policy: RestartPolicy,
     /// A conversation with no message for this long stops, freeing its memory.
     pub conversation_idle: Duration,
-    /// How long a conversation that spent its budget stays parked before a new message may
-    /// start it afresh.
-    pub park_cooldown: Duration,
     /// Deadline of one AI job.
     pub ai_timeout: Duration,
     /// Per-number send pacing, kept under WhatsApp's limit.
@@ -59,7 +56,6 @@ impl Default for Settings {
             number_policy: RestartPolicy::number(),
             conversation_policy: RestartPolicy::conversation(),
             conversation_idle: Duration::from_secs(300),
-            park_cooldown: Duration::from_secs(300),
             ai_timeout: Duration::from_secs(30),
             send_rate: SendRate {
                 burst: 3,

@@ -165,7 +165,7 @@ impl Actor for FleetActor {
     ) -> Result<(), ActorProcessingErr> {
         match event {
             SupervisionEvent::ActorFailed(cell, err) => {
-                child_exited(state, cell.get_id(), Exit::Failed(err.to_string())).await;
+                child_exited(state, cell.get_id(), Exit::of_failure(err.as_ref())).await;
             }
             SupervisionEvent::ActorTerminated(cell, ..) => {
                 child_exited(state, cell.get_id(), Exit::Normal).await;
@@ -273,6 +273,19 @@ async fn after_exit(state: &mut FleetState, number: &PhoneNumber, exit: Exit) {
             tracing::error!(%number, %last_error, "number spent its restart budget; parked");
             slot.resources.set_state(NumberPhase::Failed);
             slot.parked = Some(last_error);
+        }
+        Decision::AwaitDependency => {
+            // The store is down: not the number's fault. Start it again once the store is back,
+            // at no cost to its budget.
+            tracing::warn!(%number, ?exit, "number waits for the store");
+            slot.resources.set_state(NumberPhase::Restarting);
+            let health = state.deps.store.health();
+            let fleet = state.myself.clone();
+            let number = number.clone();
+            tokio::spawn(async move {
+                health.wait_up(Duration::from_secs(60)).await;
+                let _ = fleet.cast(FleetMsg::Respawn(number));
+            });
         }
         Decision::Done => {
             slot.resources.retire();

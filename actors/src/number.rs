@@ -108,7 +108,12 @@ impl Actor for NumberActor {
         state: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
         let a = &state.args;
-        let token = a.deps.coordinator.acquire(&a.number).await?;
+        // Ownership comes from the store: during an outage the number waits for it.
+        let (store, cancel) = (&a.deps.store, &a.resources.cancel);
+        let token = store
+            .health()
+            .retrying(cancel, || a.deps.coordinator.acquire(&a.number))
+            .await?;
         let fence = Fence {
             number: a.number.clone(),
             token,
@@ -201,7 +206,11 @@ fn fence(state: &NumberState) -> Result<&Fence, ActorProcessingErr> {
 /// Opens a session with the stored credentials (pairing if there are none).
 async fn open_session(state: &mut NumberState) -> Result<(), ActorProcessingErr> {
     let a = &state.args;
-    let credentials = a.deps.store.load_session(&a.number).await?;
+    let (store, cancel) = (&a.deps.store, &a.resources.cancel);
+    let credentials = store
+        .health()
+        .retrying(cancel, || store.load_session(&a.number))
+        .await?;
     a.resources.set_state(if credentials.is_some() {
         NumberPhase::Connecting
     } else {
@@ -255,8 +264,12 @@ async fn on_event(state: &mut NumberState, event: WaEvent) -> Result<(), ActorPr
         WaEvent::PairSuccess { credentials } => {
             state.qr = None;
             state.pair_code = None;
-            let store = &state.args.deps.store;
-            store.save_session(fence(state)?, &credentials).await?;
+            let (store, fence) = (&state.args.deps.store, fence(state)?);
+            let cancel = &r.cancel;
+            store
+                .health()
+                .retrying(cancel, || store.save_session(fence, &credentials))
+                .await?;
             r.set_state(NumberPhase::Connecting);
         }
         WaEvent::Connected => r.set_state(NumberPhase::Online),
@@ -265,7 +278,11 @@ async fn on_event(state: &mut NumberState, event: WaEvent) -> Result<(), ActorPr
             r.set_state(NumberPhase::Connecting);
         }
         WaEvent::LoggedOut => {
-            state.args.deps.store.clear_session(fence(state)?).await?;
+            let (store, fence) = (&state.args.deps.store, fence(state)?);
+            store
+                .health()
+                .retrying(&r.cancel, || store.clear_session(fence))
+                .await?;
             end_session(state, "logged_out", NumberPhase::LoggedOut);
         }
         WaEvent::StreamReplaced => end_session(state, "stream_replaced", NumberPhase::Replaced),

@@ -17,6 +17,8 @@ use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use tokio::time::Instant;
 
+use crate::store::StoreError;
+
 /// Which exits of a child are followed by a restart.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RestartKind {
@@ -133,6 +135,19 @@ pub enum Exit {
     Normal,
     /// It panicked or returned an error; the text is the last error.
     Failed(String),
+    /// It failed because a dependency is down (a store outage): not its own fault.
+    Outage(String),
+}
+
+impl Exit {
+    /// How a child that failed with `err` ended: an outage if the error is the store's
+    /// retryable one, a failure otherwise.
+    pub fn of_failure(err: &(dyn std::error::Error + 'static)) -> Self {
+        match err.downcast_ref::<StoreError>() {
+            Some(e) if e.is_retryable() => Self::Outage(e.to_string()),
+            _ => Self::Failed(err.to_string()),
+        }
+    }
 }
 
 /// What the supervisor does next.
@@ -152,6 +167,8 @@ pub enum Decision {
     },
     /// The exit needs no restart under this policy.
     Done,
+    /// A dependency is down: start the child again once it is back. Nothing is spent.
+    AwaitDependency,
 }
 
 /// One child's restart bookkeeping.
@@ -192,6 +209,8 @@ impl RestartTracker {
     pub fn on_exit(&mut self, exit: &Exit, now: Instant) -> Decision {
         let wants_restart = match (self.policy.kind, exit) {
             (RestartKind::Temporary, _) => false,
+            // An outage is not the child's fault: it costs no budget and no backoff.
+            (_, Exit::Outage(_)) => return Decision::AwaitDependency,
             (RestartKind::Transient, Exit::Normal) => false,
             (RestartKind::Transient | RestartKind::Permanent, Exit::Failed(_))
             | (RestartKind::Permanent, Exit::Normal) => true,
@@ -212,7 +231,7 @@ impl RestartTracker {
         }
         if self.recent.len() >= self.policy.budget.max_restarts as usize {
             let last_error = match exit {
-                Exit::Failed(e) => e.clone(),
+                Exit::Failed(e) | Exit::Outage(e) => e.clone(),
                 Exit::Normal => "exited normally".to_owned(),
             };
             return Decision::Park { last_error };
@@ -254,6 +273,20 @@ mod tests {
             Decision::Restart { delay, .. } => delay,
             other => panic!("expected a restart, got {other:?}"),
         }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_outage_costs_no_budget_and_no_backoff() {
+        let mut t = RestartTracker::new(RestartPolicy::conversation(), Instant::now(), 7);
+        for _ in 0..100 {
+            let exit = Exit::Outage("store down".into());
+            assert_eq!(t.on_exit(&exit, Instant::now()), Decision::AwaitDependency);
+        }
+        assert_eq!(delay(t.on_exit(&failed(), Instant::now())), Duration::ZERO);
+        let outage = StoreError::outage(crate::store::OutageKind::Locked, "database is locked");
+        assert!(matches!(Exit::of_failure(&outage), Exit::Outage(_)));
+        let bad = StoreError::Refused("bad row".into());
+        assert!(matches!(Exit::of_failure(&bad), Exit::Failed(_)));
     }
 
     #[tokio::test(start_paused = true)]

@@ -28,13 +28,17 @@ use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use async_trait::async_trait;
+
+use tokio_util::sync::CancellationToken;
 
 use crate::dead_letter::DeadLetterReason;
 use crate::ids::{Jid, PhoneNumber};
 use crate::responder::ChatContext;
+use crate::telemetry::STORE_UP;
 use crate::transport::{Credentials, InboundMessage, MessageId, OutboundText};
 
 /// A fencing token: issued with each ownership of a number, higher than every earlier one.
@@ -68,7 +72,9 @@ pub struct Fence {
     pub token: FencingToken,
 }
 
-/// Why the store failed.
+/// Why the store failed. Whether a failure is worth retrying is the variant, never the text:
+/// [`StoreError::Unavailable`] is an outage (the same request will succeed once the database is
+/// back), everything else is about the request itself.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum StoreError {
     /// A newer owner of the number has written: this writer must stop.
@@ -81,9 +87,14 @@ pub enum StoreError {
         /// The highest token the store has seen.
         highest: u64,
     },
-    /// The database could not be reached or refused the statement.
-    #[error("store unavailable: {0}")]
-    Unavailable(String),
+    /// The database cannot serve the request now; it is not the request's fault. Wait for the
+    /// store's [`Health`] and try again: never a reason to spend a restart budget or to
+    /// dead-letter a message.
+    #[error("store unavailable ({0})")]
+    Unavailable(Outage),
+    /// The database refused this write for what it holds; the same write will be refused again.
+    #[error("refused by the database: {0}")]
+    Refused(String),
     /// Stored data could not be read back (bad ciphertext, unknown key, bad encoding).
     #[error("stored data unreadable: {0}")]
     Corrupt(String),
@@ -93,10 +104,160 @@ pub enum StoreError {
     /// The write conflicts with an existing row.
     #[error("conflict: {0}")]
     Conflict(String),
+    /// The store could not be set up (its URL, its directory, its migrations).
+    #[error("store setup: {0}")]
+    Setup(String),
     /// The store is shutting down.
     #[error("store closed")]
     Closed,
 }
+
+impl StoreError {
+    /// True for an outage: the same request is worth trying again once the store is back.
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, Self::Unavailable(_))
+    }
+
+    /// An outage of `kind`.
+    pub fn outage(kind: OutageKind, detail: impl Into<String>) -> Self {
+        Self::Unavailable(Outage {
+            kind,
+            detail: detail.into(),
+        })
+    }
+}
+
+/// What kind of outage made the store unavailable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum OutageKind {
+    /// The database cannot be reached (connection refused or lost, shutting down).
+    Unreachable,
+    /// No pooled connection became free in time.
+    PoolTimeout,
+    /// Another writer holds the lock (SQLite's "database is locked").
+    Locked,
+    /// The database accepts reads only.
+    ReadOnly,
+    /// The database's disk is full.
+    DiskFull,
+    /// The transaction lost a deadlock or serialization race; trying it again may win.
+    Contention,
+    /// Anything else that is not the request's fault (an I/O error, a timeout).
+    Other,
+}
+
+impl OutageKind {
+    /// A bounded label for metrics and logs.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Unreachable => "unreachable",
+            Self::PoolTimeout => "pool_timeout",
+            Self::Locked => "locked",
+            Self::ReadOnly => "read_only",
+            Self::DiskFull => "disk_full",
+            Self::Contention => "contention",
+            Self::Other => "other",
+        }
+    }
+}
+
+/// An outage: its kind and what the database said.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Outage {
+    /// What kind.
+    pub kind: OutageKind,
+    /// The database's words.
+    pub detail: String,
+}
+
+impl fmt::Display for Outage {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.kind.label(), self.detail)
+    }
+}
+
+/// Whether the store is up, as the store itself sees it: it goes down on the first outage and
+/// up again when a write (or the store's own probe) succeeds. The tree waits on it instead of
+/// crashing while the store is down, so work resumes the moment the store is back; `/readyz`
+/// and the `switchboard_store_up` gauge report it. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Health {
+    up: Arc<tokio::sync::watch::Sender<bool>>,
+}
+
+impl Default for Health {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Health {
+    /// Up, to begin with.
+    pub fn new() -> Self {
+        metrics::gauge!(STORE_UP).set(1.0);
+        Self {
+            up: Arc::new(tokio::sync::watch::Sender::new(true)),
+        }
+    }
+
+    /// True while the store is up.
+    pub fn is_up(&self) -> bool {
+        *self.up.borrow()
+    }
+
+    /// Records whether the store is up; returns whether that changed.
+    pub fn set(&self, up: bool) -> bool {
+        let changed = self
+            .up
+            .send_if_modified(|now| std::mem::replace(now, up) != up);
+        if changed {
+            metrics::gauge!(STORE_UP).set(if up { 1.0 } else { 0.0 });
+            if up {
+                tracing::info!("store is back");
+            } else {
+                tracing::warn!("store is down; waiting for it");
+            }
+        }
+        changed
+    }
+
+    /// Resolves once the store is up (at once if it is), or after `at_most`.
+    pub async fn wait_up(&self, at_most: Duration) {
+        let mut rx = self.up.subscribe();
+        let _ = tokio::time::timeout(at_most, rx.wait_for(|up| *up)).await;
+    }
+
+    /// Runs `attempt` until it succeeds or fails for a reason other than an outage; during an
+    /// outage it waits for the store to be back (trying again at least every [`OUTAGE_RETRY`])
+    /// and never gives up, unless `cancel` fires (then the outage is returned).
+    pub async fn retrying<T, F, Fut>(
+        &self,
+        cancel: &CancellationToken,
+        mut attempt: F,
+    ) -> Result<T, StoreError>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T, StoreError>>,
+    {
+        loop {
+            match attempt().await {
+                Err(e) if e.is_retryable() && !cancel.is_cancelled() => {
+                    tracing::debug!(error = %e, "store unavailable; waiting");
+                    tokio::select! {
+                        () = cancel.cancelled() => return Err(e),
+                        () = self.wait_up(OUTAGE_RETRY) => {}
+                    }
+                    // The first try after the store is back spreads out a little.
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                other => return other,
+            }
+        }
+    }
+}
+
+/// While the store is down, a waiting write tries again at least this often.
+pub const OUTAGE_RETRY: Duration = Duration::from_secs(2);
 
 /// A write queued by a hot-path method; resolves when it is committed.
 pub type Pending<T> = Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send + 'static>>;
@@ -131,6 +292,9 @@ pub struct Completion {
 /// The durable message path, sessions and dead letters. See the module docs.
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
+    /// Whether the store is up, as it sees itself.
+    fn health(&self) -> Health;
+
     /// Commits `msg` to the inbound log unless it is there already.
     fn record_inbound(&self, fence: &Fence, msg: &InboundMessage) -> Pending<Recorded>;
 
@@ -273,6 +437,7 @@ impl MemState {
 #[derive(Debug, Default)]
 pub struct MemoryStore {
     state: Mutex<MemState>,
+    health: Health,
 }
 
 impl MemoryStore {
@@ -304,6 +469,10 @@ fn ready<T: Send + 'static>(r: Result<T, StoreError>) -> Pending<T> {
 
 #[async_trait]
 impl Store for MemoryStore {
+    fn health(&self) -> Health {
+        self.health.clone()
+    }
+
     fn record_inbound(&self, fence: &Fence, msg: &InboundMessage) -> Pending<Recorded> {
         ready(self.with(fence, |st| st.log(fence, msg)))
     }

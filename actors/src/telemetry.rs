@@ -36,6 +36,9 @@ pub const OUTBOUND_RESENT: &str = "switchboard_outbound_resent_total";
 /// `switchboard_outbound_dead_letters_total{reason}`: replies given up (refused too often).
 pub const OUTBOUND_DEAD: &str = "switchboard_outbound_dead_letters_total";
 
+/// `switchboard_store_up`: 1 while the store is up, 0 during an outage.
+pub const STORE_UP: &str = "switchboard_store_up";
+
 /// Registers help texts for every metric above with the installed recorder.
 pub fn describe() {
     use metrics::{describe_counter, describe_gauge};
@@ -67,6 +70,7 @@ pub fn describe() {
         "Replies sent again with the same id after an unknown outcome"
     );
     describe_counter!(OUTBOUND_DEAD, "Replies given up, by reason");
+    describe_gauge!(STORE_UP, "1 while the store is up, 0 during an outage");
 }
 
 /// The kinds of actor in the tree, used as the bounded `kind` label.

@@ -8,13 +8,14 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use switchboard_actors::conversations::{ChatPhase, ChatStatus, ConversationsMsg};
+use switchboard_actors::conversations::{ChatStatus, ConversationsMsg};
 use switchboard_actors::dead_letter::DeadLetterReason;
 use switchboard_actors::deps::SendRate;
 use switchboard_actors::number::NumberMsg;
 use switchboard_actors::responder::{AiBackend, AiError, ChatContext, Reply, Responder};
 use switchboard_actors::store::{
-    Completion, Coordinator, Fence, MemoryStore, Pending, Recorded, Store, StoreError,
+    Completion, Coordinator, Fence, Health, MemoryStore, OutageKind, Pending, Recorded, Store,
+    StoreError,
 };
 use switchboard_actors::transport::{
     AccountSpec, AckError, Credentials, EventSink, InboundMessage, MessageId, MessageKey,
@@ -247,96 +248,6 @@ impl AiBackend for SlowModel {
     }
 }
 
-/// A store whose answer to the first completion of each message in `lose` is lost after the
-/// write committed (the connection dropped at commit): the caller sees an error.
-struct LossyStore {
-    inner: Arc<MemoryStore>,
-    lose: Mutex<Vec<MessageId>>,
-}
-
-impl LossyStore {
-    fn lost(&self, id: &MessageId) -> bool {
-        let mut lose = self.lose.lock().unwrap();
-        let before = lose.len();
-        lose.retain(|l| l != id);
-        lose.len() < before
-    }
-}
-
-fn answer_lost<T: Send + 'static>(written: Pending<T>) -> Pending<T> {
-    Box::pin(async move {
-        written.await?;
-        Err(StoreError::Unavailable("connection lost at commit".into()))
-    })
-}
-
-#[async_trait]
-impl Store for LossyStore {
-    fn record_inbound(&self, fence: &Fence, msg: &InboundMessage) -> Pending<Recorded> {
-        self.inner.record_inbound(fence, msg)
-    }
-    fn complete(&self, fence: &Fence, done: Completion) -> Pending<Vec<MessageId>> {
-        let lost = self.lost(&done.inbound);
-        let written = self.inner.complete(fence, done);
-        if lost { answer_lost(written) } else { written }
-    }
-    fn record_completed(
-        &self,
-        fence: &Fence,
-        msg: &InboundMessage,
-        done: Completion,
-    ) -> Pending<Option<Vec<MessageId>>> {
-        let written = self.inner.record_completed(fence, msg, done);
-        if self.lost(&msg.id) {
-            answer_lost(written)
-        } else {
-            written
-        }
-    }
-    fn mark_sent(&self, fence: &Fence, id: &MessageId) -> Pending<bool> {
-        self.inner.mark_sent(fence, id)
-    }
-    async fn dead_letter(
-        &self,
-        fence: &Fence,
-        msg: &InboundMessage,
-        reason: &DeadLetterReason,
-    ) -> Result<(), StoreError> {
-        self.inner.dead_letter(fence, msg, reason).await
-    }
-    async fn send_failed(
-        &self,
-        fence: &Fence,
-        id: &MessageId,
-        error: &str,
-        give_up: bool,
-    ) -> Result<(), StoreError> {
-        self.inner.send_failed(fence, id, error, give_up).await
-    }
-    async fn unprocessed(&self, number: &PhoneNumber) -> Result<Vec<InboundMessage>, StoreError> {
-        self.inner.unprocessed(number).await
-    }
-    async fn unsent(&self, number: &PhoneNumber) -> Result<Vec<OutboundText>, StoreError> {
-        self.inner.unsent(number).await
-    }
-    async fn checkpoint(
-        &self,
-        number: &PhoneNumber,
-        chat: &Jid,
-    ) -> Result<Option<ChatContext>, StoreError> {
-        self.inner.checkpoint(number, chat).await
-    }
-    async fn load_session(&self, number: &PhoneNumber) -> Result<Option<Credentials>, StoreError> {
-        self.inner.load_session(number).await
-    }
-    async fn save_session(&self, fence: &Fence, creds: &Credentials) -> Result<(), StoreError> {
-        self.inner.save_session(fence, creds).await
-    }
-    async fn clear_session(&self, fence: &Fence) -> Result<(), StoreError> {
-        self.inner.clear_session(fence).await
-    }
-}
-
 struct Harness {
     net: Arc<FakeNet>,
     fleet: Fleet,
@@ -367,6 +278,28 @@ async fn start_on(
     numbers: &[&PhoneNumber],
     model_delay: Duration,
 ) -> Harness {
+    start_full(net, port, store.clone(), store, numbers, model_delay).await
+}
+
+/// Like [`start_on`], with ownership from `coordinator` too.
+async fn start_with(
+    net: Arc<FakeNet>,
+    port: Arc<dyn Store>,
+    coordinator: Arc<dyn Coordinator>,
+    store: Arc<MemoryStore>,
+    numbers: &[&PhoneNumber],
+) -> Harness {
+    start_full(net, port, coordinator, store, numbers, Duration::ZERO).await
+}
+
+async fn start_full(
+    net: Arc<FakeNet>,
+    port: Arc<dyn Store>,
+    coordinator: Arc<dyn Coordinator>,
+    store: Arc<MemoryStore>,
+    numbers: &[&PhoneNumber],
+    model_delay: Duration,
+) -> Harness {
     let responder = Arc::new(Scripted::default());
     let settings = Settings {
         typing_per_char: Duration::ZERO,
@@ -382,7 +315,7 @@ async fn start_on(
         responder: responder.clone(),
         ai: Arc::new(SlowModel(model_delay)),
         store: port,
-        coordinator: store.clone(),
+        coordinator,
         settings,
         counters: Arc::new(FleetCounters::default()),
     };
@@ -516,7 +449,7 @@ async fn a_crashing_message_is_processed_after_the_restart_and_siblings_carry_on
 }
 
 #[tokio::test(start_paused = true)]
-async fn a_poison_message_spends_the_budget_is_dead_lettered_and_parks_only_its_chat() {
+async fn a_poison_message_spends_the_budget_is_dead_lettered_and_its_chat_goes_on() {
     let n = phone("+15550002");
     let h = harness(&[&n], Duration::ZERO).await;
     let (alice, bob) = (phone("+4915100003"), phone("+4915100004"));
@@ -524,13 +457,15 @@ async fn a_poison_message_spends_the_budget_is_dead_lettered_and_parks_only_its_
     s.inject(dm(&alice, "P1", "poison"));
     s.inject(dm(&alice, "P2", "queued behind poison"));
 
-    eventually("dead letters", || h.store.dead_letters().len() == 2).await;
+    eventually("the poison dead-lettered", || {
+        h.store.dead_letters().len() == 1
+    })
+    .await;
     let letters = h.store.dead_letters();
     assert_eq!(letters[0].1.id.as_str(), "P1");
     assert!(
         matches!(&letters[0].2, DeadLetterReason::RestartBudgetSpent { last_error } if last_error.contains("poison message"))
     );
-    assert_eq!(letters[1].1.id.as_str(), "P2");
     // 1 first try + 5 restarts (the conversation default budget).
     let attempts = h
         .responder
@@ -541,19 +476,17 @@ async fn a_poison_message_spends_the_budget_is_dead_lettered_and_parks_only_its_
         .filter(|(t, _)| t == "poison")
         .count();
     assert_eq!(attempts, 6);
-    let status = chats(&h, &n).await;
-    assert!(matches!(
-        status.iter().find(|c| c.chat == alice.jid()).unwrap().phase,
-        ChatPhase::Parked { .. }
-    ));
-
-    // While parked, new messages of that chat are dead-lettered with the reason.
+    // The chat goes on with the next message, and with new ones.
+    eventually("the next one answered", || {
+        replies_to(&h.net.sent(&n), "P2") == 1
+    })
+    .await;
     s.inject(dm(&alice, "P3", "hello again"));
-    eventually("parked dead letter", || h.store.dead_letters().len() == 3).await;
-    assert!(matches!(
-        h.store.dead_letters()[2].2,
-        DeadLetterReason::ConversationParked { .. }
-    ));
+    eventually("a new one answered", || {
+        replies_to(&h.net.sent(&n), "P3") == 1
+    })
+    .await;
+    assert_eq!(h.store.dead_letters().len(), 1, "only the poison");
 
     // Siblings and the number are untouched.
     s.inject(dm(&bob, "B1", "hi"));
@@ -563,11 +496,219 @@ async fn a_poison_message_spends_the_budget_is_dead_lettered_and_parks_only_its_
     .await;
     assert_eq!(h.fleet.counters().numbers(NumberPhase::Online), 1);
     assert_eq!(h.net.starts(&n), 1);
-    // Dead letters are accounted for: acknowledged, never redelivered.
+    // Every message is accounted for: acknowledged, never redelivered.
     eventually("acked", || {
         h.net.latest(&n).acked.lock().unwrap().len() == 4
     })
     .await;
+}
+
+/// A store with faults: down while `down` is set (every call fails as an outage, and its health
+/// says so, as the SQL store's does), and the answer to the first completion of each message in
+/// `lose` lost after the write committed (the connection dropped at commit).
+struct FaultyStore {
+    inner: Arc<MemoryStore>,
+    down: AtomicBool,
+    health: Health,
+    calls_while_down: std::sync::atomic::AtomicU64,
+    lose: Mutex<Vec<MessageId>>,
+}
+
+impl FaultyStore {
+    fn new(inner: Arc<MemoryStore>) -> Arc<Self> {
+        Self::losing(inner, &[])
+    }
+
+    fn losing(inner: Arc<MemoryStore>, lose: &[&str]) -> Arc<Self> {
+        Arc::new(Self {
+            inner,
+            down: AtomicBool::new(false),
+            health: Health::new(),
+            calls_while_down: std::sync::atomic::AtomicU64::new(0),
+            lose: Mutex::new(lose.iter().map(|id| MessageId::parse(id).unwrap()).collect()),
+        })
+    }
+
+    fn set_down(&self, down: bool) {
+        self.down.store(down, Ordering::SeqCst);
+        self.health.set(!down);
+    }
+
+    fn check(&self) -> Result<(), StoreError> {
+        if self.down.load(Ordering::SeqCst) {
+            self.calls_while_down.fetch_add(1, Ordering::Relaxed);
+            return Err(StoreError::outage(
+                OutageKind::Unreachable,
+                "connection refused",
+            ));
+        }
+        Ok(())
+    }
+
+    fn gate<T: Send + 'static>(&self, written: impl FnOnce() -> Pending<T>) -> Pending<T> {
+        match self.check() {
+            Ok(()) => written(),
+            Err(e) => Box::pin(std::future::ready(Err(e))),
+        }
+    }
+
+    /// `written`, with its answer lost if `id` is still to be lost.
+    fn maybe_lost<T: Send + 'static>(&self, id: &MessageId, written: Pending<T>) -> Pending<T> {
+        let lost = {
+            let mut lose = self.lose.lock().unwrap();
+            let before = lose.len();
+            lose.retain(|l| l != id);
+            lose.len() < before
+        };
+        if !lost {
+            return written;
+        }
+        Box::pin(async move {
+            written.await?;
+            Err(StoreError::outage(
+                OutageKind::Unreachable,
+                "connection lost at commit",
+            ))
+        })
+    }
+}
+
+#[async_trait]
+impl Store for FaultyStore {
+    fn health(&self) -> Health {
+        self.health.clone()
+    }
+    fn record_inbound(&self, fence: &Fence, msg: &InboundMessage) -> Pending<Recorded> {
+        self.gate(|| self.inner.record_inbound(fence, msg))
+    }
+    fn complete(&self, fence: &Fence, done: Completion) -> Pending<Vec<MessageId>> {
+        let id = done.inbound.clone();
+        self.gate(|| self.maybe_lost(&id, self.inner.complete(fence, done)))
+    }
+    fn record_completed(
+        &self,
+        fence: &Fence,
+        msg: &InboundMessage,
+        done: Completion,
+    ) -> Pending<Option<Vec<MessageId>>> {
+        self.gate(|| self.maybe_lost(&msg.id, self.inner.record_completed(fence, msg, done)))
+    }
+    fn mark_sent(&self, fence: &Fence, id: &MessageId) -> Pending<bool> {
+        self.gate(|| self.inner.mark_sent(fence, id))
+    }
+    async fn dead_letter(
+        &self,
+        fence: &Fence,
+        msg: &InboundMessage,
+        reason: &DeadLetterReason,
+    ) -> Result<(), StoreError> {
+        self.check()?;
+        self.inner.dead_letter(fence, msg, reason).await
+    }
+    async fn send_failed(
+        &self,
+        fence: &Fence,
+        id: &MessageId,
+        error: &str,
+        give_up: bool,
+    ) -> Result<(), StoreError> {
+        self.check()?;
+        self.inner.send_failed(fence, id, error, give_up).await
+    }
+    async fn unprocessed(&self, number: &PhoneNumber) -> Result<Vec<InboundMessage>, StoreError> {
+        self.check()?;
+        self.inner.unprocessed(number).await
+    }
+    async fn unsent(&self, number: &PhoneNumber) -> Result<Vec<OutboundText>, StoreError> {
+        self.check()?;
+        self.inner.unsent(number).await
+    }
+    async fn checkpoint(
+        &self,
+        number: &PhoneNumber,
+        chat: &Jid,
+    ) -> Result<Option<ChatContext>, StoreError> {
+        self.check()?;
+        self.inner.checkpoint(number, chat).await
+    }
+    async fn load_session(&self, number: &PhoneNumber) -> Result<Option<Credentials>, StoreError> {
+        self.check()?;
+        self.inner.load_session(number).await
+    }
+    async fn save_session(&self, fence: &Fence, creds: &Credentials) -> Result<(), StoreError> {
+        self.check()?;
+        self.inner.save_session(fence, creds).await
+    }
+    async fn clear_session(&self, fence: &Fence) -> Result<(), StoreError> {
+        self.check()?;
+        self.inner.clear_session(fence).await
+    }
+}
+
+#[async_trait]
+impl Coordinator for FaultyStore {
+    async fn acquire(
+        &self,
+        number: &PhoneNumber,
+    ) -> Result<switchboard_actors::store::FencingToken, StoreError> {
+        self.check()?;
+        self.inner.acquire(number).await
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_store_outage_is_waited_out_without_restarts_or_dead_letters() {
+    let (n, m) = (phone("+15550027"), phone("+15550028"));
+    let store = Arc::new(MemoryStore::default());
+    let outage = FaultyStore::new(store.clone());
+    let net: Arc<FakeNet> = Arc::default();
+    let h = start_with(net, outage.clone(), outage.clone(), store.clone(), &[&n]).await;
+    let s = h.net.latest(&n);
+    s.inject(dm(&phone("+4915100070"), "O0", "before"));
+    eventually("answered before", || replies_to(&h.net.sent(&n), "O0") == 1).await;
+
+    // The store goes down for ten minutes, with traffic on several chats meanwhile, and a
+    // number that starts during it.
+    outage.set_down(true);
+    for i in 0..20 {
+        let contact = phone(&format!("+49151001{i:02}"));
+        s.inject(dm(&contact, &format!("O{}", i + 1), "during"));
+        tokio::time::sleep(Duration::from_secs(30)).await;
+    }
+    h.fleet.add(m.clone()).unwrap();
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    assert!(outage.calls_while_down.load(Ordering::Relaxed) > 0);
+    assert_eq!(
+        s.acked.lock().unwrap().len(),
+        1,
+        "nothing acknowledged while the store is down"
+    );
+    assert_eq!(replies_to(&h.net.sent(&n), "O1"), 0);
+
+    let back = Instant::now();
+    outage.set_down(false);
+    eventually("every message answered", || {
+        let sent = h.net.sent(&n);
+        (1..=20).all(|i| replies_to(&sent, &format!("O{i}")) == 1)
+    })
+    .await;
+    assert!(
+        back.elapsed() < Duration::from_secs(10),
+        "resumed within seconds: {:?}",
+        back.elapsed()
+    );
+    eventually("the late number online", || {
+        h.fleet.counters().numbers(NumberPhase::Online) == 2
+    })
+    .await;
+    eventually("all acked", || s.acked.lock().unwrap().len() == 21).await;
+    assert!(store.dead_letters().is_empty(), "no dead letter");
+    assert_eq!(
+        h.fleet.counters().restarts.load(Ordering::Relaxed),
+        0,
+        "no restart budget spent"
+    );
+    assert!(h.fleet.status().await.unwrap().parked.is_empty());
 }
 
 #[tokio::test(start_paused = true)]
@@ -989,13 +1130,7 @@ async fn a_reply_whose_commit_answer_was_lost_is_still_sent_once() {
     let contact = phone("+4915100050");
     // L1 arrives with nothing ahead (recorded with its completion), L2 behind it (recorded
     // first): both completions commit, but their answers are lost.
-    let port = Arc::new(LossyStore {
-        inner: store.clone(),
-        lose: Mutex::new(vec![
-            MessageId::parse("L1").unwrap(),
-            MessageId::parse("L2").unwrap(),
-        ]),
-    });
+    let port = FaultyStore::losing(store.clone(), &["L1", "L2"]);
     let h = start_on(Arc::default(), port, store.clone(), &[&n], Duration::ZERO).await;
     h.net.latest(&n).inject(dm(&contact, "L1", "one"));
     h.net.latest(&n).inject(dm(&contact, "L2", "two"));

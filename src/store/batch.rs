@@ -19,12 +19,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use sqlx::AnyPool;
-use switchboard_actors::store::{Completion, Fence, Recorded, StoreError};
+use switchboard_actors::store::{Completion, Fence, OutageKind, Recorded, StoreError};
 use switchboard_actors::transport::{InboundMessage, MessageId};
 use tokio::sync::{Semaphore, mpsc, oneshot};
 use tokio::time::Instant;
 
-use super::{Dialect, RETRY_MARK, check_fence};
+use super::health::Watch;
+use super::{Dialect, check_fence};
 
 /// Times a batch that lost a deadlock is tried again before its writes fail.
 const RETRIES: u32 = 3;
@@ -81,7 +82,13 @@ pub struct Handle {
 
 impl Handle {
     /// Starts the batcher of `pool`.
-    pub fn spawn(pool: AnyPool, dialect: Dialect, max: usize, wait: Duration) -> Self {
+    pub fn spawn(
+        pool: AnyPool,
+        dialect: Dialect,
+        max: usize,
+        wait: Duration,
+        watch: Watch,
+    ) -> Self {
         let (tx, rx) = mpsc::unbounded_channel();
         let in_flight = match dialect {
             Dialect::Sqlite => 1,
@@ -93,6 +100,7 @@ impl Handle {
             max: max.max(1),
             wait,
             in_flight,
+            watch,
         };
         tokio::spawn(batcher.run(rx));
         Self { tx }
@@ -121,6 +129,8 @@ struct Batcher {
     wait: Duration,
     /// Batches committing at once.
     in_flight: usize,
+    /// Told how each batch went: the store's health.
+    watch: Watch,
 }
 
 impl Batcher {
@@ -158,9 +168,9 @@ impl Batcher {
             let Ok(permit) = permits.clone().acquire_owned().await else {
                 break;
             };
-            let (pool, dialect) = (self.pool.clone(), self.dialect);
+            let (pool, dialect, watch) = (self.pool.clone(), self.dialect, self.watch.clone());
             tokio::spawn(async move {
-                flush(&pool, dialect, batch).await;
+                watch.wrote(&flush(&pool, dialect, batch).await);
                 drop(permit);
             });
         }
@@ -173,8 +183,11 @@ impl Batcher {
     }
 }
 
-/// Commits one batch and answers every write in it.
-pub async fn flush(pool: &AnyPool, dialect: Dialect, batch: Vec<Op>) {
+/// Commits one batch and answers every write in it. A batch the database refuses as a whole
+/// (nothing of it committed) is split in halves, each committed on its own, down to the one
+/// write it refuses: that write alone is answered with the refusal. Returns how the batch went
+/// (an outage fails every write; the callers wait it out and write again).
+pub async fn flush(pool: &AnyPool, dialect: Dialect, batch: Vec<Op>) -> Result<(), StoreError> {
     let started = Instant::now();
     let rows = batch.len();
     let mut parts = Parts::default();
@@ -188,13 +201,27 @@ pub async fn flush(pool: &AnyPool, dialect: Dialect, batch: Vec<Op>) {
             Ok((outcome, highest)) => {
                 metrics::histogram!(BATCH_ROWS).record(rows as f64);
                 metrics::histogram!(COMMIT_SECONDS).record(started.elapsed().as_secs_f64());
-                return parts.answer(outcome, &highest);
+                parts.answer(outcome, &highest);
+                return Ok(());
             }
-            Err(StoreError::Unavailable(e)) if e.starts_with(RETRY_MARK) && attempt < RETRIES => {
+            Err(StoreError::Refused(e)) if rows > 1 => {
+                tracing::warn!(rows, error = %e, "batch refused; committing it in halves");
+                let mut first = parts.into_ops();
+                let second = first.split_off(first.len() / 2);
+                Box::pin(flush(pool, dialect, first)).await?;
+                return Box::pin(flush(pool, dialect, second)).await;
+            }
+            Err(StoreError::Unavailable(e))
+                if e.kind == OutageKind::Contention && attempt < RETRIES =>
+            {
                 attempt += 1;
                 tracing::debug!(attempt, error = %e, "batch lost a race; trying again");
             }
-            Err(e) => return parts.fail(&e),
+            Err(e) => {
+                parts.fail(&e);
+                // A refusal is the write's own: it says nothing about the store's health.
+                return if e.is_retryable() { Err(e) } else { Ok(()) };
+            }
         }
     }
 }
@@ -285,6 +312,28 @@ impl Parts {
             } => self.complete.push((fence, done, unlogged, reply)),
             Op::Sent { fence, id, reply } => self.sent.push((fence, id, reply)),
         }
+    }
+
+    /// The writes again, to be committed in another batch.
+    fn into_ops(self) -> Vec<Op> {
+        let inbound = self
+            .inbound
+            .into_iter()
+            .map(|(fence, msg, reply)| Op::Inbound { fence, msg, reply });
+        let complete = self
+            .complete
+            .into_iter()
+            .map(|(fence, done, unlogged, reply)| Op::Complete {
+                fence,
+                done,
+                unlogged,
+                reply,
+            });
+        let sent = self
+            .sent
+            .into_iter()
+            .map(|(fence, id, reply)| Op::Sent { fence, id, reply });
+        inbound.chain(complete).chain(sent).collect()
     }
 
     fn fail(self, e: &StoreError) {

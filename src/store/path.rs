@@ -6,7 +6,7 @@ use sqlx::any::AnyRow;
 use switchboard_actors::dead_letter::DeadLetterReason;
 use switchboard_actors::responder::ChatContext;
 use switchboard_actors::store::{
-    Completion, Coordinator, Fence, FencingToken, Pending, Recorded, Store, StoreError,
+    Completion, Coordinator, Fence, FencingToken, Health, Pending, Recorded, Store, StoreError,
 };
 use switchboard_actors::transport::{Credentials, InboundMessage, MessageId, OutboundText};
 use switchboard_actors::{Jid, PhoneNumber};
@@ -28,6 +28,10 @@ fn queued<T: Send + 'static>(
 
 #[async_trait]
 impl Store for SqlStore {
+    fn health(&self) -> Health {
+        self.watch.health()
+    }
+
     fn record_inbound(&self, fence: &Fence, msg: &InboundMessage) -> Pending<Recorded> {
         let (fence, msg) = (fence.clone(), msg.clone());
         queued(self, |reply| Op::Inbound { fence, msg, reply })
@@ -70,21 +74,25 @@ impl Store for SqlStore {
         msg: &InboundMessage,
         reason: &DeadLetterReason,
     ) -> Result<(), StoreError> {
-        let mut tx = self.fenced(fence).await?;
-        // Dead letters keep the whole text: they are there to be inspected and replayed.
-        let q = sqlx::query(
-            "INSERT INTO inbound (number, chat, sender, message_id, sender_alt, body, preview, \
-             sent_at, received_at, from_me, status, processed_at, error) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, 'dead', $9, $11) \
-             ON CONFLICT (number, chat, sender, message_id) DO UPDATE SET status = 'dead', \
-             processed_at = excluded.processed_at, error = excluded.error",
-        );
-        bind_inbound_row(q, fence, msg, now_ms())
-            .bind(reason.to_string())
-            .execute(&mut *tx)
+        self.watch
+            .write(async {
+            let mut tx = self.fenced(fence).await?;
+            // Dead letters keep the whole text: they are there to be inspected and replayed.
+            let q = sqlx::query(
+                "INSERT INTO inbound (number, chat, sender, message_id, sender_alt, body, preview, \
+                 sent_at, received_at, from_me, status, processed_at, error) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, 'dead', $9, $11) \
+                 ON CONFLICT (number, chat, sender, message_id) DO UPDATE SET status = 'dead', \
+                 processed_at = excluded.processed_at, error = excluded.error",
+            );
+            bind_inbound_row(q, fence, msg, now_ms())
+                .bind(reason.to_string())
+                .execute(&mut *tx)
+                .await
+                .map_err(db)?;
+            tx.commit().await.map_err(db)
+            })
             .await
-            .map_err(db)?;
-        tx.commit().await.map_err(db)
     }
 
     async fn send_failed(
@@ -94,45 +102,57 @@ impl Store for SqlStore {
         error: &str,
         give_up: bool,
     ) -> Result<(), StoreError> {
-        let mut tx = self.fenced(fence).await?;
-        sqlx::query(
-            "UPDATE outbox SET attempts = attempts + 1, last_error = $1, \
-             status = CASE WHEN $2 = 1 THEN 'failed' ELSE status END \
-             WHERE number = $3 AND message_id = $4 AND status = 'queued'",
-        )
-        .bind(error)
-        .bind(i64::from(give_up))
-        .bind(fence.number.as_str())
-        .bind(id.as_str())
-        .execute(&mut *tx)
-        .await
-        .map_err(db)?;
-        tx.commit().await.map_err(db)
+        self.watch
+            .write(async {
+                let mut tx = self.fenced(fence).await?;
+                sqlx::query(
+                    "UPDATE outbox SET attempts = attempts + 1, last_error = $1, \
+                 status = CASE WHEN $2 = 1 THEN 'failed' ELSE status END \
+                 WHERE number = $3 AND message_id = $4 AND status = 'queued'",
+                )
+                .bind(error)
+                .bind(i64::from(give_up))
+                .bind(fence.number.as_str())
+                .bind(id.as_str())
+                .execute(&mut *tx)
+                .await
+                .map_err(db)?;
+                tx.commit().await.map_err(db)
+            })
+            .await
     }
 
     async fn unprocessed(&self, number: &PhoneNumber) -> Result<Vec<InboundMessage>, StoreError> {
-        let rows = sqlx::query(
-            "SELECT chat, sender, message_id, sender_alt, body, preview, sent_at, from_me \
-             FROM inbound \
-             WHERE number = $1 AND status = 'pending' ORDER BY seq",
-        )
-        .bind(number.as_str())
-        .fetch_all(&self.pool)
-        .await
-        .map_err(db)?;
-        rows.iter().map(inbound_of).collect()
+        self.watch
+            .read(async {
+                let rows = sqlx::query(
+                    "SELECT chat, sender, message_id, sender_alt, body, preview, sent_at, from_me \
+                 FROM inbound \
+                 WHERE number = $1 AND status = 'pending' ORDER BY seq",
+                )
+                .bind(number.as_str())
+                .fetch_all(&self.pool)
+                .await
+                .map_err(db)?;
+                rows.iter().map(inbound_of).collect()
+            })
+            .await
     }
 
     async fn unsent(&self, number: &PhoneNumber) -> Result<Vec<OutboundText>, StoreError> {
-        let rows = sqlx::query(
-            "SELECT message_id, chat, body, reply_to, reply_to_sender FROM outbox \
-             WHERE number = $1 AND status = 'queued' ORDER BY seq",
-        )
-        .bind(number.as_str())
-        .fetch_all(&self.pool)
-        .await
-        .map_err(db)?;
-        rows.iter().map(outbound_of).collect()
+        self.watch
+            .read(async {
+                let rows = sqlx::query(
+                    "SELECT message_id, chat, body, reply_to, reply_to_sender FROM outbox \
+                 WHERE number = $1 AND status = 'queued' ORDER BY seq",
+                )
+                .bind(number.as_str())
+                .fetch_all(&self.pool)
+                .await
+                .map_err(db)?;
+                rows.iter().map(outbound_of).collect()
+            })
+            .await
     }
 
     async fn checkpoint(
@@ -140,72 +160,91 @@ impl Store for SqlStore {
         number: &PhoneNumber,
         chat: &Jid,
     ) -> Result<Option<ChatContext>, StoreError> {
-        let json: Option<String> = sqlx::query_scalar(
-            "SELECT checkpoint FROM conversations WHERE number = $1 AND chat = $2",
-        )
-        .bind(number.as_str())
-        .bind(chat.to_string())
-        .fetch_optional(&self.pool)
-        .await
-        .map_err(db)?;
-        json.map(|j| serde_json::from_str(&j).map_err(|e| StoreError::Corrupt(e.to_string())))
-            .transpose()
+        self.watch
+            .read(async {
+                let json: Option<String> = sqlx::query_scalar(
+                    "SELECT checkpoint FROM conversations WHERE number = $1 AND chat = $2",
+                )
+                .bind(number.as_str())
+                .bind(chat.to_string())
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(db)?;
+                json.map(|j| {
+                    serde_json::from_str(&j).map_err(|e| StoreError::Corrupt(e.to_string()))
+                })
+                .transpose()
+            })
+            .await
     }
 
     async fn load_session(&self, number: &PhoneNumber) -> Result<Option<Credentials>, StoreError> {
-        let row = sqlx::query("SELECT key_id, nonce, ciphertext FROM sessions WHERE number = $1")
-            .bind(number.as_str())
-            .fetch_optional(&self.pool)
+        self.watch
+            .read(async {
+                let row =
+                    sqlx::query("SELECT key_id, nonce, ciphertext FROM sessions WHERE number = $1")
+                        .bind(number.as_str())
+                        .fetch_optional(&self.pool)
+                        .await
+                        .map_err(db)?;
+                let Some(row) = row else {
+                    return Ok(None);
+                };
+                let sealed = Sealed {
+                    key_id: row.try_get("key_id").map_err(db)?,
+                    nonce: row.try_get("nonce").map_err(db)?,
+                    ciphertext: row.try_get("ciphertext").map_err(db)?,
+                };
+                let plain = self
+                    .cipher
+                    .open(number.as_str(), &sealed)
+                    .map_err(|e| StoreError::Corrupt(e.to_string()))?;
+                String::from_utf8(plain)
+                    .map(|s| Some(Credentials(s)))
+                    .map_err(|e| StoreError::Corrupt(e.to_string()))
+            })
             .await
-            .map_err(db)?;
-        let Some(row) = row else {
-            return Ok(None);
-        };
-        let sealed = Sealed {
-            key_id: row.try_get("key_id").map_err(db)?,
-            nonce: row.try_get("nonce").map_err(db)?,
-            ciphertext: row.try_get("ciphertext").map_err(db)?,
-        };
-        let plain = self
-            .cipher
-            .open(number.as_str(), &sealed)
-            .map_err(|e| StoreError::Corrupt(e.to_string()))?;
-        String::from_utf8(plain)
-            .map(|s| Some(Credentials(s)))
-            .map_err(|e| StoreError::Corrupt(e.to_string()))
     }
 
     async fn save_session(&self, fence: &Fence, creds: &Credentials) -> Result<(), StoreError> {
-        let sealed = self
-            .cipher
-            .seal(fence.number.as_str(), creds.0.as_bytes())
-            .map_err(|e| StoreError::Corrupt(e.to_string()))?;
-        let mut tx = self.fenced(fence).await?;
-        sqlx::query(
-            "INSERT INTO sessions (number, key_id, nonce, ciphertext, updated_at) \
-             VALUES ($1, $2, $3, $4, $5) ON CONFLICT (number) DO UPDATE SET \
-             key_id = excluded.key_id, nonce = excluded.nonce, ciphertext = excluded.ciphertext, \
-             updated_at = excluded.updated_at",
-        )
-        .bind(fence.number.as_str())
-        .bind(sealed.key_id)
-        .bind(sealed.nonce)
-        .bind(sealed.ciphertext)
-        .bind(now_ms())
-        .execute(&mut *tx)
-        .await
-        .map_err(db)?;
-        tx.commit().await.map_err(db)
-    }
-
-    async fn clear_session(&self, fence: &Fence) -> Result<(), StoreError> {
-        let mut tx = self.fenced(fence).await?;
-        sqlx::query("DELETE FROM sessions WHERE number = $1")
+        self.watch
+            .write(async {
+            let sealed = self
+                .cipher
+                .seal(fence.number.as_str(), creds.0.as_bytes())
+                .map_err(|e| StoreError::Corrupt(e.to_string()))?;
+            let mut tx = self.fenced(fence).await?;
+            sqlx::query(
+                "INSERT INTO sessions (number, key_id, nonce, ciphertext, updated_at) \
+                 VALUES ($1, $2, $3, $4, $5) ON CONFLICT (number) DO UPDATE SET \
+                 key_id = excluded.key_id, nonce = excluded.nonce, ciphertext = excluded.ciphertext, \
+                 updated_at = excluded.updated_at",
+            )
             .bind(fence.number.as_str())
+            .bind(sealed.key_id)
+            .bind(sealed.nonce)
+            .bind(sealed.ciphertext)
+            .bind(now_ms())
             .execute(&mut *tx)
             .await
             .map_err(db)?;
-        tx.commit().await.map_err(db)
+            tx.commit().await.map_err(db)
+            })
+            .await
+    }
+
+    async fn clear_session(&self, fence: &Fence) -> Result<(), StoreError> {
+        self.watch
+            .write(async {
+                let mut tx = self.fenced(fence).await?;
+                sqlx::query("DELETE FROM sessions WHERE number = $1")
+                    .bind(fence.number.as_str())
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(db)?;
+                tx.commit().await.map_err(db)
+            })
+            .await
     }
 }
 
@@ -214,18 +253,22 @@ impl Store for SqlStore {
 #[async_trait]
 impl Coordinator for SqlStore {
     async fn acquire(&self, number: &PhoneNumber) -> Result<FencingToken, StoreError> {
-        let token: i64 = sqlx::query_scalar(
-            "INSERT INTO fences (number, token) VALUES ($1, 1) ON CONFLICT (number) \
-             DO UPDATE SET token = fences.token + 1 RETURNING token",
-        )
-        .bind(number.as_str())
-        .fetch_one(&self.pool)
-        .await
-        .map_err(db)?;
-        u64::try_from(token)
-            .ok()
-            .and_then(FencingToken::new)
-            .ok_or_else(|| StoreError::Corrupt(format!("fencing token {token}")))
+        self.watch
+            .write(async {
+                let token: i64 = sqlx::query_scalar(
+                    "INSERT INTO fences (number, token) VALUES ($1, 1) ON CONFLICT (number) \
+                 DO UPDATE SET token = fences.token + 1 RETURNING token",
+                )
+                .bind(number.as_str())
+                .fetch_one(&self.pool)
+                .await
+                .map_err(db)?;
+                u64::try_from(token)
+                    .ok()
+                    .and_then(FencingToken::new)
+                    .ok_or_else(|| StoreError::Corrupt(format!("fencing token {token}")))
+            })
+            .await
     }
 }
 

@@ -56,6 +56,26 @@ impl TestDb {
         }
     }
 
+    /// The PostgreSQL database's name.
+    pub fn pg_name(&self) -> Option<&str> {
+        self.pg_name.as_deref()
+    }
+
+    /// The `host:port` of this PostgreSQL database's server.
+    pub fn pg_server(&self) -> String {
+        let rest = self
+            .url
+            .split_once('@')
+            .map_or(self.url.as_str(), |(_, r)| r);
+        rest.split('/').next().unwrap_or(rest).to_owned()
+    }
+
+    /// This database's URL with its server replaced by `127.0.0.1:port` (a proxy).
+    pub fn via(&self, port: u16) -> String {
+        self.url
+            .replacen(&self.pg_server(), &format!("127.0.0.1:{port}"), 1)
+    }
+
     /// A store on this database with a fresh session key.
     pub async fn store(&self) -> SqlStore {
         self.store_with_keys(&SessionCipher::generate("test")).await

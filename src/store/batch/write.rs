@@ -12,15 +12,15 @@ use std::collections::{HashMap, HashSet};
 use sqlx::any::AnyRow;
 use sqlx::{Any, AnyConnection, AnyPool, Row, Transaction};
 use switchboard_actors::ids::Jid;
-use switchboard_actors::store::{Fence, StoreError};
+use switchboard_actors::store::{Fence, OutageKind, StoreError};
 use switchboard_actors::transport::{InboundMessage, MessageId, OutboundText};
 
 use super::{
     CompletePart, InboundKey, InboundPart, Outcome, Parts, RETRIES, SentPart, Written, inbound_key,
 };
 use crate::store::{
-    AnyQuery, Dialect, RETRY_MARK, bind_inbound_row, check_fence, db, lock_fences, now_ms, preview,
-    to_i64, values_from,
+    AnyQuery, Dialect, bind_inbound_row, check_fence, db, lock_fences, now_ms, preview, to_i64,
+    values_from,
 };
 
 /// Rows of each kind per statement, well under both dialects' bind-parameter limits
@@ -150,7 +150,9 @@ async fn raise_and_write(
         }
         .await;
         match result {
-            Err(StoreError::Unavailable(e)) if e.starts_with(RETRY_MARK) && attempt < RETRIES => {
+            Err(StoreError::Unavailable(e))
+                if e.kind == OutageKind::Contention && attempt < RETRIES =>
+            {
                 attempt += 1;
             }
             other => return other,
