@@ -11,6 +11,7 @@
 //! - `admin`: tenants, numbers, contacts, conversations, flows, AI jobs.
 //! - `events`: the event outbox for webhooks, and the audit log.
 //! - `cipher`: AES-256-GCM for session blobs, keys by id so they can rotate.
+//! - `text`: message texts stored faithfully (NUL, which PostgreSQL cannot hold, encoded).
 //!
 //! Every write that belongs to a number checks its fencing token in the same transaction:
 //! `fences` keeps the highest token seen per number and a lower one fails with
@@ -22,6 +23,7 @@ mod cipher;
 mod events;
 mod health;
 mod path;
+mod text;
 
 use std::collections::HashMap;
 use std::str::FromStr;
@@ -443,16 +445,25 @@ fn bind_inbound_row<'q>(
     msg: &'q switchboard_actors::transport::InboundMessage,
     now: i64,
 ) -> AnyQuery<'q> {
-    q.bind(fence.number.as_str())
+    let q = q
+        .bind(fence.number.as_str())
         .bind(msg.chat.to_string())
         .bind(msg.sender.to_string())
         .bind(msg.id.as_str())
-        .bind(msg.sender_alt.as_ref().map(ToString::to_string))
-        .bind(msg.text.as_str())
-        .bind(preview(&msg.text))
+        .bind(msg.sender_alt.as_ref().map(ToString::to_string));
+    bind_text(q, &msg.text)
+        .bind(text::preview(&msg.text))
         .bind(to_i64(msg.timestamp_ms))
         .bind(now)
         .bind(msg.is_from_me)
+}
+
+/// Binds `t` in the form the databases store (see `text`), without a copy when it needs none.
+fn bind_text<'q>(q: AnyQuery<'q>, t: &'q str) -> AnyQuery<'q> {
+    match text::encode(t) {
+        std::borrow::Cow::Borrowed(t) => q.bind(t),
+        std::borrow::Cow::Owned(t) => q.bind(t),
+    }
 }
 
 /// `($1, $2), ($3, $4)…`: placeholders for `rows` rows of `cols` columns.

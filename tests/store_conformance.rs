@@ -158,6 +158,8 @@ conformance!(
     large_batches_write_the_same_rows_as_small_ones,
     writes_for_a_removed_number_fail_alone,
     unlogged_messages_are_recorded_with_their_completion_once,
+    any_text_round_trips_inside_batches_of_ordinary_rows,
+    a_row_the_database_refuses_fails_alone_and_the_rest_of_its_batch_commits,
 );
 
 // ---- the suite --------------------------------------------------------------------------
@@ -1034,4 +1036,124 @@ async fn unlogged_messages_are_recorded_with_their_completion_once(db: &TestDb) 
         "{refused:?}"
     );
     assert_eq!(store.record_inbound(&newer, &m).await, Ok(Recorded::New));
+}
+
+/// Texts people really send that databases find hard: NUL, 64 KiB, right-to-left scripts and
+/// their controls, emoji joined by ZWJ, and anything at all.
+fn hard_text() -> impl proptest::strategy::Strategy<Value = String> {
+    use proptest::prelude::*;
+    let samples = prop::sample::select(vec![
+        "x\u{0}y",
+        "\u{0}",
+        "שלום עולם, مرحبا بالعالم",
+        "\u{202E}reversed\u{202C} and \u{200F}marks",
+        "👩‍👩‍👧‍👦 🏳️‍🌈 🧑🏽‍💻",
+        "\u{FFFF} starts like an encoded one",
+        "\u{FFFF}0\u{FFFF}",
+        "",
+    ]);
+    prop_oneof![
+        any::<String>(),
+        samples.prop_map(str::to_owned),
+        (any::<char>(), 1..4usize).prop_map(|(c, k)| c.to_string().repeat(65_536 / k)),
+        (any::<String>(), any::<String>()).prop_map(|(a, b)| format!("{a}\u{0}{b}")),
+    ]
+}
+
+async fn any_text_round_trips_inside_batches_of_ordinary_rows(db: &TestDb) {
+    use proptest::strategy::{Strategy, ValueTree};
+    let store = seeded(db).await;
+    let fence = own(&store, N1).await;
+    let mut runner = proptest::test_runner::TestRunner::deterministic();
+    for case in 0..24 {
+        let texts: Vec<String> = (0..6)
+            .map(|_| hard_text().new_tree(&mut runner).unwrap().current())
+            .collect();
+        // Queued together, so they share batches with ordinary rows.
+        let mut msgs = Vec::new();
+        for (i, text) in texts.iter().enumerate() {
+            msgs.push(msg("+4915100001", &format!("H{case}x{i}"), text));
+            msgs.push(msg(
+                "+4915100002",
+                &format!("N{case}x{i}"),
+                "an ordinary message",
+            ));
+        }
+        let recorded: Vec<_> = msgs
+            .iter()
+            .map(|m| store.record_inbound(&fence, m))
+            .collect();
+        for r in futures_util::future::join_all(recorded).await {
+            assert_eq!(r, Ok(Recorded::New));
+        }
+        let pending = store.unprocessed(&phone(N1)).await.unwrap();
+        for m in &msgs {
+            let stored = pending.iter().find(|p| p.id == m.id).expect("recorded");
+            assert_eq!(stored.text, m.text, "inbound text of {}", m.id);
+        }
+        // Their replies carry the same texts, completed together.
+        let done: Vec<_> = msgs
+            .iter()
+            .map(|m| store.complete(&fence, completion(&fence, m, Some(&m.text), 1)))
+            .collect();
+        for d in futures_util::future::join_all(done).await {
+            assert_eq!(d.unwrap().len(), 1);
+        }
+        let unsent = store.unsent(&phone(N1)).await.unwrap();
+        for m in &msgs {
+            let reply = unsent
+                .iter()
+                .find(|r| r.reply_to.as_ref() == Some(&m.id))
+                .expect("queued");
+            assert_eq!(reply.text, m.text, "reply text to {}", m.id);
+        }
+        let sent: Vec<_> = unsent
+            .iter()
+            .map(|r| store.mark_sent(&fence, &r.id))
+            .collect();
+        for s in futures_util::future::join_all(sent).await {
+            assert_eq!(s, Ok(true));
+        }
+    }
+}
+
+async fn a_row_the_database_refuses_fails_alone_and_the_rest_of_its_batch_commits(db: &TestDb) {
+    let store = seeded(db).await;
+    let fence = own(&store, N1).await;
+    // A rule of the database's that refuses one row for what it holds.
+    let refuse: &[&str] = match store.dialect() {
+        Dialect::Postgres => &[
+            "CREATE FUNCTION refuse_marked() RETURNS trigger AS $$ BEGIN \
+             IF NEW.preview LIKE '%REFUSE-ME%' THEN RAISE EXCEPTION 'refused for the test'; \
+             END IF; RETURN NEW; END $$ LANGUAGE plpgsql",
+            "CREATE TRIGGER refuse_marked BEFORE INSERT ON inbound FOR EACH ROW \
+             EXECUTE FUNCTION refuse_marked()",
+        ],
+        Dialect::Sqlite => &["CREATE TRIGGER refuse_marked BEFORE INSERT ON inbound \
+             WHEN NEW.preview LIKE '%REFUSE-ME%' BEGIN SELECT RAISE(ABORT, 'refused for the test'); END"],
+    };
+    for sql in refuse {
+        sqlx::query(sql).execute(store.pool()).await.unwrap();
+    }
+    let msgs: Vec<InboundMessage> = (0..40)
+        .map(|i| {
+            let text = if i == 17 { "please REFUSE-ME" } else { "fine" };
+            msg("+4915100001", &format!("R{i}"), text)
+        })
+        .collect();
+    let recorded: Vec<_> = msgs
+        .iter()
+        .map(|m| store.record_inbound(&fence, m))
+        .collect();
+    let results = futures_util::future::join_all(recorded).await;
+    for (i, r) in results.iter().enumerate() {
+        if i == 17 {
+            assert!(matches!(r, Err(StoreError::Refused(_))), "{r:?}");
+            assert!(!r.as_ref().unwrap_err().is_retryable());
+        } else {
+            assert_eq!(*r, Ok(Recorded::New), "R{i}");
+        }
+    }
+    assert_eq!(store.unprocessed(&phone(N1)).await.unwrap().len(), 39);
+    assert!(store.health().is_up(), "a refusal is not an outage");
 }

@@ -525,7 +525,11 @@ impl FaultyStore {
             down: AtomicBool::new(false),
             health: Health::new(),
             calls_while_down: std::sync::atomic::AtomicU64::new(0),
-            lose: Mutex::new(lose.iter().map(|id| MessageId::parse(id).unwrap()).collect()),
+            lose: Mutex::new(
+                lose.iter()
+                    .map(|id| MessageId::parse(id).unwrap())
+                    .collect(),
+            ),
         })
     }
 

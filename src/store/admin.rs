@@ -5,7 +5,7 @@ use sqlx::any::AnyRow;
 use switchboard_actors::store::{Fence, StoreError};
 use switchboard_actors::{Jid, PhoneNumber};
 
-use super::{SqlStore, db, flag, now_ms};
+use super::{SqlStore, db, flag, now_ms, text};
 
 /// A tenant: a client of the agency, owning numbers and flows.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -447,7 +447,7 @@ impl SqlStore {
         .bind(fence.number.as_str())
         .bind(job.chat.to_string())
         .bind(job.inbound_id.as_str())
-        .bind(job.prompt.as_str())
+        .bind(text::encode(&job.prompt).into_owned())
         .bind(now_ms())
         .execute(&mut *tx)
         .await
@@ -462,8 +462,8 @@ impl SqlStore {
         id: &str,
         result: Result<&str, &str>,
     ) -> Result<(), StoreError> {
-        let (status, text, error) = match result {
-            Ok(text) => ("done", Some(text), None),
+        let (status, answer, error) = match result {
+            Ok(answer) => ("done", Some(answer), None),
             Err(e) => ("failed", None, Some(e)),
         };
         let mut tx = self.fenced(fence).await?;
@@ -472,7 +472,7 @@ impl SqlStore {
              WHERE id = $5 AND number = $6 AND status = 'running'",
         )
         .bind(status)
-        .bind(text.map(str::to_owned))
+        .bind(answer.map(|t| text::encode(t).into_owned()))
         .bind(error.map(str::to_owned))
         .bind(now_ms())
         .bind(id)
@@ -537,7 +537,7 @@ fn ai_job_of(r: &AnyRow) -> Result<AiJobRecord, StoreError> {
     let error: Option<String> = r.try_get("error").map_err(db)?;
     let status = match status.as_str() {
         "running" => AiJobStatus::Running,
-        "done" => AiJobStatus::Done(result.unwrap_or_default()),
+        "done" => AiJobStatus::Done(text::decode(result.unwrap_or_default())),
         "failed" => AiJobStatus::Failed(error.unwrap_or_default()),
         other => return Err(StoreError::Corrupt(format!("AI job status {other:?}"))),
     };
@@ -545,7 +545,7 @@ fn ai_job_of(r: &AnyRow) -> Result<AiJobRecord, StoreError> {
         id: r.try_get("id").map_err(db)?,
         chat: Jid::parse(&chat).map_err(|e| StoreError::Corrupt(e.to_string()))?,
         inbound_id: r.try_get("inbound_id").map_err(db)?,
-        prompt: r.try_get("prompt").map_err(db)?,
+        prompt: text::decode(r.try_get("prompt").map_err(db)?),
         status,
     })
 }

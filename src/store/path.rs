@@ -14,7 +14,7 @@ use tokio::sync::oneshot;
 
 use super::batch::Op;
 use super::cipher::Sealed;
-use super::{SqlStore, bind_inbound_row, db, flag, now_ms};
+use super::{SqlStore, bind_inbound_row, db, flag, now_ms, text};
 
 /// Queues `op` built around a fresh reply channel and returns the future of the answer.
 fn queued<T: Send + 'static>(
@@ -325,7 +325,7 @@ fn inbound_of(row: &AnyRow) -> Result<InboundMessage, StoreError> {
             .map(|a| parse(&a, "sender", |s| Jid::parse(s).ok()))
             .transpose()?,
         is_from_me: flag(row, "from_me")?,
-        text: body.unwrap_or(preview),
+        text: text::decode(body.unwrap_or(preview)),
         timestamp_ms: u64::try_from(sent_at).unwrap_or(0),
         offline: false,
     })
@@ -339,7 +339,7 @@ fn outbound_of(row: &AnyRow) -> Result<OutboundText, StoreError> {
     Ok(OutboundText {
         id: parse(&id, "message id", MessageId::parse)?,
         to: parse(&chat, "chat", |s| Jid::parse(s).ok())?,
-        text: row.try_get("body").map_err(db)?,
+        text: text::decode(row.try_get("body").map_err(db)?),
         reply_to: reply_to
             .map(|r| parse(&r, "message id", MessageId::parse))
             .transpose()?,

@@ -7,6 +7,7 @@
 //! rows of an earlier, committed batch. SQLite is local and runs the statements one by one in a
 //! transaction.
 
+use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
 
 use sqlx::any::AnyRow;
@@ -19,8 +20,8 @@ use super::{
     CompletePart, InboundKey, InboundPart, Outcome, Parts, RETRIES, SentPart, Written, inbound_key,
 };
 use crate::store::{
-    AnyQuery, Dialect, bind_inbound_row, check_fence, db, lock_fences, now_ms, preview, to_i64,
-    values_from,
+    AnyQuery, Dialect, bind_inbound_row, bind_text, check_fence, db, lock_fences, now_ms, text,
+    to_i64, values_from,
 };
 
 /// Rows of each kind per statement, well under both dialects' bind-parameter limits
@@ -262,7 +263,7 @@ struct JsonInbound<'a> {
     sender: &'a str,
     message_id: &'a str,
     sender_alt: Option<&'a str>,
-    body: &'a str,
+    body: Cow<'a, str>,
     preview: String,
     sent_at: i64,
     from_me: bool,
@@ -298,7 +299,7 @@ struct JsonReply<'a> {
     token: u64,
     message_id: &'a str,
     chat: &'a str,
-    body: &'a str,
+    body: Cow<'a, str>,
     reply_to: Option<&'a str>,
     reply_to_sender: Option<&'a str>,
     /// The completion it belongs to, like [`JsonCheckpoint`]'s.
@@ -385,8 +386,8 @@ impl<'a> Selection<'a> {
                 sender: msg.sender.as_str(),
                 message_id: msg.id.as_str(),
                 sender_alt: msg.sender_alt.as_ref().map(Jid::as_str),
-                body: &msg.text,
-                preview: preview(&msg.text),
+                body: text::encode(&msg.text),
+                preview: text::preview(&msg.text),
                 sent_at: to_i64(msg.timestamp_ms),
                 from_me: msg.is_from_me,
                 done,
@@ -424,7 +425,7 @@ impl<'a> Selection<'a> {
                 token: part.0.token.get(),
                 message_id: r.id.as_str(),
                 chat: r.to.as_str(),
-                body: &r.text,
+                body: text::encode(&r.text),
                 reply_to: r.reply_to.as_ref().map(MessageId::as_str),
                 reply_to_sender: r.reply_to_sender.as_ref().map(Jid::as_str),
                 unlogged: part.2.is_some(),
@@ -864,8 +865,8 @@ fn bind_queue<'q>(
         q = q
             .bind(fence.number.as_str())
             .bind(r.id.as_str())
-            .bind(r.to.to_string())
-            .bind(r.text.as_str())
+            .bind(r.to.to_string());
+        q = bind_text(q, &r.text)
             .bind(r.reply_to.as_ref().map(|id| id.as_str().to_owned()))
             .bind(r.reply_to_sender.as_ref().map(|s| s.as_str().to_owned()))
             .bind(now);
