@@ -24,7 +24,8 @@
 //! For profiling, `--only throughput|latency|ceiling` runs one phase (`latency` with
 //! `--latency-rate R`); the others report 0.
 //!
-//! WhatsApp's per-account send limit is lifted in the simulator and the pacer for this run: the
+//! WhatsApp's per-account send limit is lifted in the simulator and the pacer for this run, and
+//! with it the node's bounds on intake and backlog (every message is offered at once): the
 //! benchmark measures Switchboard and its store, not the network's policy.
 
 #[path = "../tests/support/db.rs"]
@@ -247,6 +248,10 @@ impl Rig {
                     burst: 1_000_000,
                     per_second: 1e9,
                 },
+                // Every message is offered at once: the intake and backlog bounds, there to
+                // protect a node from WhatsApp, are lifted with the send limit.
+                intake_max_pending: usize::MAX,
+                outbound_max_queued: usize::MAX,
                 ..Settings::default()
             },
             counters: Arc::new(FleetCounters::default()),

@@ -79,6 +79,10 @@ pub struct StoreConfig {
     pub session_keys: SecretString,
     /// Where the embedded key lives when no keys are given.
     pub session_key_file: String,
+    /// Processed messages and sent replies are deleted once older than this.
+    pub retention: Duration,
+    /// How often the retention job runs.
+    pub prune_every: Duration,
 }
 
 /// Fault injection for tests and demos.
@@ -187,6 +191,8 @@ fn read(r: &mut Reader<'_>) -> Config {
         batch_wait: r.duration("store.batch_wait"),
         session_keys: SecretString::from(session_keys),
         session_key_file: r.string("store.session_key_file"),
+        retention: r.duration("store.retention"),
+        prune_every: r.duration("store.prune_every"),
     };
     let transport = match r.string("transport.kind").as_str() {
         "sim" => TransportConfig::Sim {
@@ -233,6 +239,9 @@ fn read(r: &mut Reader<'_>) -> Config {
         typing_per_char: r.duration("runtime.typing_per_char"),
         typing_max: r.duration("runtime.typing_max"),
         unsettled_wait: r.duration("runtime.unsettled_wait"),
+        outbound_max_age: r.duration("runtime.outbound_max_age"),
+        outbound_max_queued: r.int("runtime.outbound_max_queued", 1, 1_000_000) as usize,
+        intake_max_pending: r.int("runtime.intake_max_pending", 1, 1_000_000) as usize,
         groups_enabled: r.bool("runtime.groups_enabled"),
         ..Settings::default()
     };

@@ -83,6 +83,11 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         let addr = fleet.addr().clone();
         tokio::spawn(crash_numbers(addr, list, config.chaos, stop.clone()));
     }
+    let retention = store.spawn_retention(
+        config.store.retention,
+        config.store.prune_every,
+        stop.clone(),
+    );
     ready.store(true, Ordering::Relaxed);
 
     shutdown.await;
@@ -90,6 +95,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     ready.store(false, Ordering::Relaxed);
     stop.cancel();
     fleet.shutdown(SHUTDOWN_DEADLINE).await;
+    let _ = retention.await;
     store.close().await;
     server.await??;
     Ok(())

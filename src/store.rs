@@ -11,6 +11,7 @@
 //! - `admin`: tenants, numbers, contacts, conversations, flows, AI jobs.
 //! - `events`: the event outbox for webhooks, and the audit log.
 //! - `cipher`: AES-256-GCM for session blobs, keys by id so they can rotate.
+//! - `retention`: the job that prunes processed inbound and sent outbox rows, in batches.
 //! - `text`: message texts stored faithfully (NUL, which PostgreSQL cannot hold, encoded).
 //!
 //! Every write that belongs to a number checks its fencing token in the same transaction:
@@ -23,6 +24,7 @@ mod cipher;
 mod events;
 mod health;
 mod path;
+mod retention;
 mod text;
 
 use std::collections::HashMap;
@@ -39,6 +41,7 @@ pub use admin::{ConversationRecord, FlowRecord, FlowStatus, NumberRecord, OptIn,
 pub use batch::{BATCH_ROWS, COMMIT_SECONDS};
 pub use cipher::{CipherError, SessionCipher};
 pub use events::{AuditEntry, EventRecord};
+pub use retention::{PRUNE_BATCH, Pruned};
 
 /// Texts are kept as a preview of this many characters once processed, unless the tenant keeps
 /// full transcripts.

@@ -160,6 +160,8 @@ conformance!(
     unlogged_messages_are_recorded_with_their_completion_once,
     any_text_round_trips_inside_batches_of_ordinary_rows,
     a_row_the_database_refuses_fails_alone_and_the_rest_of_its_batch_commits,
+    expired_replies_leave_the_outbox_with_their_reason,
+    retention_prunes_old_processed_and_sent_rows_in_batches_and_keeps_the_rest,
 );
 
 // ---- the suite --------------------------------------------------------------------------
@@ -295,7 +297,13 @@ async fn replies_are_queued_once_and_marked_sent_once(db: &TestDb) {
     assert_eq!(queued, vec![reply.id.clone()]);
     // Processing the same message again (after a crash) queues nothing new.
     assert!(store.complete(&fence, done).await.unwrap().is_empty());
-    assert_eq!(store.unsent(&phone(N1)).await.unwrap(), vec![reply.clone()]);
+    let unsent = store.unsent(&phone(N1)).await.unwrap();
+    assert_eq!(
+        unsent.iter().map(|u| &u.reply).collect::<Vec<_>>(),
+        vec![&reply]
+    );
+    let age = switchboard_actors::store::unix_ms().saturating_sub(unsent[0].queued_at_ms);
+    assert!(age < 60_000, "queued just now: {age} ms ago");
 
     assert!(store.mark_sent(&fence, &reply.id).await.unwrap());
     assert!(
@@ -844,7 +852,8 @@ async fn large_batches_write_the_same_rows_as_small_ones(db: &TestDb) {
     let unsent = store.unsent(&phone(N1)).await.unwrap();
     assert_eq!(unsent.len(), 600);
     let marked =
-        futures_util::future::join_all(unsent.iter().map(|r| store.mark_sent(&fence, &r.id))).await;
+        futures_util::future::join_all(unsent.iter().map(|r| store.mark_sent(&fence, &r.reply.id)))
+            .await;
     assert!(marked.iter().all(|m| *m == Ok(true)));
     assert!(store.unsent(&phone(N1)).await.unwrap().is_empty());
     let (body, preview, status) = raw_inbound(&store, "L7").await;
@@ -1103,13 +1112,13 @@ async fn any_text_round_trips_inside_batches_of_ordinary_rows(db: &TestDb) {
         for m in &msgs {
             let reply = unsent
                 .iter()
-                .find(|r| r.reply_to.as_ref() == Some(&m.id))
+                .find(|r| r.reply.reply_to.as_ref() == Some(&m.id))
                 .expect("queued");
-            assert_eq!(reply.text, m.text, "reply text to {}", m.id);
+            assert_eq!(reply.reply.text, m.text, "reply text to {}", m.id);
         }
         let sent: Vec<_> = unsent
             .iter()
-            .map(|r| store.mark_sent(&fence, &r.id))
+            .map(|r| store.mark_sent(&fence, &r.reply.id))
             .collect();
         for s in futures_util::future::join_all(sent).await {
             assert_eq!(s, Ok(true));
@@ -1156,4 +1165,110 @@ async fn a_row_the_database_refuses_fails_alone_and_the_rest_of_its_batch_commit
     }
     assert_eq!(store.unprocessed(&phone(N1)).await.unwrap().len(), 39);
     assert!(store.health().is_up(), "a refusal is not an outage");
+}
+
+async fn expired_replies_leave_the_outbox_with_their_reason(db: &TestDb) {
+    let store = seeded(db).await;
+    let fence = own(&store, N1).await;
+    let m = msg("+4915100001", "X1", "hello");
+    store.record_inbound(&fence, &m).await.unwrap();
+    let done = completion(&fence, &m, Some("too late"), 1);
+    let reply = done.replies[0].id.clone();
+    store.complete(&fence, done).await.unwrap();
+    store
+        .expire(&fence, &reply, "expired: past the backlog's age")
+        .await
+        .unwrap();
+    assert!(store.unsent(&phone(N1)).await.unwrap().is_empty());
+    let row = sqlx::query("SELECT status, last_error FROM outbox WHERE message_id = $1")
+        .bind(reply.as_str())
+        .fetch_one(store.pool())
+        .await
+        .unwrap();
+    assert_eq!(row.get::<String, _>(0), "expired");
+    assert!(row.get::<String, _>(1).contains("age"));
+    // A late sent mark does not resurrect it as queued, and an old owner cannot expire.
+    let stale = Fence {
+        token: FencingToken::new(fence.token.get() - 1).unwrap_or(fence.token),
+        ..fence.clone()
+    };
+    own(&store, N1).await;
+    assert!(matches!(
+        store.expire(&stale, &reply, "x").await,
+        Err(StoreError::Fenced { .. })
+    ));
+}
+
+async fn retention_prunes_old_processed_and_sent_rows_in_batches_and_keeps_the_rest(db: &TestDb) {
+    let store = seeded(db).await;
+    let fence = own(&store, N1).await;
+    // 1,200 messages processed and answered; the first 1,100 of them long ago.
+    let total = 1_200;
+    let msgs: Vec<InboundMessage> = (0..total)
+        .map(|i| msg("+4915100001", &format!("P{i:05}"), "hello"))
+        .collect();
+    let inbound = msgs
+        .iter()
+        .map(|m| HotWrite::Inbound(fence.clone(), m.clone()));
+    store.commit_batch(inbound.collect()).await.unwrap();
+    let done: Vec<_> = msgs
+        .iter()
+        .map(|m| HotWrite::Complete(fence.clone(), completion(&fence, m, Some("hi"), 1)))
+        .collect();
+    store.commit_batch(done).await.unwrap();
+    let sent = store
+        .unsent(&phone(N1))
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|u| HotWrite::Sent(fence.clone(), u.reply.id))
+        .collect();
+    store.commit_batch(sent).await.unwrap();
+    // Old, but not to be pruned: a pending message and a dead letter.
+    let pending = msg("+4915100002", "OLD-PENDING", "still waiting");
+    store.record_inbound(&fence, &pending).await.unwrap();
+    let dead = msg("+4915100002", "OLD-DEAD", "poison");
+    let reason = DeadLetterReason::RestartBudgetSpent {
+        last_error: "x".into(),
+    };
+    store.dead_letter(&fence, &dead, &reason).await.unwrap();
+    let old = 1_000_i64;
+    for sql in [
+        "UPDATE inbound SET received_at = $1 WHERE message_id < 'P01100' OR message_id LIKE 'OLD%'",
+        "UPDATE outbox SET created_at = $1 WHERE reply_to < 'P01100'",
+    ] {
+        sqlx::query(sql)
+            .bind(old)
+            .execute(store.pool())
+            .await
+            .unwrap();
+    }
+
+    let pruned = store.prune(old + 1).await.unwrap();
+    assert_eq!(
+        (pruned.inbound, pruned.outbox),
+        (1_100, 1_100),
+        "in batches of 1,000"
+    );
+    let left = |sql: &'static str| {
+        let store = store.clone();
+        async move {
+            sqlx::query_scalar::<_, i64>(sql)
+                .fetch_one(store.pool())
+                .await
+                .unwrap()
+        }
+    };
+    assert_eq!(
+        left("SELECT COUNT(*) FROM inbound WHERE status = 'processed'").await,
+        100
+    );
+    assert_eq!(left("SELECT COUNT(*) FROM outbox").await, 100);
+    assert_eq!(
+        left("SELECT COUNT(*) FROM inbound WHERE message_id LIKE 'OLD%'").await,
+        2,
+        "pending and dead rows stay"
+    );
+    assert_eq!(store.unprocessed(&phone(N1)).await.unwrap(), vec![pending]);
+    assert_eq!(store.prune(old + 1).await.unwrap(), Default::default());
 }

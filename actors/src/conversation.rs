@@ -29,7 +29,7 @@ use crate::deps::Deps;
 use crate::ids::Jid;
 use crate::pacer::PacerHandle;
 use crate::responder::{AiError, ChatContext, Reply};
-use crate::store::{Completion, Fence, Recorded, StoreError};
+use crate::store::{Completion, Fence, Recorded, StoreError, Unsent};
 use crate::telemetry::Mailbox;
 use crate::transport::{InboundMessage, MessageId, OutboundText};
 
@@ -330,12 +330,13 @@ async fn recover_replies(state: &ConversationState, msg: &InboundMessage) {
     match a.deps.store.unsent(&a.fence.number).await {
         Ok(rows) => {
             let quoted = a.chat.is_group().then_some(&msg.sender);
-            let mine = |r: &OutboundText| {
+            let mine = |row: &Unsent| {
+                let r = &row.reply;
                 r.to == a.chat
                     && r.reply_to.as_ref() == Some(&msg.id)
                     && r.reply_to_sender.as_ref() == quoted
             };
-            for row in rows.into_iter().filter(mine) {
+            for row in rows.into_iter().filter(|r| mine(r)) {
                 a.pacer.recover(row);
             }
         }

@@ -21,6 +21,7 @@
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use ractor::{Actor, ActorId, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
@@ -205,27 +206,14 @@ impl Actor for ConversationsActor {
         state: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
         state.args.mailbox.dequeued();
-        match message {
-            ConversationsMsg::Inbound(msg) => inbound(state, msg).await,
-            ConversationsMsg::Committed { key, result } => committed(state, &key, result),
-            ConversationsMsg::Processed(key) => done(state, &key),
-            ConversationsMsg::Fenced(e) => {
-                let _ = state.args.number.cast(NumberMsg::Fenced(e));
-            }
-            ConversationsMsg::Refused(key, error) => refused(state, &key, error),
-            ConversationsMsg::Respawn(chat) => {
-                let due = state
-                    .chats
-                    .get(&chat)
-                    .is_some_and(|c| c.phase == ChatPhase::Restarting);
-                if due {
-                    start(state, &chat).await;
-                }
-            }
-            ConversationsMsg::Status(reply) => {
-                let _ = reply.send(status(state));
-            }
-        }
+        handle(state, message).await;
+        // What the number's intake holds now, for its sink's backpressure.
+        let pending = state.chats.values().map(|c| c.pending.len()).sum();
+        state
+            .args
+            .resources
+            .pending
+            .store(pending, Ordering::Relaxed);
         Ok(())
     }
 
@@ -245,6 +233,30 @@ impl Actor for ConversationsActor {
             _ => {}
         }
         Ok(())
+    }
+}
+
+async fn handle(state: &mut ConversationsState, message: ConversationsMsg) {
+    match message {
+        ConversationsMsg::Inbound(msg) => inbound(state, msg).await,
+        ConversationsMsg::Committed { key, result } => committed(state, &key, result),
+        ConversationsMsg::Processed(key) => done(state, &key),
+        ConversationsMsg::Fenced(e) => {
+            let _ = state.args.number.cast(NumberMsg::Fenced(e));
+        }
+        ConversationsMsg::Refused(key, error) => refused(state, &key, error),
+        ConversationsMsg::Respawn(chat) => {
+            let due = state
+                .chats
+                .get(&chat)
+                .is_some_and(|c| c.phase == ChatPhase::Restarting);
+            if due {
+                start(state, &chat).await;
+            }
+        }
+        ConversationsMsg::Status(reply) => {
+            let _ = reply.send(status(state));
+        }
     }
 }
 

@@ -1,6 +1,6 @@
 //! What every actor of the tree is given: the ports, the settings, and the shared counters.
 
-use std::sync::atomic::{AtomicI64, AtomicU8, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU8, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -43,6 +43,13 @@ pub struct Settings {
     /// After a login, how long replies of unknown outcome wait for receipts that settle them
     /// before they are sent again with the same id.
     pub unsettled_wait: Duration,
+    /// A reply still queued this long after it was queued expires (recorded, counted).
+    pub outbound_max_age: Duration,
+    /// Replies a number's backlog holds at most; the oldest beyond it expire.
+    pub outbound_max_queued: usize,
+    /// Inbound messages a number holds unprocessed at most; beyond it, new ones are left
+    /// unacknowledged (backpressure: WhatsApp keeps them and delivers them again).
+    pub intake_max_pending: usize,
     /// Answer group chats (DM-only by default).
     pub groups_enabled: bool,
     /// Deadline of calls between actors.
@@ -64,6 +71,9 @@ impl Default for Settings {
             typing_per_char: Duration::from_millis(10),
             typing_max: Duration::from_secs(2),
             unsettled_wait: Duration::from_secs(5),
+            outbound_max_age: Duration::from_secs(600),
+            outbound_max_queued: 1000,
+            intake_max_pending: 1000,
             groups_enabled: false,
             call_timeout: Duration::from_secs(5),
         }
@@ -169,6 +179,12 @@ pub struct FleetCounters {
     pub restarts: AtomicU64,
     /// Dead-lettered messages.
     pub dead_letters: AtomicU64,
+    /// Replies that expired unsent.
+    pub expired: AtomicU64,
+    /// Replies in the pacers now (queued, or sent and unsettled).
+    pub outbound_queued: AtomicI64,
+    /// Inbound messages left to WhatsApp for backpressure.
+    pub deferred: AtomicU64,
 }
 
 impl FleetCounters {
@@ -201,6 +217,8 @@ pub struct NumberResources {
     session: Mutex<Option<Arc<dyn WaSession>>>,
     /// Cancels the number's tasks (pacer, timers).
     pub cancel: CancellationToken,
+    /// Inbound messages the number's intake holds unprocessed, as its supervisor last counted.
+    pub pending: AtomicUsize,
     state: AtomicU8,
     counters: Arc<FleetCounters>,
 }
@@ -212,6 +230,7 @@ impl NumberResources {
         Arc::new(Self {
             session: Mutex::new(None),
             cancel: CancellationToken::new(),
+            pending: AtomicUsize::new(0),
             state: AtomicU8::new(NumberPhase::Starting as u8),
             counters,
         })

@@ -11,6 +11,7 @@
 //! means a newer owner exists: the number stops at once.
 
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
 
@@ -20,7 +21,7 @@ use crate::deps::{Deps, FleetCounters, NumberPhase, NumberResources};
 use crate::ids::PhoneNumber;
 use crate::pacer::{self, PacerHandle};
 use crate::store::{Fence, StoreError};
-use crate::telemetry::{ActorKind, DISCONNECTS, MESSAGES_RECEIVED, Mailbox};
+use crate::telemetry::{ActorKind, DISCONNECTS, INTAKE_DEFERRED, MESSAGES_RECEIVED, Mailbox};
 use crate::transport::{AccountSpec, EventSink, InboundMessage, SessionStats, WaEvent};
 
 /// The number actor.
@@ -320,7 +321,7 @@ impl Intake {
             WaEvent::Message(msg) => self.on_message(msg),
             WaEvent::FromPhone(msg) => {
                 metrics::counter!(MESSAGES_RECEIVED, "kind" => "from_phone").increment(1);
-                let _ = self.conversations.cast(ConversationsMsg::Inbound(msg));
+                self.take_in(msg);
             }
             WaEvent::Undecryptable { id, offline, .. } => {
                 // The session asked for a resend; the readable copy arrives with the same id.
@@ -361,6 +362,21 @@ impl Intake {
         };
         metrics::counter!(MESSAGES_RECEIVED, "kind" => kind).increment(1);
         FleetCounters::bump(&self.deps.counters.messages_in);
+        self.take_in(msg);
+    }
+
+    /// Hands `msg` to intake, unless the number already holds as many unprocessed messages as
+    /// it may: then it is left unacknowledged, and WhatsApp, which keeps it, delivers it again
+    /// (after the next login, or when it recycles a connection that owes acks).
+    fn take_in(&self, msg: InboundMessage) {
+        let held = self.resources.pending.load(Ordering::Relaxed)
+            + usize::try_from(self.conversations.mailbox().depth()).unwrap_or(0);
+        if held >= self.deps.settings.intake_max_pending {
+            metrics::counter!(INTAKE_DEFERRED).increment(1);
+            FleetCounters::bump(&self.deps.counters.deferred);
+            tracing::debug!(number = %self.fence.number, held, "intake full; left to WhatsApp");
+            return;
+        }
         let _ = self.conversations.cast(ConversationsMsg::Inbound(msg));
     }
 }

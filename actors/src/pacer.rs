@@ -20,6 +20,10 @@
 //! - A reply handed over again after a lost commit answer ([`PacerHandle::recover`]) is sent
 //!   only if the pacer does not know its id.
 //!
+//! - The backlog is bounded: a reply still queued `outbound_max_age` after it was queued, or the
+//!   oldest beyond `outbound_max_queued`, expires: recorded in the outbox and counted
+//!   (`switchboard_outbound_expired_total{reason}`), never silently dropped.
+//!
 //! The bookkeeping is [`book::Book`], pure and unit-tested; this file is the task around it.
 //! The command channel is unbounded; what flows through it is bounded upstream: one reply per
 //! message the conversations process (bounded by intake), and acks and receipts per send.
@@ -27,6 +31,7 @@
 mod book;
 
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use backon::{BackoffBuilder, ExponentialBackoff, ExponentialBuilder};
@@ -34,10 +39,12 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use crate::deps::{Deps, FleetCounters, NumberResources, SendRate};
-use crate::store::{Fence, StoreError};
-use crate::telemetry::{MESSAGES_SENT, OUTBOUND_DEAD, OUTBOUND_QUEUE, OUTBOUND_RESENT};
+use crate::store::{Fence, StoreError, Unsent};
+use crate::telemetry::{
+    MESSAGES_SENT, OUTBOUND_DEAD, OUTBOUND_EXPIRED, OUTBOUND_QUEUE, OUTBOUND_RESENT,
+};
 use crate::transport::{MessageId, OutboundText, ServerAck, WaSession};
-use book::{AfterError, Book};
+use book::{AfterError, Book, Taken};
 
 /// How long a failed sent mark waits before it is committed again.
 const MARK_RETRY: Duration = Duration::from_secs(1);
@@ -48,7 +55,7 @@ enum Command {
     /// Send this reply (already committed to the outbox).
     Send(OutboundText),
     /// Send this reply unless its id is known (see [`PacerHandle::recover`]).
-    Recover(OutboundText),
+    Recover(Unsent),
     /// The server answered a send.
     Ack(ServerAck),
     /// A receipt named these ids: the network has them.
@@ -79,8 +86,8 @@ impl PacerHandle {
     /// its completion was committed but the answer was lost (the connection dropped at commit),
     /// so the conversation could not tell it was newly queued. It is sent unless this pacer has
     /// it queued, in flight or unsettled, or has handled that id.
-    pub fn recover(&self, msg: OutboundText) {
-        let _ = self.tx.send(Command::Recover(msg));
+    pub fn recover(&self, row: Unsent) {
+        let _ = self.tx.send(Command::Recover(row));
     }
 
     /// The server answered one of our sends.
@@ -113,6 +120,8 @@ pub fn spawn(resources: Arc<NumberResources>, deps: &Deps, fence: Fence) -> Pace
         typing_per_char: settings.typing_per_char,
         typing_max: settings.typing_max,
         unsettled_wait: settings.unsettled_wait,
+        max_age: settings.outbound_max_age,
+        max_queued: settings.outbound_max_queued,
         resources,
         deps: deps.clone(),
         fence,
@@ -135,6 +144,10 @@ struct Pacer {
     typing_per_char: Duration,
     typing_max: Duration,
     unsettled_wait: Duration,
+    /// A reply still queued this long after it was queued expires.
+    max_age: Duration,
+    /// The queue holds at most this many replies; the oldest beyond it expire.
+    max_queued: usize,
     resources: Arc<NumberResources>,
     deps: Deps,
     fence: Fence,
@@ -167,6 +180,7 @@ impl Pacer {
             while let Ok(cmd) = rx.try_recv() {
                 self.apply(cmd);
             }
+            self.expire();
             self.report();
             let next = if self.may_send() {
                 self.book.next()
@@ -199,7 +213,8 @@ impl Pacer {
             match self.deps.store.unsent(&self.fence.number).await {
                 Ok(rows) => {
                     for row in rows {
-                        self.book.push_unknown(row);
+                        let queued_at = instant_of(row.queued_at_ms);
+                        self.book.push_unknown(row.reply, queued_at);
                     }
                     return;
                 }
@@ -217,10 +232,41 @@ impl Pacer {
     }
 
     fn next_timer(&self) -> Option<Instant> {
-        [self.resend_at, self.paused_until, self.retry_marks_at]
-            .into_iter()
-            .flatten()
-            .min()
+        let expires = self.book.oldest_queued().map(|t| t + self.max_age);
+        [
+            self.resend_at,
+            self.paused_until,
+            self.retry_marks_at,
+            expires,
+        ]
+        .into_iter()
+        .flatten()
+        .min()
+    }
+
+    /// Takes what is past the backlog's age limit or cap out of the queue and records it as
+    /// expired: counted, never silently dropped.
+    fn expire(&mut self) {
+        let expired = self
+            .book
+            .expire(Instant::now(), self.max_age, self.max_queued);
+        for (id, why) in expired {
+            metrics::counter!(OUTBOUND_EXPIRED, "reason" => why.label()).increment(1);
+            FleetCounters::bump(&self.deps.counters.expired);
+            let store = self.deps.store.clone();
+            let fence = self.fence.clone();
+            let cancel = self.resources.cancel.clone();
+            tokio::spawn(async move {
+                let reason = format!("expired: past the backlog's {}", why.label());
+                let written = store
+                    .health()
+                    .retrying(&cancel, || store.expire(&fence, &id, &reason))
+                    .await;
+                if let Err(e) = written {
+                    tracing::warn!(message_id = %id, error = %e, "recording an expired reply");
+                }
+            });
+        }
     }
 
     fn on_timer(&mut self) {
@@ -246,8 +292,11 @@ impl Pacer {
 
     fn apply(&mut self, cmd: Command) {
         match cmd {
-            Command::Send(msg) | Command::Recover(msg) => {
-                self.book.push(msg);
+            Command::Send(msg) => {
+                self.book.push(msg, Instant::now());
+            }
+            Command::Recover(row) => {
+                self.book.push(row.reply, instant_of(row.queued_at_ms));
             }
             Command::Ack(ack) => self.on_ack(ack),
             Command::Receipt(ids) => {
@@ -314,22 +363,22 @@ impl Pacer {
     }
 
     /// Writes one reply to the connection; its outcome is the server's ack, later.
-    async fn deliver(&mut self, msg: OutboundText) {
+    async fn deliver(&mut self, taken: Taken) {
         let Some(session) = self.resources.session() else {
-            self.book.not_written(msg);
+            self.book.not_written(taken);
             self.online = false;
             return;
         };
-        self.type_for(&msg, session.as_ref()).await;
+        self.type_for(taken.msg(), session.as_ref()).await;
         // The token is taken right before the send, so the network sees sends spaced by the
         // bucket whatever the typing times were.
         self.bucket.take().await;
-        match session.send_text(msg.clone()).await {
-            Ok(()) => self.book.written(msg),
+        match session.send_text(taken.msg().clone()).await {
+            Ok(()) => self.book.written(taken),
             Err(e) => {
                 metrics::counter!(MESSAGES_SENT, "outcome" => "not_connected").increment(1);
                 tracing::debug!(number = %self.fence.number, error = %e, "send not written");
-                self.book.not_written(msg);
+                self.book.not_written(taken);
                 self.online = false;
             }
         }
@@ -397,10 +446,20 @@ impl Pacer {
 
     fn gauge_to(&mut self, depth: usize) {
         if depth != self.gauge {
-            metrics::gauge!(OUTBOUND_QUEUE).increment(depth as f64 - self.gauge as f64);
+            let delta = depth as f64 - self.gauge as f64;
+            metrics::gauge!(OUTBOUND_QUEUE).increment(delta);
+            let counted = &self.deps.counters.outbound_queued;
+            counted.fetch_add(depth as i64 - self.gauge as i64, Ordering::Relaxed);
             self.gauge = depth;
         }
     }
+}
+
+/// The tokio instant of a wall-clock time in the past (when a stored reply was queued).
+fn instant_of(unix_ms_then: u64) -> Instant {
+    let age = Duration::from_millis(crate::store::unix_ms().saturating_sub(unix_ms_then));
+    let now = Instant::now();
+    now.checked_sub(age).unwrap_or(now)
 }
 
 async fn sleep_until(at: Option<Instant>) {
@@ -445,12 +504,14 @@ impl Bucket {
             self.tokens =
                 (self.tokens + elapsed * self.rate.per_second).min(f64::from(self.rate.burst));
             self.refilled = now;
-            if self.tokens >= 1.0 {
-                self.tokens -= 1.0;
+            if self.tokens >= 1.0 - 1e-9 {
+                self.tokens = (self.tokens - 1.0).max(0.0);
                 return;
             }
+            // Whole milliseconds: a wait rounded to nothing by floating point would never let
+            // the clock move.
             let wait = (1.0 - self.tokens) / self.rate.per_second.max(1e-3);
-            tokio::time::sleep(Duration::from_secs_f64(wait)).await;
+            tokio::time::sleep(Duration::from_secs_f64(wait).max(Duration::from_millis(1))).await;
         }
     }
 

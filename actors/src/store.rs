@@ -289,6 +289,22 @@ pub struct Completion {
     pub checkpoint: ChatContext,
 }
 
+/// A reply in the outbox that the network has not acknowledged.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Unsent {
+    /// The reply.
+    pub reply: OutboundText,
+    /// When it was queued, in milliseconds since the epoch: its age counts from then.
+    pub queued_at_ms: u64,
+}
+
+/// Now, in milliseconds since the epoch.
+pub fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
 /// The durable message path, sessions and dead letters. See the module docs.
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
@@ -340,7 +356,11 @@ pub trait Store: Send + Sync + 'static {
     async fn unprocessed(&self, number: &PhoneNumber) -> Result<Vec<InboundMessage>, StoreError>;
 
     /// Replies queued and not yet acknowledged by the network, oldest first.
-    async fn unsent(&self, number: &PhoneNumber) -> Result<Vec<OutboundText>, StoreError>;
+    async fn unsent(&self, number: &PhoneNumber) -> Result<Vec<Unsent>, StoreError>;
+
+    /// Records that a queued reply will not be sent: it waited past the backlog's age limit or
+    /// cap (`reason` says which).
+    async fn expire(&self, fence: &Fence, id: &MessageId, reason: &str) -> Result<(), StoreError>;
 
     /// The chat's last checkpoint.
     async fn checkpoint(
@@ -377,7 +397,9 @@ struct MemInbound {
 #[derive(Debug, Clone)]
 struct MemOutbox {
     msg: OutboundText,
+    queued_at_ms: u64,
     sent: bool,
+    /// Given up or expired.
     failed: bool,
 }
 
@@ -497,6 +519,7 @@ impl Store for MemoryStore {
                     queued.push(reply.id.clone());
                     outbox.push(MemOutbox {
                         msg: reply,
+                        queued_at_ms: unix_ms(),
                         sent: false,
                         failed: false,
                     });
@@ -579,14 +602,29 @@ impl Store for MemoryStore {
             .collect())
     }
 
-    async fn unsent(&self, number: &PhoneNumber) -> Result<Vec<OutboundText>, StoreError> {
+    async fn unsent(&self, number: &PhoneNumber) -> Result<Vec<Unsent>, StoreError> {
         let st = self.lock();
         let rows = st.outbox.get(number).map(Vec::as_slice).unwrap_or(&[]);
         Ok(rows
             .iter()
             .filter(|o| !o.sent && !o.failed)
-            .map(|o| o.msg.clone())
+            .map(|o| Unsent {
+                reply: o.msg.clone(),
+                queued_at_ms: o.queued_at_ms,
+            })
             .collect())
+    }
+
+    async fn expire(&self, fence: &Fence, id: &MessageId, _reason: &str) -> Result<(), StoreError> {
+        self.with(fence, |st| {
+            if let Some(row) = st
+                .outbox
+                .get_mut(&fence.number)
+                .and_then(|rows| rows.iter_mut().find(|o| o.msg.id == *id && !o.sent))
+            {
+                row.failed = true;
+            }
+        })
     }
 
     async fn checkpoint(

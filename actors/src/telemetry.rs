@@ -36,6 +36,13 @@ pub const OUTBOUND_RESENT: &str = "switchboard_outbound_resent_total";
 /// `switchboard_outbound_dead_letters_total{reason}`: replies given up (refused too often).
 pub const OUTBOUND_DEAD: &str = "switchboard_outbound_dead_letters_total";
 
+/// `switchboard_outbound_expired_total{reason}`: replies that left the backlog unsent, past
+/// its age limit (`age`) or its cap (`cap`).
+pub const OUTBOUND_EXPIRED: &str = "switchboard_outbound_expired_total";
+/// `switchboard_intake_deferred_total`: inbound messages left unacknowledged because their
+/// number had too many pending (WhatsApp keeps them and delivers them again).
+pub const INTAKE_DEFERRED: &str = "switchboard_intake_deferred_total";
+
 /// `switchboard_store_up`: 1 while the store is up, 0 during an outage.
 pub const STORE_UP: &str = "switchboard_store_up";
 
@@ -70,6 +77,14 @@ pub fn describe() {
         "Replies sent again with the same id after an unknown outcome"
     );
     describe_counter!(OUTBOUND_DEAD, "Replies given up, by reason");
+    describe_counter!(
+        OUTBOUND_EXPIRED,
+        "Replies that left the backlog unsent, past its age limit or cap"
+    );
+    describe_counter!(
+        INTAKE_DEFERRED,
+        "Inbound messages left to WhatsApp because their number had too many pending"
+    );
     describe_gauge!(STORE_UP, "1 while the store is up, 0 during an outage");
 }
 

@@ -15,7 +15,7 @@ use switchboard_actors::number::NumberMsg;
 use switchboard_actors::responder::{AiBackend, AiError, ChatContext, Reply, Responder};
 use switchboard_actors::store::{
     Completion, Coordinator, Fence, Health, MemoryStore, OutageKind, Pending, Recorded, Store,
-    StoreError,
+    StoreError, Unsent,
 };
 use switchboard_actors::transport::{
     AccountSpec, AckError, Credentials, EventSink, InboundMessage, MessageId, MessageKey,
@@ -278,7 +278,24 @@ async fn start_on(
     numbers: &[&PhoneNumber],
     model_delay: Duration,
 ) -> Harness {
-    start_full(net, port, store.clone(), store, numbers, model_delay).await
+    let settings = Settings {
+        ai_timeout: Duration::from_secs(2),
+        ..test_settings()
+    };
+    let model = SlowModel(model_delay);
+    start_full(net, port, store.clone(), store, numbers, model, settings).await
+}
+
+/// Settings for tests: no typing, and no send limit of our own.
+fn test_settings() -> Settings {
+    Settings {
+        typing_per_char: Duration::ZERO,
+        send_rate: SendRate {
+            burst: 1000,
+            per_second: 1000.0,
+        },
+        ..Settings::default()
+    }
 }
 
 /// Like [`start_on`], with ownership from `coordinator` too.
@@ -289,7 +306,17 @@ async fn start_with(
     store: Arc<MemoryStore>,
     numbers: &[&PhoneNumber],
 ) -> Harness {
-    start_full(net, port, coordinator, store, numbers, Duration::ZERO).await
+    let model = SlowModel(Duration::ZERO);
+    start_full(
+        net,
+        port,
+        coordinator,
+        store,
+        numbers,
+        model,
+        test_settings(),
+    )
+    .await
 }
 
 async fn start_full(
@@ -298,22 +325,14 @@ async fn start_full(
     coordinator: Arc<dyn Coordinator>,
     store: Arc<MemoryStore>,
     numbers: &[&PhoneNumber],
-    model_delay: Duration,
+    model: SlowModel,
+    settings: Settings,
 ) -> Harness {
     let responder = Arc::new(Scripted::default());
-    let settings = Settings {
-        typing_per_char: Duration::ZERO,
-        send_rate: SendRate {
-            burst: 1000,
-            per_second: 1000.0,
-        },
-        ai_timeout: Duration::from_secs(2),
-        ..Settings::default()
-    };
     let deps = Deps {
         connector: Arc::new(FakeConnector(net.clone())),
         responder: responder.clone(),
-        ai: Arc::new(SlowModel(model_delay)),
+        ai: Arc::new(model),
         store: port,
         coordinator,
         settings,
@@ -623,9 +642,13 @@ impl Store for FaultyStore {
         self.check()?;
         self.inner.unprocessed(number).await
     }
-    async fn unsent(&self, number: &PhoneNumber) -> Result<Vec<OutboundText>, StoreError> {
+    async fn unsent(&self, number: &PhoneNumber) -> Result<Vec<Unsent>, StoreError> {
         self.check()?;
         self.inner.unsent(number).await
+    }
+    async fn expire(&self, fence: &Fence, id: &MessageId, reason: &str) -> Result<(), StoreError> {
+        self.check()?;
+        self.inner.expire(fence, id, reason).await
     }
     async fn checkpoint(
         &self,
@@ -1151,4 +1174,119 @@ async fn a_reply_whose_commit_answer_was_lost_is_still_sent_once() {
     for id in ["L1", "L2"] {
         assert!(acked.contains(&MessageId::parse(id).unwrap()), "{acked:?}");
     }
+}
+
+/// A fleet of `numbers` on a fresh memory store, with `settings`.
+async fn harness_with(numbers: &[&PhoneNumber], settings: Settings) -> Harness {
+    let store = Arc::new(MemoryStore::default());
+    let model = SlowModel(Duration::ZERO);
+    start_full(
+        Arc::default(),
+        store.clone(),
+        store.clone(),
+        store,
+        numbers,
+        model,
+        settings,
+    )
+    .await
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_backlog_past_its_age_or_cap_expires_counted_and_never_sent() {
+    let n = phone("+15550029");
+    let settings = Settings {
+        // One send every ten seconds, a backlog of at most 5 replies of at most a minute.
+        send_rate: SendRate {
+            burst: 1,
+            per_second: 0.1,
+        },
+        outbound_max_age: Duration::from_secs(60),
+        outbound_max_queued: 5,
+        ..test_settings()
+    };
+    let h = harness_with(&[&n], settings).await;
+    let s = h.net.latest(&n);
+    for i in 0..20 {
+        s.inject(dm(
+            &phone(&format!("+49151002{i:02}")),
+            &format!("Q{i}"),
+            "hi",
+        ));
+    }
+    tokio::time::sleep(Duration::from_secs(300)).await;
+    let sent = h.net.sent(&n);
+    let expired = h.fleet.counters().expired.load(Ordering::Relaxed);
+    assert_eq!(
+        sent.len() as u64 + expired,
+        20,
+        "every reply sent or expired: {} sent",
+        sent.len()
+    );
+    assert!(expired >= 14, "{expired} expired");
+    assert!(
+        sent.len() <= 6,
+        "at most the cap and the one in hand: {}",
+        sent.len()
+    );
+    assert!(
+        h.store.unsent(&n).await.unwrap().is_empty(),
+        "recorded in the outbox"
+    );
+    assert_eq!(
+        h.fleet.counters().outbound_queued.load(Ordering::Relaxed),
+        0
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn intake_beyond_its_cap_is_left_to_whatsapp_and_delivered_again() {
+    let n = phone("+15550030");
+    let settings = Settings {
+        intake_max_pending: 3,
+        ..test_settings()
+    };
+    let store = Arc::new(MemoryStore::default());
+    let outage = FaultyStore::new(store.clone());
+    let model = SlowModel(Duration::ZERO);
+    let h = start_full(
+        Arc::default(),
+        outage.clone(),
+        outage.clone(),
+        store.clone(),
+        &[&n],
+        model,
+        settings,
+    )
+    .await;
+    let s = h.net.latest(&n);
+    // While the store is down nothing is processed: the intake fills up, then defers.
+    outage.set_down(true);
+    let msgs: Vec<InboundMessage> = (0..10)
+        .map(|i| dm(&phone(&format!("+49151003{i:02}")), &format!("C{i}"), "hi"))
+        .collect();
+    for m in &msgs {
+        s.inject(m.clone());
+    }
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let deferred = h.fleet.counters().deferred.load(Ordering::Relaxed);
+    assert_eq!(deferred, 7, "beyond 3 pending, left unacknowledged");
+    outage.set_down(false);
+    eventually("the held ones answered", || h.net.sent(&n).len() == 3).await;
+    // WhatsApp delivers what it was not acknowledged for again, at each login (here the test
+    // plays WhatsApp); each time the intake takes what fits.
+    for _ in 0..5 {
+        let acked = s.acked.lock().unwrap().clone();
+        let owed: Vec<_> = msgs
+            .iter()
+            .filter(|m| !acked.contains(&m.id))
+            .cloned()
+            .collect();
+        h.net.offline.lock().unwrap().insert(n.clone(), owed);
+        s.reconnect(&h.net, &n);
+        tokio::time::sleep(Duration::from_secs(5)).await;
+    }
+    eventually("all answered", || h.net.sent(&n).len() == 10).await;
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    assert_eq!(h.net.sent(&n).len(), 10, "each once");
 }

@@ -7,6 +7,7 @@ use switchboard_actors::dead_letter::DeadLetterReason;
 use switchboard_actors::responder::ChatContext;
 use switchboard_actors::store::{
     Completion, Coordinator, Fence, FencingToken, Health, Pending, Recorded, Store, StoreError,
+    Unsent,
 };
 use switchboard_actors::transport::{Credentials, InboundMessage, MessageId, OutboundText};
 use switchboard_actors::{Jid, PhoneNumber};
@@ -139,18 +140,45 @@ impl Store for SqlStore {
             .await
     }
 
-    async fn unsent(&self, number: &PhoneNumber) -> Result<Vec<OutboundText>, StoreError> {
+    async fn unsent(&self, number: &PhoneNumber) -> Result<Vec<Unsent>, StoreError> {
         self.watch
             .read(async {
                 let rows = sqlx::query(
-                    "SELECT message_id, chat, body, reply_to, reply_to_sender FROM outbox \
-                 WHERE number = $1 AND status = 'queued' ORDER BY seq",
+                    "SELECT message_id, chat, body, reply_to, reply_to_sender, created_at \
+                     FROM outbox WHERE number = $1 AND status = 'queued' ORDER BY seq",
                 )
                 .bind(number.as_str())
                 .fetch_all(&self.pool)
                 .await
                 .map_err(db)?;
-                rows.iter().map(outbound_of).collect()
+                rows.iter()
+                    .map(|row| {
+                        let at: i64 = row.try_get("created_at").map_err(db)?;
+                        Ok(Unsent {
+                            reply: outbound_of(row)?,
+                            queued_at_ms: u64::try_from(at).unwrap_or(0),
+                        })
+                    })
+                    .collect()
+            })
+            .await
+    }
+
+    async fn expire(&self, fence: &Fence, id: &MessageId, reason: &str) -> Result<(), StoreError> {
+        self.watch
+            .write(async {
+                let mut tx = self.fenced(fence).await?;
+                sqlx::query(
+                    "UPDATE outbox SET status = 'expired', last_error = $1 \
+                     WHERE number = $2 AND message_id = $3 AND status = 'queued'",
+                )
+                .bind(reason)
+                .bind(fence.number.as_str())
+                .bind(id.as_str())
+                .execute(&mut *tx)
+                .await
+                .map_err(db)?;
+                tx.commit().await.map_err(db)
             })
             .await
     }

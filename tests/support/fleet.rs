@@ -279,7 +279,7 @@ impl Rig {
                     .is_some_and(|rest| rest.starts_with(' ') || rest.starts_with('{'))
             })
             .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum()
+            .fold(0.0, |sum, v| sum + v)
     }
 }
 

@@ -12,10 +12,42 @@
 //!   committed;
 //! - handled: sent and marked, given up, or expired — remembered (the latest
 //!   [`HANDLED_MEMORY`]) so that a reply handed over again is not sent twice.
+//!
+//! The backlog is bounded: [`Book::expire`] takes out of the queue every reply older than the
+//! age limit, and the oldest ones past the cap, for the pacer to record as expired.
 
 use std::collections::{HashMap, HashSet, VecDeque};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use crate::transport::{AckError, MessageId, OutboundText};
+
+/// A reply and when it was queued (its age counts from then, across retries and restarts).
+#[derive(Debug, Clone)]
+struct Entry {
+    msg: OutboundText,
+    queued_at: Instant,
+}
+
+/// Why a reply left the backlog unsent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Expiry {
+    /// It waited longer than the age limit.
+    Age,
+    /// The backlog held more than its cap; it was the oldest.
+    Cap,
+}
+
+impl Expiry {
+    /// A bounded label for metrics.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Age => "age",
+            Self::Cap => "cap",
+        }
+    }
+}
 
 /// How many message ids the book remembers as handled, so that a reply handed over again
 /// ([`Book::push`] after a lost commit answer) is not sent twice. A handled reply leaves the
@@ -39,12 +71,24 @@ pub enum AfterError {
     Unknown,
 }
 
+/// A reply taken from the queue to be written: [`Book::written`] or [`Book::not_written`] says
+/// what became of it.
+#[derive(Debug)]
+pub struct Taken(Entry);
+
+impl Taken {
+    /// The reply.
+    pub fn msg(&self) -> &OutboundText {
+        &self.0.msg
+    }
+}
+
 /// Where a number's replies stand. See the module docs.
 #[derive(Debug, Default)]
 pub struct Book {
-    queue: VecDeque<OutboundText>,
-    in_flight: Vec<OutboundText>,
-    unknown: Vec<OutboundText>,
+    queue: VecDeque<Entry>,
+    in_flight: Vec<Entry>,
+    unknown: Vec<Entry>,
     settling: HashSet<MessageId>,
     /// Every id queued, in flight or unknown.
     tracked: HashSet<MessageId>,
@@ -55,24 +99,31 @@ pub struct Book {
 }
 
 impl Book {
-    /// Queues a reply to send, unless its id is known already (queued, in flight, unknown,
-    /// settling or handled). Returns whether it was queued.
-    pub fn push(&mut self, msg: OutboundText) -> bool {
-        if self.knows(&msg.id) {
+    /// Queues a reply to send (queued at `queued_at`), unless its id is known already (queued,
+    /// in flight, unknown, settling or handled). Returns whether it was queued.
+    pub fn push(&mut self, msg: OutboundText, queued_at: Instant) -> bool {
+        if !self.track(&msg) {
             return false;
         }
-        self.tracked.insert(msg.id.clone());
-        self.queue.push_back(msg);
+        self.queue.push_back(Entry { msg, queued_at });
         true
     }
 
     /// Takes in a reply left unsent in the outbox by an earlier owner: its outcome is unknown.
-    pub fn push_unknown(&mut self, msg: OutboundText) -> bool {
+    pub fn push_unknown(&mut self, msg: OutboundText, queued_at: Instant) -> bool {
+        if !self.track(&msg) {
+            return false;
+        }
+        self.unknown.push(Entry { msg, queued_at });
+        true
+    }
+
+    /// Starts tracking `msg`; false if its id is known already.
+    fn track(&mut self, msg: &OutboundText) -> bool {
         if self.knows(&msg.id) {
             return false;
         }
         self.tracked.insert(msg.id.clone());
-        self.unknown.push(msg);
         true
     }
 
@@ -82,23 +133,59 @@ impl Book {
 
     /// The next reply to send; it stays tracked until [`Book::written`] or
     /// [`Book::not_written`] says what became of it.
-    pub fn next(&mut self) -> Option<OutboundText> {
-        self.queue.pop_front()
+    pub fn next(&mut self) -> Option<Taken> {
+        self.queue.pop_front().map(Taken)
     }
 
-    /// `msg` was written on the live connection.
-    pub fn written(&mut self, msg: OutboundText) {
-        self.in_flight.push(msg);
+    /// The reply taken was written on the live connection.
+    pub fn written(&mut self, taken: Taken) {
+        self.in_flight.push(taken.0);
     }
 
-    /// `msg` could not be written (no connection): it goes back to the front.
-    pub fn not_written(&mut self, msg: OutboundText) {
-        self.requeue_front(msg);
+    /// The reply taken could not be written (no connection): it goes back to the front.
+    pub fn not_written(&mut self, taken: Taken) {
+        self.requeue_front(taken.0);
     }
 
-    fn requeue_front(&mut self, msg: OutboundText) {
-        self.tracked.insert(msg.id.clone());
-        self.queue.push_front(msg);
+    fn requeue_front(&mut self, entry: Entry) {
+        self.tracked.insert(entry.msg.id.clone());
+        self.queue.push_front(entry);
+    }
+
+    /// Takes out of the queue every reply queued `max_age` or more ago, then the oldest while
+    /// more than `cap` remain; they are handled (never sent) and returned with why.
+    pub fn expire(
+        &mut self,
+        now: Instant,
+        max_age: Duration,
+        cap: usize,
+    ) -> Vec<(MessageId, Expiry)> {
+        let mut out = Vec::new();
+        let mut keep = VecDeque::with_capacity(self.queue.len());
+        for entry in self.queue.drain(..) {
+            if now.saturating_duration_since(entry.queued_at) >= max_age {
+                out.push((entry.msg.id, Expiry::Age));
+            } else {
+                keep.push_back(entry);
+            }
+        }
+        while keep.len() > cap
+            && let Some(entry) = keep.pop_front()
+        {
+            out.push((entry.msg.id, Expiry::Cap));
+        }
+        self.queue = keep;
+        for (id, _) in &out {
+            self.tracked.remove(id);
+            self.errors.remove(id);
+            self.handled(id.clone());
+        }
+        out
+    }
+
+    /// When the oldest reply in the queue was queued.
+    pub fn oldest_queued(&self) -> Option<Instant> {
+        self.queue.iter().map(|e| e.queued_at).min()
     }
 
     /// The network has `id` (a server ack without error, or a receipt): true if it was ours to
@@ -107,9 +194,9 @@ impl Book {
         if !self.tracked.remove(id) {
             return false;
         }
-        self.in_flight.retain(|m| m.id != *id);
-        self.unknown.retain(|m| m.id != *id);
-        self.queue.retain(|m| m.id != *id);
+        self.in_flight.retain(|e| e.msg.id != *id);
+        self.unknown.retain(|e| e.msg.id != *id);
+        self.queue.retain(|e| e.msg.id != *id);
         self.errors.remove(id);
         self.settling.insert(id.clone());
         true
@@ -142,9 +229,9 @@ impl Book {
     }
 
     /// Removes `id` from in flight or unknown.
-    fn take_sent(&mut self, id: &MessageId) -> Option<OutboundText> {
-        let from = |list: &mut Vec<OutboundText>| {
-            let pos = list.iter().position(|m| m.id == *id)?;
+    fn take_sent(&mut self, id: &MessageId) -> Option<Entry> {
+        let from = |list: &mut Vec<Entry>| {
+            let pos = list.iter().position(|e| e.msg.id == *id)?;
             Some(list.remove(pos))
         };
         let msg = from(&mut self.in_flight).or_else(|| from(&mut self.unknown))?;
@@ -166,8 +253,8 @@ impl Book {
     /// in their order. Returns how many.
     pub fn resend_unknown(&mut self) -> usize {
         let n = self.unknown.len();
-        for msg in self.unknown.drain(..).rev() {
-            self.queue.push_front(msg);
+        for entry in self.unknown.drain(..).rev() {
+            self.queue.push_front(entry);
         }
         n
     }
@@ -229,24 +316,34 @@ mod tests {
 
     /// Sends the next reply: takes it from the queue and writes it.
     fn send(book: &mut Book) -> MessageId {
-        let msg = book.next().expect("a reply to send");
-        let id = msg.id.clone();
-        book.written(msg);
+        let taken = book.next().expect("a reply to send");
+        let id = taken.msg().id.clone();
+        book.written(taken);
         id
+    }
+
+    fn ids(book: &mut Book) -> Vec<MessageId> {
+        std::iter::from_fn(|| book.next().map(|t| t.msg().id.clone())).collect()
     }
 
     #[test]
     fn a_reply_is_settled_by_its_ack_and_then_never_queued_again() {
         let mut book = Book::default();
-        assert!(book.push(reply("A")));
-        assert!(!book.push(reply("A")), "queued once");
+        assert!(book.push(reply("A"), Instant::now()));
+        assert!(!book.push(reply("A"), Instant::now()), "queued once");
         let a = send(&mut book);
-        assert!(!book.push(reply("A")), "in flight: not queued again");
+        assert!(
+            !book.push(reply("A"), Instant::now()),
+            "in flight: not queued again"
+        );
         assert!(book.settle(&a));
-        assert!(!book.push(reply("A")), "settling: not queued again");
+        assert!(
+            !book.push(reply("A"), Instant::now()),
+            "settling: not queued again"
+        );
         book.marked(a.clone());
         assert!(
-            !book.push(reply("A")),
+            !book.push(reply("A"), Instant::now()),
             "handled: a recovered copy is not sent"
         );
         assert!(!book.settle(&a), "a late receipt changes nothing");
@@ -258,7 +355,7 @@ mod tests {
         let mut book = Book::default();
         for i in 0..=HANDLED_MEMORY {
             let r = reply(&format!("R{i}"));
-            book.push(r);
+            book.push(r, Instant::now());
             let id = send(&mut book);
             book.settle(&id);
             book.marked(id);
@@ -266,26 +363,28 @@ mod tests {
         assert!(!book.is_handled(&id("R0")), "the oldest is forgotten");
         assert!(book.is_handled(&id("R1")));
         assert!(book.is_handled(&id(&format!("R{HANDLED_MEMORY}"))));
-        assert!(book.push(reply("R0")), "a forgotten id can be queued again");
+        assert!(
+            book.push(reply("R0"), Instant::now()),
+            "a forgotten id can be queued again"
+        );
     }
 
     #[test]
     fn a_receipt_settles_a_queued_reply_before_it_is_popped() {
         let mut book = Book::default();
-        book.push_unknown(reply("A"));
-        book.push_unknown(reply("B"));
+        book.push_unknown(reply("A"), Instant::now());
+        book.push_unknown(reply("B"), Instant::now());
         // The offline receipts name A: the network has it.
         assert!(book.settle(&id("A")));
         assert_eq!(book.resend_unknown(), 1);
-        assert_eq!(book.next().map(|m| m.id), Some(id("B")));
-        assert_eq!(book.next(), None, "A is never sent again");
+        assert_eq!(ids(&mut book), vec![id("B")], "A is never sent again");
     }
 
     #[test]
     fn a_lost_connection_makes_in_flight_sends_unknown_until_the_wait_ends() {
         let mut book = Book::default();
         for r in ["A", "B", "C"] {
-            book.push(reply(r));
+            book.push(reply(r), Instant::now());
         }
         send(&mut book);
         send(&mut book);
@@ -295,14 +394,17 @@ mod tests {
         // An ack that arrives late still settles.
         assert!(book.settle(&id("B")));
         assert_eq!(book.resend_unknown(), 1);
-        let order: Vec<_> = std::iter::from_fn(|| book.next()).map(|m| m.id).collect();
-        assert_eq!(order, vec![id("A"), id("C")], "resends go first, in order");
+        assert_eq!(
+            ids(&mut book),
+            vec![id("A"), id("C")],
+            "resends go first, in order"
+        );
     }
 
     #[test]
     fn rate_limits_cool_down_and_other_errors_are_bounded() {
         let mut book = Book::default();
-        book.push(reply("A"));
+        book.push(reply("A"), Instant::now());
         let a = send(&mut book);
         assert_eq!(
             book.refused(&a, &error(AckError::RATE_OVERLIMIT)),
@@ -325,15 +427,41 @@ mod tests {
     #[test]
     fn a_recovered_reply_is_sent_once_whatever_its_state() {
         let mut book = Book::default();
-        book.push(reply("A"));
-        assert!(!book.push(reply("A")), "queued");
+        book.push(reply("A"), Instant::now());
+        assert!(!book.push(reply("A"), Instant::now()), "queued");
         let a = send(&mut book);
-        assert!(!book.push(reply("A")), "in flight");
+        assert!(!book.push(reply("A"), Instant::now()), "in flight");
         book.connection_lost();
-        assert!(!book.push(reply("A")), "unknown");
-        assert!(!book.push_unknown(reply("A")), "reloaded from the outbox");
+        assert!(!book.push(reply("A"), Instant::now()), "unknown");
+        assert!(
+            !book.push_unknown(reply("A"), Instant::now()),
+            "reloaded from the outbox"
+        );
         assert_eq!(book.resend_unknown(), 1);
-        assert_eq!(book.next().map(|m| m.id), Some(a));
-        assert_eq!(book.next(), None);
+        assert_eq!(ids(&mut book), vec![a]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_backlog_expires_by_age_then_by_cap_oldest_first() {
+        let mut book = Book::default();
+        let age = Duration::from_secs(600);
+        book.push(reply("OLD"), Instant::now());
+        tokio::time::advance(Duration::from_secs(300)).await;
+        for r in ["A", "B", "C", "D"] {
+            book.push(reply(r), Instant::now());
+        }
+        assert!(book.expire(Instant::now(), age, 10).is_empty());
+        tokio::time::advance(Duration::from_secs(301)).await;
+        let out = book.expire(Instant::now(), age, 2);
+        assert_eq!(
+            out,
+            vec![
+                (id("OLD"), Expiry::Age),
+                (id("A"), Expiry::Cap),
+                (id("B"), Expiry::Cap)
+            ]
+        );
+        assert!(!book.push(reply("A"), Instant::now()), "expired: handled");
+        assert_eq!(ids(&mut book), vec![id("C"), id("D")]);
     }
 }

@@ -1,0 +1,39 @@
+//! `cargo bench --bench overload [-- --minutes 10 --factor 10]`: ten times the send rate into
+//! one number for ten minutes, through the real processes; prints one JSON line (see
+//! `overload/scenario.rs` for the fields).
+
+#[path = "../tests/support/fleet.rs"]
+#[allow(missing_docs, unused_imports)]
+mod fleet;
+#[path = "overload/scenario.rs"]
+#[allow(missing_docs)]
+mod scenario;
+
+use std::time::Duration;
+
+use scenario::{Overload, run};
+
+fn arg(args: &[String], name: &str, default: f64) -> f64 {
+    args.windows(2)
+        .find(|w| w[0] == name)
+        .and_then(|w| w[1].parse().ok())
+        .unwrap_or(default)
+}
+
+#[tokio::main]
+async fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let minutes = arg(&args, "--minutes", 10.0);
+    let o = Overload {
+        flood: Duration::from_secs_f64(minutes * 60.0),
+        factor: arg(&args, "--factor", 10.0),
+        // The product defaults.
+        max_age: Duration::from_secs(600),
+        max_queued: 1000,
+    };
+    let report = run(&o, true).await;
+    println!(
+        "{}",
+        serde_json::to_string(&report).expect("the report serializes")
+    );
+}
