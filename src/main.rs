@@ -28,6 +28,11 @@ async fn main() -> ExitCode {
                 // Exit code 64 (EX_USAGE): the configuration is wrong, retrying will not help.
                 ExitCode::from(64)
             }
+            None if e.downcast_ref::<switchboard::store::ClaimError>().is_some() => {
+                eprintln!("switchboard: {e:#}");
+                // Exit code 69 (EX_UNAVAILABLE): another node runs this store.
+                ExitCode::from(69)
+            }
             None => {
                 eprintln!("switchboard: {e:#}");
                 ExitCode::FAILURE

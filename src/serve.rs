@@ -5,6 +5,9 @@
 //! numbers add`); their sessions, inbound log, outbox and conversation checkpoints survive a
 //! restart of the process, so a restarted node resumes exactly where the last one stopped.
 //!
+//! It claims the store first: a second node on the same store exits with an error naming the
+//! node that runs it (one node per store until the cluster brings leases).
+//!
 //! `/readyz` answers 200 once every number is started and while the store is up; 503 while the
 //! node starts, stops, or waits out a store outage.
 //!
@@ -43,6 +46,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     let ready = Arc::new(AtomicBool::new(false));
     let stop = CancellationToken::new();
     let store = open_store(&config.store).await?;
+    // One node per store: a second one stops here, naming the first.
+    let claim = store.claim(&config.node_id).await?;
     let server = serve_http(&config, ready.clone(), store.health(), stop.clone()).await?;
 
     let numbers = store.numbers().await.context("listing numbers")?;
@@ -96,6 +101,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     stop.cancel();
     fleet.shutdown(SHUTDOWN_DEADLINE).await;
     let _ = retention.await;
+    drop(claim);
     store.close().await;
     server.await??;
     Ok(())

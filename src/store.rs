@@ -21,6 +21,7 @@
 mod admin;
 mod batch;
 mod cipher;
+mod claim;
 mod events;
 mod health;
 mod path;
@@ -40,6 +41,7 @@ pub use admin::{AiJobRecord, AiJobStatus};
 pub use admin::{ConversationRecord, FlowRecord, FlowStatus, NumberRecord, OptIn, TenantRecord};
 pub use batch::{BATCH_ROWS, COMMIT_SECONDS};
 pub use cipher::{CipherError, SessionCipher};
+pub use claim::{Claim, ClaimError};
 pub use events::{AuditEntry, EventRecord};
 pub use retention::{PRUNE_BATCH, Pruned};
 
@@ -101,6 +103,9 @@ pub struct SqlStore {
     batch: batch::Handle,
     /// Whether the database is up, and the probe that finds out when it is back.
     watch: health::Watch,
+    /// The database URL (secret: may hold a password; never printed), for the claim's own
+    /// connection and the SQLite file's path.
+    url: String,
 }
 
 impl std::fmt::Debug for SqlStore {
@@ -143,6 +148,7 @@ impl SqlStore {
             cipher: opts.cipher,
             batch,
             watch,
+            url: opts.url,
         })
     }
 
@@ -299,14 +305,19 @@ async fn open_pool(url: &str, max_connections: u32) -> Result<AnyPool, StoreErro
 /// How long a pooled connection may sit idle before it is pinged on its next use.
 const PING_IDLE_AFTER: Duration = Duration::from_secs(1);
 
-fn create_sqlite_dir(url: &str) -> Result<(), StoreError> {
+/// The file of a SQLite URL; `None` for an in-memory database.
+fn sqlite_path(url: &str) -> Option<&str> {
     let path = url
         .trim_start_matches("sqlite://")
         .trim_start_matches("sqlite:");
     let path = path.split('?').next().unwrap_or_default();
-    if path.is_empty() || path == ":memory:" {
+    (!path.is_empty() && path != ":memory:").then_some(path)
+}
+
+fn create_sqlite_dir(url: &str) -> Result<(), StoreError> {
+    let Some(path) = sqlite_path(url) else {
         return Ok(());
-    }
+    };
     if let Some(dir) = std::path::Path::new(path).parent()
         && !dir.as_os_str().is_empty()
     {
