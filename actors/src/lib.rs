@@ -4,15 +4,19 @@
 //! Fleet supervisor  (fleet.rs)          one child per number; per-child budget: 10 per 10 min
 //! └── Number actor  (number.rs)         session state machine; owns the session and the pacer;
 //!     │                                 its session's sink hands messages to intake directly
-//!     ├── pacer task (pacer.rs)         rate-limited, typing, retries with the same message id
-//!     └── Conversation supervisor (conversations.rs)   intake: pending until processed
+//!     ├── pacer task (pacer.rs)         rate-limited, typing; settles sends by server ack and
+//!     │                                 receipts; bounded backlog (book.rs: the bookkeeping)
+//!     └── Conversation supervisor (conversations.rs)   intake: pending until processed;
+//!         │                                            bounded (backpressure to WhatsApp)
 //!         └── Conversation actor (conversation.rs)     one per chat; lazy; stops when idle;
-//!             │                                        budget 5 per 60 s, then parked
+//!             │                                        budget 5 per 60 s, then the message
+//!             │                                        it fails on is dead-lettered
 //!             └── AI job actor (ai_job.rs)             temporary; timeout; fallback on failure
 //! ```
 //!
 //! - [`restart`]: the policies (permanent / transient / temporary, budgets, backoff) as pure,
-//!   tested bookkeeping.
+//!   tested bookkeeping. A failure caused by a store outage costs no budget: the child waits
+//!   for the store ([`store::Health`]) and starts again.
 //! - Ports: [`transport`] (WhatsApp sessions), [`responder`] (replies and AI), [`store`] (the
 //!   durable message path: inbound log, outbox, checkpoints, sessions, dead letters, fencing;
 //!   and the [`store::Coordinator`] that hands out ownership with fencing tokens).

@@ -9,7 +9,7 @@
 //!   remembered as handled only once that mark commits.
 //! - An error ack is handled by kind: rate-overlimit cools the number down and sends the same
 //!   id again; other refusals are retried with backoff, then the row is given up with the reason
-//!   ([`MAX_ACK_ERRORS`](book::MAX_ACK_ERRORS)).
+//!   (`MAX_ACK_ERRORS`, in `pacer/book.rs`).
 //! - A send whose ack never came has an unknown outcome: the connection dropped first, or an
 //!   earlier owner of the number left it unsent in the outbox. After the next login (whose
 //!   offline receipts settle whatever they name) the pacer waits `unsettled_wait`, then sends
@@ -24,7 +24,8 @@
 //!   oldest beyond `outbound_max_queued`, expires: recorded in the outbox and counted
 //!   (`switchboard_outbound_expired_total{reason}`), never silently dropped.
 //!
-//! The bookkeeping is [`book::Book`], pure and unit-tested; this file is the task around it.
+//! The bookkeeping is `Book` (`pacer/book.rs`), pure and unit-tested; this file is the task
+//! around it.
 //! The command channel is unbounded; what flows through it is bounded upstream: one reply per
 //! message the conversations process (bounded by intake), and acks and receipts per send.
 

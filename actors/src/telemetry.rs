@@ -1,6 +1,9 @@
 //! Metric names and the small counters the actors keep for them (STYLE rule 14).
 //!
-//! ractor mailboxes are unbounded and expose no depth, so every actor address is a [`Mailbox`]:
+//! ractor mailboxes are unbounded; what fills them is bounded upstream (a number's intake takes
+//! at most `intake_max_pending` messages, its backlog at most `outbound_max_queued` replies; a
+//! conversation's mailbox holds its chat's share of those). They expose no depth, so every actor
+//! address is a [`Mailbox`]:
 //! a send increments the depth of its actor kind, `handle` decrements it, and when an actor dies
 //! with messages still queued its supervisor calls [`Mailbox::abandon`] to take them off again.
 

@@ -89,6 +89,10 @@ impl Handle {
         wait: Duration,
         watch: Watch,
     ) -> Self {
+        // Unbounded, bounded upstream: every write comes from a message a number's intake holds
+        // (`runtime.intake_max_pending`), or from a reply in its backlog
+        // (`runtime.outbound_max_queued`), and a caller waits for its write's answer before it
+        // writes that again.
         let (tx, rx) = mpsc::unbounded_channel();
         let in_flight = match dialect {
             Dialect::Sqlite => 1,

@@ -108,6 +108,7 @@ impl Network {
 
     fn queue_due(&self, due: Due) {
         let tx = self.inner.receipts.get_or_init(|| {
+            // Two receipts per send the network took, and sends are rate-limited per account.
             let (tx, rx) = mpsc::unbounded_channel();
             tokio::spawn(run(Arc::downgrade(&self.inner), rx));
             tx
