@@ -63,6 +63,10 @@ pub struct Report {
 
 const NUMBER: &str = "+15556000001";
 
+/// How long the node is left idle before its memory is read: its conversations stop after 30 s
+/// without a message, and the allocator returns what they freed within seconds.
+const IDLE: Duration = Duration::from_secs(45);
+
 /// Runs the scenario; `progress` prints a line every ten seconds.
 pub async fn run(o: &Overload, progress: bool) -> Report {
     let dir = tempfile::tempdir().unwrap();
@@ -76,6 +80,9 @@ pub async fn run(o: &Overload, progress: bool) -> Report {
             max_queued.as_str(),
         ),
         ("SWITCHBOARD__RUNTIME__TYPING_PER_CHAR", "10ms"),
+        // Idle conversations stop (and free their chat's memory) sooner than the 5 minutes of
+        // the default, so that "before" and "after" are both measured on an idle node.
+        ("SWITCHBOARD__RUNTIME__CONVERSATION_IDLE", "30s"),
     ];
     let rig = Rig::new(&url, vec![NUMBER.to_owned()], &env).await;
     let serve = rig.serve().await;
@@ -87,7 +94,7 @@ pub async fn run(o: &Overload, progress: bool) -> Report {
     traffic(&rig, SEND_PER_SECOND / 2.0, Duration::from_secs(40), 1).await;
     tokio::time::sleep(Duration::from_secs(42)).await;
     rig.drained(Duration::from_secs(120)).await;
-    tokio::time::sleep(Duration::from_secs(5)).await;
+    tokio::time::sleep(IDLE).await;
     let rss_before = serve.rss_bytes();
     let offered_before = rig.summary().await["inbound"].as_u64().unwrap();
 
@@ -118,8 +125,8 @@ pub async fn run(o: &Overload, progress: bool) -> Report {
             break;
         }
     }
-    // Settled: the memory after.
-    tokio::time::sleep(Duration::from_secs(15)).await;
+    // Idle again: the memory after.
+    tokio::time::sleep(IDLE).await;
     let rss_after = serve.rss_bytes();
     let s = rig.summary().await;
     Report {
