@@ -1,4 +1,4 @@
-//! `cargo bench --bench overload [-- --minutes 10 --factor 10]`: ten times the send rate into
+//! `cargo bench --bench overload [-- --minutes 10 --factor 10 --max-age-s 600 --max-queued 1000]`: ten times the send rate into
 //! one number for ten minutes, through the real processes; prints one JSON line (see
 //! `overload/scenario.rs` for the fields).
 
@@ -27,9 +27,9 @@ async fn main() {
     let o = Overload {
         flood: Duration::from_secs_f64(minutes * 60.0),
         factor: arg(&args, "--factor", 10.0),
-        // The product defaults.
-        max_age: Duration::from_secs(600),
-        max_queued: 1000,
+        // The product defaults, unless told otherwise.
+        max_age: Duration::from_secs_f64(arg(&args, "--max-age-s", 600.0)),
+        max_queued: arg(&args, "--max-queued", 1000.0) as usize,
     };
     let report = run(&o, true).await;
     println!(

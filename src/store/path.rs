@@ -17,6 +17,13 @@ use super::batch::Op;
 use super::cipher::Sealed;
 use super::{SqlStore, bind_inbound_row, db, flag, now_ms, text};
 
+/// Sets a message aside: dead letters keep the whole text, to be inspected and replayed.
+const DEAD_LETTER: &str = "INSERT INTO inbound (number, chat, sender, message_id, sender_alt, \
+    body, preview, sent_at, received_at, from_me, status, processed_at, error) \
+    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, 'dead', $9, $11) \
+    ON CONFLICT (number, chat, sender, message_id) DO UPDATE SET status = 'dead', \
+    processed_at = excluded.processed_at, error = excluded.error";
+
 /// Queues `op` built around a fresh reply channel and returns the future of the answer.
 fn queued<T: Send + 'static>(
     store: &SqlStore,
@@ -77,21 +84,13 @@ impl Store for SqlStore {
     ) -> Result<(), StoreError> {
         self.watch
             .write(async {
-            let mut tx = self.fenced(fence).await?;
-            // Dead letters keep the whole text: they are there to be inspected and replayed.
-            let q = sqlx::query(
-                "INSERT INTO inbound (number, chat, sender, message_id, sender_alt, body, preview, \
-                 sent_at, received_at, from_me, status, processed_at, error) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, 'dead', $9, $11) \
-                 ON CONFLICT (number, chat, sender, message_id) DO UPDATE SET status = 'dead', \
-                 processed_at = excluded.processed_at, error = excluded.error",
-            );
-            bind_inbound_row(q, fence, msg, now_ms())
-                .bind(reason.to_string())
-                .execute(&mut *tx)
-                .await
-                .map_err(db)?;
-            tx.commit().await.map_err(db)
+                let mut tx = self.fenced(fence).await?;
+                bind_inbound_row(sqlx::query(DEAD_LETTER), fence, msg, now_ms())
+                    .bind(reason.to_string())
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(db)?;
+                tx.commit().await.map_err(db)
             })
             .await
     }
@@ -103,24 +102,12 @@ impl Store for SqlStore {
         error: &str,
         give_up: bool,
     ) -> Result<(), StoreError> {
-        self.watch
-            .write(async {
-                let mut tx = self.fenced(fence).await?;
-                sqlx::query(
-                    "UPDATE outbox SET attempts = attempts + 1, last_error = $1, \
-                 status = CASE WHEN $2 = 1 THEN 'failed' ELSE status END \
-                 WHERE number = $3 AND message_id = $4 AND status = 'queued'",
-                )
-                .bind(error)
-                .bind(i64::from(give_up))
-                .bind(fence.number.as_str())
-                .bind(id.as_str())
-                .execute(&mut *tx)
-                .await
-                .map_err(db)?;
-                tx.commit().await.map_err(db)
-            })
-            .await
+        let set = if give_up {
+            "attempts = attempts + 1, last_error = $1, status = 'failed'"
+        } else {
+            "attempts = attempts + 1, last_error = $1"
+        };
+        self.update_queued(fence, id, set, error).await
     }
 
     async fn unprocessed(&self, number: &PhoneNumber) -> Result<Vec<InboundMessage>, StoreError> {
@@ -128,8 +115,7 @@ impl Store for SqlStore {
             .read(async {
                 let rows = sqlx::query(
                     "SELECT chat, sender, message_id, sender_alt, body, preview, sent_at, from_me \
-                 FROM inbound \
-                 WHERE number = $1 AND status = 'pending' ORDER BY seq",
+                     FROM inbound WHERE number = $1 AND status = 'pending' ORDER BY seq",
                 )
                 .bind(number.as_str())
                 .fetch_all(&self.pool)
@@ -165,22 +151,8 @@ impl Store for SqlStore {
     }
 
     async fn expire(&self, fence: &Fence, id: &MessageId, reason: &str) -> Result<(), StoreError> {
-        self.watch
-            .write(async {
-                let mut tx = self.fenced(fence).await?;
-                sqlx::query(
-                    "UPDATE outbox SET status = 'expired', last_error = $1 \
-                     WHERE number = $2 AND message_id = $3 AND status = 'queued'",
-                )
-                .bind(reason)
-                .bind(fence.number.as_str())
-                .bind(id.as_str())
-                .execute(&mut *tx)
-                .await
-                .map_err(db)?;
-                tx.commit().await.map_err(db)
-            })
-            .await
+        let set = "status = 'expired', last_error = $1";
+        self.update_queued(fence, id, set, reason).await
     }
 
     async fn checkpoint(
@@ -301,6 +273,33 @@ impl Coordinator for SqlStore {
 }
 
 impl SqlStore {
+    /// Updates the queued outbox row `id` with `set` (which binds `text` as `$1`), fenced; a
+    /// row no longer queued is left as it is.
+    async fn update_queued(
+        &self,
+        fence: &Fence,
+        id: &MessageId,
+        set: &str,
+        text: &str,
+    ) -> Result<(), StoreError> {
+        let sql = format!(
+            "UPDATE outbox SET {set} WHERE number = $2 AND message_id = $3 AND status = 'queued'"
+        );
+        self.watch
+            .write(async {
+                let mut tx = self.fenced(fence).await?;
+                sqlx::query(&sql)
+                    .bind(text)
+                    .bind(fence.number.as_str())
+                    .bind(id.as_str())
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(db)?;
+                tx.commit().await.map_err(db)
+            })
+            .await
+    }
+
     /// The highest fencing token stored for `number`.
     pub async fn highest_token(&self, number: &PhoneNumber) -> Result<Option<u64>, StoreError> {
         let token: Option<i64> = sqlx::query_scalar("SELECT token FROM fences WHERE number = $1")
