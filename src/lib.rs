@@ -13,6 +13,8 @@
 //! - [`telemetry`]: logging and the Prometheus recorder.
 //! - [`cli`]: the command line.
 
+#![forbid(unsafe_code)]
+
 pub mod bot;
 pub mod cli;
 pub mod config;

@@ -29,6 +29,8 @@
 //!
 //! This crate depends on no web, SQL or Redis crate.
 
+#![forbid(unsafe_code)]
+
 pub mod addr;
 pub mod ai_job;
 pub mod conversation;

@@ -442,7 +442,11 @@ impl Pacer {
 
     /// Brings the queue-depth gauge up to date with the book.
     fn report(&mut self) {
-        self.gauge_to(self.book.queued() + self.book.unsettled());
+        let depth = self.book.queued() + self.book.unsettled();
+        if depth == 0 {
+            self.book.compact();
+        }
+        self.gauge_to(depth);
     }
 
     fn gauge_to(&mut self, depth: usize) {

@@ -141,10 +141,25 @@ impl Batcher {
     async fn run(self, mut rx: mpsc::UnboundedReceiver<Msg>) {
         let permits = Arc::new(Semaphore::new(self.in_flight));
         let mut closing = None;
+        // Whether the database's own caches may hold memory a quiet store can give back.
+        let mut used = false;
         while closing.is_none() {
-            let Some(first) = rx.recv().await else {
+            let first = if used {
+                match tokio::time::timeout(QUIET, rx.recv()).await {
+                    Ok(first) => first,
+                    Err(_) => {
+                        used = false;
+                        self.release_memory().await;
+                        continue;
+                    }
+                }
+            } else {
+                rx.recv().await
+            };
+            let Some(first) = first else {
                 break;
             };
+            used = true;
             let mut batch = Vec::new();
             match first {
                 Msg::Op(op) => batch.push(op),
@@ -183,6 +198,24 @@ impl Batcher {
         let _ = permits.acquire_many(all).await;
         if let Some(done) = closing {
             let _ = done.send(());
+        }
+    }
+}
+
+/// A store without writes for this long gives back the memory its database caches hold.
+const QUIET: Duration = Duration::from_secs(10);
+
+impl Batcher {
+    /// SQLite keeps up to its `cache_size` of pages in the process; a quiet embedded store
+    /// returns them (they are read again from the operating system's cache when needed).
+    /// PostgreSQL's caches live in its own processes.
+    async fn release_memory(&self) {
+        if self.dialect == Dialect::Sqlite
+            && let Err(e) = sqlx::query("PRAGMA shrink_memory")
+                .execute(&self.pool)
+                .await
+        {
+            tracing::debug!(error = %e, "releasing the database's cache");
         }
     }
 }

@@ -55,6 +55,9 @@ impl Expiry {
 /// to cover the replies of that window; an account sends about one per second.
 pub const HANDLED_MEMORY: usize = 256;
 
+/// Room kept in the book's collections when it is compacted ([`Book::compact`]).
+const SPARE: usize = 16;
+
 /// Error acks (other than rate-overlimit) a reply may get before it is given up.
 pub const MAX_ACK_ERRORS: u32 = 5;
 
@@ -269,6 +272,20 @@ impl Book {
         self.in_flight.len() + self.unknown.len()
     }
 
+    /// Gives back the room a burst left behind once nothing is waiting: a queue that held a
+    /// thousand replies keeps its allocation otherwise, on every number that ever had one.
+    pub fn compact(&mut self) {
+        if !self.queue.is_empty() || self.queue.capacity() <= SPARE {
+            return;
+        }
+        self.queue.shrink_to(SPARE);
+        self.in_flight.shrink_to(SPARE);
+        self.unknown.shrink_to(SPARE);
+        self.tracked.shrink_to(SPARE);
+        self.settling.shrink_to(SPARE);
+        self.errors.shrink_to(SPARE);
+    }
+
     /// Remembers that `id` needs no more sending.
     fn handled(&mut self, id: MessageId) {
         if self.handled.insert(id.clone()) {
@@ -463,5 +480,28 @@ mod tests {
         );
         assert!(!book.push(reply("A"), Instant::now()), "expired: handled");
         assert_eq!(ids(&mut book), vec![id("C"), id("D")]);
+    }
+
+    #[test]
+    fn a_burst_leaves_no_room_behind_once_settled() {
+        let mut book = Book::default();
+        for n in 0..1000 {
+            book.push(reply(&format!("B{n}")), Instant::now());
+        }
+        book.compact();
+        assert!(
+            book.queue.capacity() >= 1000,
+            "nothing is given back while replies wait"
+        );
+        while book.queued() > 0 {
+            let sent = send(&mut book);
+            assert!(book.settle(&sent));
+        }
+        book.compact();
+        assert!(book.queue.capacity() <= 2 * SPARE);
+        assert!(book.in_flight.capacity() <= 2 * SPARE);
+        assert!(book.tracked.capacity() <= 2 * SPARE);
+        assert!(book.push(reply("C"), Instant::now()), "the book works on");
+        assert_eq!(ids(&mut book), vec![id("C")]);
     }
 }
