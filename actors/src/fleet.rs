@@ -37,6 +37,8 @@ pub enum FleetMsg {
     Get(PhoneNumber, RpcReplyPort<Option<Addr<NumberMsg>>>),
     /// Report the fleet.
     Status(RpcReplyPort<FleetStatus>),
+    /// Shutting down: stop every number for good (none is restarted, none starts).
+    Drain(RpcReplyPort<()>),
 }
 
 /// The fleet at a glance.
@@ -65,6 +67,8 @@ pub struct FleetState {
     mailbox: Mailbox,
     slots: HashMap<PhoneNumber, Slot>,
     by_actor: HashMap<ActorId, PhoneNumber>,
+    /// Set by [`FleetMsg::Drain`]: the node is shutting down.
+    draining: bool,
 }
 
 /// What the fleet is started with.
@@ -91,6 +95,7 @@ impl Actor for FleetActor {
             mailbox: args.mailbox,
             slots: HashMap::new(),
             by_actor: HashMap::new(),
+            draining: false,
         })
     }
 
@@ -119,7 +124,7 @@ impl Actor for FleetActor {
         state.mailbox.dequeued();
         match message {
             FleetMsg::Start(number) => {
-                if !state.slots.contains_key(&number) {
+                if !state.draining && !state.slots.contains_key(&number) {
                     let slot = Slot {
                         addr: None,
                         resources: NumberResources::new(state.deps.counters.clone()),
@@ -152,6 +157,14 @@ impl Actor for FleetActor {
             }
             FleetMsg::Status(reply) => {
                 let _ = reply.send(status(state));
+            }
+            FleetMsg::Drain(reply) => {
+                state.draining = true;
+                let numbers: Vec<PhoneNumber> = state.slots.keys().cloned().collect();
+                for number in &numbers {
+                    stop_number(state, number).await;
+                }
+                let _ = reply.send(());
             }
         }
         Ok(())
@@ -375,6 +388,10 @@ impl Fleet {
 
     /// Stops every number and the fleet, waiting at most `deadline`.
     pub async fn shutdown(self, deadline: Duration) {
+        // First the fleet marks every number stopping, so that their exits are not restarts.
+        if let Err(e) = self.addr.call(FleetMsg::Drain, self.call_timeout).await {
+            tracing::warn!(error = %e, "fleet did not take the shutdown; stopping it anyway");
+        }
         let actor = self.addr.actor();
         actor
             .stop_children_and_wait(Some("shutdown".to_owned()), Some(deadline))

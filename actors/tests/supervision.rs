@@ -1290,3 +1290,21 @@ async fn intake_beyond_its_cap_is_left_to_whatsapp_and_delivered_again() {
     tokio::time::sleep(Duration::from_secs(10)).await;
     assert_eq!(h.net.sent(&n).len(), 10, "each once");
 }
+
+#[tokio::test(start_paused = true)]
+async fn shutdown_stops_every_number_once_without_restarting_it() {
+    let (a, b) = (phone("+15550021"), phone("+15550022"));
+    let h = harness(&[&a, &b], Duration::ZERO).await;
+    let counters = h.fleet.counters().clone();
+    h.fleet.shutdown(Duration::from_secs(10)).await;
+    assert_eq!(counters.restarts.load(Ordering::Relaxed), 0);
+    for n in [&a, &b] {
+        assert_eq!(h.net.starts(n), 1, "{n} was connected again while stopping");
+        assert!(
+            h.net.sessions.lock().unwrap()[n][0]
+                .closed
+                .load(Ordering::SeqCst),
+            "{n}'s session was closed"
+        );
+    }
+}
