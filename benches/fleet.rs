@@ -8,6 +8,10 @@
 //! `restart_p50_us` / `restart_p99_us` (from injecting a crash into a number actor to its
 //! successor answering a status call, over up to 1,000 restarts). Admission control is off.
 
+/// The binary's allocator and its options, so that the memory figures are the node's.
+#[path = "../src/allocator.rs"]
+mod allocator;
+
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -26,9 +30,7 @@ fn main() -> anyhow::Result<()> {
             numbers = args.next().unwrap_or_default().parse()?;
         }
     }
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
+    let runtime = allocator::runtime()?;
     let report = runtime.block_on(run(numbers))?;
     println!("{report}");
     Ok(())

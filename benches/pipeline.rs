@@ -53,9 +53,9 @@ use switchboard_actors::transport::{Credentials, InboundMessage, MessageId, Outb
 use switchboard_actors::{Deps, Fleet, FleetCounters, NumberPhase, PhoneNumber, Settings};
 use tokio::time::Instant;
 
-/// The binary's allocator, so the benchmark measures what runs.
-#[global_allocator]
-static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+/// The binary's allocator and its options, so the benchmark measures what runs.
+#[path = "../src/allocator.rs"]
+mod allocator;
 
 /// Per-message rows counted on both sides.
 const ROWS_PER_MESSAGE: f64 = 4.0;
@@ -105,9 +105,7 @@ fn args() -> anyhow::Result<Args> {
 
 fn main() -> anyhow::Result<()> {
     let a = args()?;
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
+    let runtime = allocator::runtime()?;
     let report = runtime.block_on(run(a))?;
     println!("{report}");
     Ok(())

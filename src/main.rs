@@ -10,28 +10,15 @@ use switchboard::config::{Config, ConfigErrors};
 use switchboard::demo::{self, DemoOptions};
 use switchboard::sim::{Network, SimConfig, server};
 
-/// jemalloc: the message path allocates many small, short-lived buffers across threads; with
-/// the system allocator a third of the CPU went to malloc/free, and allocators that return
-/// memory to the OS at once spend it on page faults instead (measured with the pipeline
-/// benchmark). jemalloc keeps freed pages for a while before returning them.
-#[global_allocator]
-static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+mod allocator;
 
-/// jemalloc's options (read at its start; `_RJEM_MALLOC_CONF` in the environment overrides
-/// them). Freed pages go back to the operating system one second after the traffic that used
-/// them, by a background thread, so a node that has just absorbed a burst returns to its idle
-/// size even while idle (jemalloc otherwise purges only when the program allocates, and holds
-/// the pages 10 s). `muzzy_decay_ms:0` returns them outright: pages handed back lazily
-/// (`MADV_FREE`) still count in the process's RSS until the kernel wants them.
-// Unsafe only in name: an exported constant the allocator reads; nothing else has the symbol.
-#[allow(unsafe_code)]
-#[unsafe(export_name = "_rjem_malloc_conf")]
-static MALLOC_CONF: &[u8; 60] = b"background_thread:true,dirty_decay_ms:1000,muzzy_decay_ms:0\0";
-
-#[tokio::main]
-async fn main() -> ExitCode {
+fn main() -> ExitCode {
     let cli = Cli::parse();
-    match run(cli).await {
+    let result = match allocator::runtime() {
+        Ok(runtime) => runtime.block_on(run(cli)),
+        Err(e) => Err(anyhow::Error::new(e).context("starting the runtime")),
+    };
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => match e.downcast_ref::<ConfigErrors>() {
             Some(errors) => {

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 use serde_json::json;
 
-use super::fleet::Rig;
+use super::fleet::{Proc, Rig};
 
 /// What to run.
 #[derive(Debug, Clone)]
@@ -59,6 +59,29 @@ pub struct Report {
     /// equals the expired replies (nothing lost silently).
     pub unanswered: u64,
     pub duplicate_replies: u64,
+    /// Where the resident memory was, before and after: what explains a difference.
+    pub memory_before: Memory,
+    pub memory_after: Memory,
+}
+
+/// The parts of a process's resident memory (`/proc/<pid>/status`), in KiB, and its threads.
+#[derive(Debug, Clone, Serialize)]
+pub struct Memory {
+    pub anon_kib: u64,
+    pub file_kib: u64,
+    pub shmem_kib: u64,
+    pub threads: u64,
+}
+
+impl Memory {
+    fn of(p: &Proc) -> Self {
+        Self {
+            anon_kib: p.status("RssAnon"),
+            file_kib: p.status("RssFile"),
+            shmem_kib: p.status("RssShmem"),
+            threads: p.status("Threads"),
+        }
+    }
 }
 
 const NUMBER: &str = "+15556000001";
@@ -96,6 +119,7 @@ pub async fn run(o: &Overload, progress: bool) -> Report {
     rig.drained(Duration::from_secs(120)).await;
     tokio::time::sleep(IDLE).await;
     let rss_before = serve.rss_bytes();
+    let memory_before = Memory::of(&serve);
     let offered_before = rig.summary().await["inbound"].as_u64().unwrap();
 
     let rate = SEND_PER_SECOND * o.factor;
@@ -128,6 +152,7 @@ pub async fn run(o: &Overload, progress: bool) -> Report {
     // Idle again: the memory after.
     tokio::time::sleep(IDLE).await;
     let rss_after = serve.rss_bytes();
+    let memory_after = Memory::of(&serve);
     let s = rig.summary().await;
     Report {
         flood_s: o.flood.as_secs_f64(),
@@ -152,6 +177,8 @@ pub async fn run(o: &Overload, progress: bool) -> Report {
         rss_after_ratio: rss_after as f64 / rss_before.max(1) as f64,
         unanswered: s["inbound_unanswered"].as_u64().unwrap(),
         duplicate_replies: s["duplicate_replies"].as_u64().unwrap(),
+        memory_before,
+        memory_after,
     }
 }
 

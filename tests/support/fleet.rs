@@ -30,13 +30,18 @@ impl Proc {
 
     /// Its resident memory now, from `/proc`.
     pub fn rss_bytes(&self) -> u64 {
+        self.status("VmRSS") * 1024
+    }
+
+    /// One numeric field of `/proc/<pid>/status` (memory in kB), 0 if absent.
+    pub fn status(&self, field: &str) -> u64 {
         let status =
             std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap_or_default();
         status
             .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
             .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-            .map_or(0, |kb| kb * 1024)
+            .unwrap_or(0)
     }
 }
 
