@@ -11,6 +11,7 @@
 //! - [`demo`]: `switchboard demo`, the simulated fleet.
 //! - [`problem`]: `application/problem+json` errors for every HTTP surface.
 //! - [`telemetry`]: logging and the Prometheus recorder.
+//! - [`whatsapp`]: the production transport, whatsapp-rust 0.7.0 (its storage backend so far).
 //! - [`cli`]: the command line.
 
 #![forbid(unsafe_code)]
@@ -24,3 +25,4 @@ pub mod serve;
 pub mod sim;
 pub mod store;
 pub mod telemetry;
+pub mod whatsapp;

@@ -12,6 +12,8 @@
 //! - `events`: the event outbox for webhooks, and the audit log.
 //! - `cipher`: AES-256-GCM for session blobs, keys by id so they can rotate.
 //! - `retention`: the job that prunes processed inbound and sent outbox rows, in batches.
+//! - `protocol`: the WhatsApp client's protocol state per number (whatsapp-rust's store traits),
+//!   one table keyed by number, space and key; secrets sealed, every write fenced.
 //! - `text`: message texts stored faithfully (NUL, which PostgreSQL cannot hold, encoded).
 //!
 //! Every write that belongs to a number checks its fencing token in the same transaction:
@@ -25,6 +27,7 @@ mod claim;
 mod events;
 mod health;
 mod path;
+mod protocol;
 mod retention;
 mod text;
 
@@ -43,6 +46,7 @@ pub use batch::{BATCH_ROWS, COMMIT_SECONDS};
 pub use cipher::{CipherError, SessionCipher};
 pub use claim::{Claim, ClaimError};
 pub use events::{AuditEntry, EventRecord};
+pub use protocol::{Entry, Key, Merge, ProtocolState, Select, Space, StateRow};
 pub use retention::{PRUNE_BATCH, Pruned};
 
 /// Texts are kept as a preview of this many characters once processed, unless the tenant keeps

@@ -3,6 +3,7 @@
 #![allow(clippy::unwrap_used, clippy::panic)]
 
 #[path = "support/db.rs"]
+#[macro_use]
 mod db;
 
 use std::collections::HashSet;
@@ -79,6 +80,7 @@ fn msg(from: &str, id: &str, text: &str) -> InboundMessage {
         sender_alt: Some(Jid::lid("123456789").unwrap()),
         is_from_me: false,
         text: text.into(),
+        media: None,
         timestamp_ms: 1_767_225_600_000,
         offline: false,
     }
@@ -119,26 +121,7 @@ async fn raw_inbound(store: &SqlStore, id: &str) -> (Option<String>, String, Str
     )
 }
 
-macro_rules! conformance {
-    ($($test:ident),* $(,)?) => {
-        mod sqlite {
-            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn $test() {
-                let db = super::TestDb::new(super::Dialect::Sqlite).await;
-                super::$test(&db).await;
-            })*
-        }
-        mod postgres {
-            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn $test() {
-                let db = super::TestDb::new(super::Dialect::Postgres).await;
-                super::$test(&db).await;
-            })*
-        }
-    };
-}
-
-conformance!(
+on_both_stores!(
     migrations_apply_once,
     tenants_and_numbers,
     inbound_is_deduplicated_and_resumable,

@@ -245,6 +245,7 @@ impl SqlStore {
             "conversations",
             "contacts",
             "sessions",
+            "wa_state",
         ] {
             sqlx::query(&format!("DELETE FROM {table} WHERE number = $1"))
                 .bind(n.as_str())

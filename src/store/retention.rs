@@ -5,6 +5,11 @@
 //! Both tables fill in arrival order, so the old rows come first: PostgreSQL finds them through
 //! a BRIN index on the arrival time (a few pages of index, nothing per row on the hot path);
 //! SQLite walks its rowid up to the first row that is recent enough.
+//!
+//! The same pass bounds the WhatsApp client's LID ↔ phone mappings (whatsapp-rust loads every
+//! one of them into memory when a number starts): a mapping last learned before the cutoff is
+//! deleted unless a conversation of its number uses its LID or its phone. The client learns it
+//! again when it next needs it.
 
 use std::time::Duration;
 
@@ -24,6 +29,8 @@ pub struct Pruned {
     pub inbound: u64,
     /// Sent replies.
     pub outbox: u64,
+    /// LID ↔ phone mappings no conversation uses.
+    pub lid_mappings: u64,
 }
 
 /// The tables pruned: table, the status that may go, the time column.
@@ -51,7 +58,34 @@ impl SqlStore {
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
         }
+        loop {
+            let deleted = self.prune_lid_batch(before_ms / 1000).await?;
+            pruned.lid_mappings += deleted;
+            if deleted < PRUNE_BATCH as u64 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
         Ok(pruned)
+    }
+
+    /// Deletes up to [`PRUNE_BATCH`] LID mappings learned before `before_s` (Unix seconds, as
+    /// the client stamps them) that no conversation of their number uses.
+    async fn prune_lid_batch(&self, before_s: i64) -> Result<u64, StoreError> {
+        const UNUSED: &str = "space = 'lid' AND n1 < $1 AND NOT EXISTS (SELECT 1 FROM \
+            conversations c WHERE c.number = w.number AND (c.chat = w.k1 || '@lid' \
+            OR c.chat = w.alt || '@s.whatsapp.net'))";
+        let sql = match self.dialect {
+            Dialect::Postgres => format!(
+                "DELETE FROM wa_state WHERE ctid = ANY (ARRAY(SELECT ctid FROM wa_state w \
+                 WHERE {UNUSED} LIMIT $2))"
+            ),
+            Dialect::Sqlite => format!(
+                "DELETE FROM wa_state WHERE rowid IN (SELECT rowid FROM wa_state w \
+                 WHERE {UNUSED} LIMIT $2)"
+            ),
+        };
+        self.delete_batch(&sql, before_s).await
     }
 
     async fn prune_batch(
@@ -73,8 +107,13 @@ impl SqlStore {
                  9223372036854775807) AND status = '{status}' AND {at} < $1 LIMIT $2)"
             ),
         };
-        let done = sqlx::query(&sql)
-            .bind(before_ms)
+        self.delete_batch(&sql, before_ms).await
+    }
+
+    /// Runs one pruning statement: `$1` is the cutoff, `$2` the batch size.
+    async fn delete_batch(&self, sql: &str, cutoff: i64) -> Result<u64, StoreError> {
+        let done = sqlx::query(sql)
+            .bind(cutoff)
             .bind(PRUNE_BATCH)
             .execute(&self.pool)
             .await
@@ -102,8 +141,13 @@ impl SqlStore {
                 let keep_ms = i64::try_from(keep.as_millis()).unwrap_or(i64::MAX);
                 let before = now_ms().saturating_sub(keep_ms);
                 match store.prune(before).await {
-                    Ok(p) if p.inbound + p.outbox > 0 => {
-                        tracing::info!(inbound = p.inbound, outbox = p.outbox, "pruned old rows");
+                    Ok(p) if p.inbound + p.outbox + p.lid_mappings > 0 => {
+                        tracing::info!(
+                            inbound = p.inbound,
+                            outbox = p.outbox,
+                            lid_mappings = p.lid_mappings,
+                            "pruned old rows"
+                        );
                     }
                     Ok(_) => {}
                     Err(e) => tracing::warn!(error = %e, "pruning old rows"),

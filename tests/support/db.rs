@@ -1,6 +1,6 @@
 //! Fresh databases for tests: a new PostgreSQL database or SQLite file per test, removed when
 //! the test ends, so tests run in parallel. Include with `#[path = "support/db.rs"] mod db;`.
-#![allow(dead_code, clippy::unwrap_used)]
+#![allow(dead_code, unused_macros, clippy::unwrap_used)]
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -8,6 +8,27 @@ use std::time::Duration;
 
 use sqlx::Connection;
 use switchboard::store::{Dialect, SessionCipher, SqlStore, StoreOptions};
+
+/// Runs each named `async fn name(db: &TestDb)` twice, as `sqlite::name` and `postgres::name`,
+/// each on a fresh database. Include the module with `#[macro_use]`.
+macro_rules! on_both_stores {
+    ($($test:ident),* $(,)?) => {
+        mod sqlite {
+            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $test() {
+                let db = super::TestDb::new(switchboard::store::Dialect::Sqlite).await;
+                super::$test(&db).await;
+            })*
+        }
+        mod postgres {
+            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $test() {
+                let db = super::TestDb::new(switchboard::store::Dialect::Postgres).await;
+                super::$test(&db).await;
+            })*
+        }
+    };
+}
 
 /// Where the test PostgreSQL lives (CI and this machine: trust auth on localhost).
 pub fn admin_url() -> String {
