@@ -11,14 +11,8 @@ mod scenario;
 
 use std::time::Duration;
 
+use fleet::arg;
 use scenario::{Overload, run};
-
-fn arg(args: &[String], name: &str, default: f64) -> f64 {
-    args.windows(2)
-        .find(|w| w[0] == name)
-        .and_then(|w| w[1].parse().ok())
-        .unwrap_or(default)
-}
 
 #[tokio::main]
 async fn main() {

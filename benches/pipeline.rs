@@ -585,6 +585,7 @@ fn row(
         ))?),
         is_from_me: false,
         text: "hello, what are your hours?".into(),
+        media: None,
         timestamp_ms: 1_767_225_600_000,
         offline: false,
     };

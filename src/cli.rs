@@ -4,6 +4,7 @@
 //! switchboard serve   [--config FILE]        the runtime on the configured store and transport
 //! switchboard migrate [--config FILE]        apply pending database migrations
 //! switchboard numbers add [--tenant T] NUMBER…  |  list  |  remove NUMBER…
+//! switchboard numbers login NUMBER [--pair-code PHONE]   pair a number from the terminal
 //! switchboard demo [--numbers N] [--duration 30s] [--chaos] [--listen ADDR] [--seed S]
 //! switchboard sim serve [--listen ADDR] [--seed S]
 //! ```
@@ -76,6 +77,15 @@ pub enum NumbersCommand {
     },
     /// List the registered numbers.
     List,
+    /// Pair a number: show its QR code in the terminal (or a pair code) until the phone
+    /// confirms. Run it while no node runs this store.
+    Login {
+        /// The number, as registered (`+15550001`).
+        number: String,
+        /// Link with a pair code typed on the phone instead of a QR code; give the number again.
+        #[arg(long, value_name = "PHONE")]
+        pair_code: Option<String>,
+    },
     /// Remove numbers and everything stored for them.
     Remove {
         /// The numbers.

@@ -60,6 +60,8 @@ pub enum TransportConfig {
         /// `http://host:port` of `switchboard sim serve`.
         url: String,
     },
+    /// Real WhatsApp, through whatsapp-rust.
+    WhatsApp(crate::whatsapp::WhatsAppOptions),
 }
 
 /// Where and how data is stored.
@@ -201,13 +203,7 @@ fn read(r: &mut Reader<'_>) -> Config {
                 .trim_end_matches('/')
                 .to_owned(),
         },
-        "whatsapp" => {
-            r.error(
-                "transport.kind",
-                "\"whatsapp\" is not available yet; use \"sim\"",
-            );
-            TransportConfig::Sim { url: String::new() }
-        }
+        "whatsapp" => TransportConfig::WhatsApp(whatsapp_options(r)),
         other => {
             r.error(
                 "transport.kind",
@@ -256,6 +252,32 @@ fn read(r: &mut Reader<'_>) -> Config {
         http_listen,
         runtime,
         chaos,
+    }
+}
+
+/// The `transport.whatsapp_*` keys.
+fn whatsapp_options(r: &mut Reader<'_>) -> crate::whatsapp::WhatsAppOptions {
+    let url = r.string("transport.whatsapp_url");
+    if !(url.starts_with("wss://") || url.starts_with("ws://")) {
+        r.error("transport.whatsapp_url", "expected a ws:// or wss:// URL");
+    }
+    let raw = r.string("transport.whatsapp_version");
+    let parts: Vec<Option<u32>> = raw.split('.').map(|p| p.trim().parse().ok()).collect();
+    let version = match parts.as_slice() {
+        [Some(a), Some(b), Some(c)] => (*a, *b, *c),
+        _ => {
+            r.error(
+                "transport.whatsapp_version",
+                &format!("{raw:?} is not a version like \"2.3000.1042742319\""),
+            );
+            (0, 0, 0)
+        }
+    };
+    crate::whatsapp::WhatsAppOptions {
+        url,
+        version,
+        history_sync: r.bool("transport.history_sync"),
+        ack_timeout: r.duration("transport.ack_timeout"),
     }
 }
 
@@ -398,6 +420,32 @@ mod tests {
         assert_eq!(c.runtime.send_rate.burst, 3);
         assert_eq!(c.node_id, "node-1");
         assert!(matches!(c.transport, TransportConfig::Sim { .. }));
+    }
+
+    #[test]
+    fn the_whatsapp_transport_takes_its_endpoint_and_version() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("wa.toml");
+        std::fs::write(&file, "[transport]\nkind = \"whatsapp\"\n").expect("write");
+        let c = Config::load_from(Some(&file), no_env()).expect("valid");
+        let TransportConfig::WhatsApp(o) = c.transport else {
+            panic!("whatsapp");
+        };
+        assert_eq!(
+            o,
+            crate::whatsapp::WhatsAppOptions::default(),
+            "defaults match"
+        );
+        std::fs::write(
+            &file,
+            "[transport]\nkind = \"whatsapp\"\nwhatsapp_url = \"http://x\"\n\
+             whatsapp_version = \"2.x\"\n",
+        )
+        .expect("write");
+        let errs = Config::load_from(Some(&file), no_env()).expect_err("invalid");
+        let keys: Vec<&str> = errs.0.iter().map(|e| e.key.as_str()).collect();
+        assert!(keys.contains(&"transport.whatsapp_url"), "{errs}");
+        assert!(keys.contains(&"transport.whatsapp_version"), "{errs}");
     }
 
     #[test]

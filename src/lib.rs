@@ -9,6 +9,7 @@
 //! - [`sim`]: the WhatsApp simulator (network, referee ledger, `sim` transport, `sim serve`).
 //! - [`bot`]: the demo's keyword/echo bot, a canned model and the chaos wrapper.
 //! - [`demo`]: `switchboard demo`, the simulated fleet.
+//! - [`login`]: `switchboard numbers login`, pairing a number from the terminal.
 //! - [`problem`]: `application/problem+json` errors for every HTTP surface.
 //! - [`telemetry`]: logging and the Prometheus recorder.
 //! - [`whatsapp`]: the production transport, whatsapp-rust 0.7.0 (its storage backend so far).
@@ -20,6 +21,7 @@ pub mod bot;
 pub mod cli;
 pub mod config;
 pub mod demo;
+pub mod login;
 pub mod problem;
 pub mod serve;
 pub mod sim;

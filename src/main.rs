@@ -102,6 +102,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 async fn numbers(config: &Config, command: NumbersCommand) -> anyhow::Result<()> {
     use switchboard::store::{NumberRecord, TenantRecord};
     use switchboard_actors::PhoneNumber;
+    if let NumbersCommand::Login { number, pair_code } = command {
+        let number = PhoneNumber::parse(&number).with_context(|| format!("{number:?}"))?;
+        let mut out = std::io::stdout();
+        return switchboard::login::run(config, number, pair_code, &mut out).await;
+    }
     let store = switchboard::serve::open_store(&config.store).await?;
     match command {
         NumbersCommand::Add { tenant, numbers } => {
@@ -130,6 +135,7 @@ async fn numbers(config: &Config, command: NumbersCommand) -> anyhow::Result<()>
                 }
             }
         }
+        NumbersCommand::Login { .. } => unreachable!("handled above"),
         NumbersCommand::List => {
             for n in store.numbers().await? {
                 println!("{}\t{}", n.number, n.tenant);

@@ -30,6 +30,7 @@ use switchboard_actors::fleet::FleetMsg;
 use switchboard_actors::number::NumberMsg;
 use switchboard_actors::responder::Responder;
 use switchboard_actors::store::{Health, Store};
+use switchboard_actors::transport::WaConnector;
 use switchboard_actors::{Addr, Deps, Fleet, FleetCounters, PhoneNumber};
 use tokio_util::sync::CancellationToken;
 
@@ -37,6 +38,7 @@ use crate::bot::{CannedModel, ChaosResponder, KeywordBot};
 use crate::config::{ChaosConfig, Config, StoreConfig, TransportConfig};
 use crate::sim::{Dialer, SimConnector};
 use crate::store::{Dialect, SessionCipher, SqlStore, StoreOptions};
+use crate::whatsapp::WhatsAppConnector;
 
 /// How long numbers get to stop on shutdown.
 const SHUTDOWN_DEADLINE: Duration = Duration::from_secs(10);
@@ -60,13 +62,9 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     } else {
         Arc::new(KeywordBot)
     };
-    let TransportConfig::Sim { url } = &config.transport;
-    let addr = url
-        .trim_start_matches("http://")
-        .trim_start_matches("ws://")
-        .to_owned();
+    let connector = connector(&config.transport, &store);
     let deps = Deps {
-        connector: Arc::new(SimConnector::new(Dialer::Remote(addr))),
+        connector,
         responder,
         ai: Arc::new(CannedModel),
         store: store_port,
@@ -105,6 +103,22 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     store.close().await;
     server.await??;
     Ok(())
+}
+
+/// The configured transport's connector; whatsapp-rust keeps its protocol state in `store`.
+pub fn connector(transport: &TransportConfig, store: &SqlStore) -> Arc<dyn WaConnector> {
+    match transport {
+        TransportConfig::Sim { url } => {
+            let addr = url
+                .trim_start_matches("http://")
+                .trim_start_matches("ws://")
+                .to_owned();
+            Arc::new(SimConnector::new(Dialer::Remote(addr)))
+        }
+        TransportConfig::WhatsApp(options) => {
+            Arc::new(WhatsAppConnector::new(store.clone(), options.clone()))
+        }
+    }
 }
 
 /// Opens the configured store, with the session keys from the config or the embedded key file.

@@ -11,6 +11,7 @@ use std::time::Duration;
 use switchboard::sim::ledger::Summary;
 use switchboard::sim::{Dialer, Fault, FaultKind, Network, SimConfig, SimConnector};
 use switchboard_actors::ids::Server;
+use switchboard_actors::store::{Fence, FencingToken};
 use switchboard_actors::transport::{
     AccountSpec, AckError, Credentials, InboundMessage, MessageId, OutboundText, Receipt,
     ReceiptKind, ServerAck, WaConnector, WaEvent, WaSession,
@@ -94,6 +95,10 @@ impl Client {
             number: n.clone(),
             client_label: label.to_owned(),
             credentials: creds,
+            fence: Fence {
+                number: n.clone(),
+                token: FencingToken::new(1).unwrap(),
+            },
         };
         let session = net.connector().start(account, sink).await.unwrap();
         Self { session, events }
@@ -450,10 +455,14 @@ async fn logout_and_ban_are_terminal_and_logout_works_offline() {
     let (_, ban) = cb
         .wait("banned", |e| matches!(e, WaEvent::TemporaryBan { .. }))
         .await;
-    let WaEvent::TemporaryBan { duration } = ban else {
+    let WaEvent::TemporaryBan { code, duration } = ban else {
         unreachable!()
     };
     assert!(duration > Duration::from_secs(3590) && duration <= Duration::from_secs(3600));
+    assert!(
+        (101..=106).contains(&code),
+        "a ban names its reason: {code}"
+    );
     tokio::time::sleep(Duration::from_secs(300)).await;
     assert_eq!(ca.session.stats().connect_attempts, 2);
     assert_eq!(cb.session.stats().connect_attempts, 3);
@@ -568,7 +577,7 @@ async fn sends_past_the_limit_get_error_acks_and_ignoring_them_earns_a_ban() {
         .wait("ban", |e| matches!(e, WaEvent::TemporaryBan { .. }))
         .await;
     assert!(
-        matches!(ban, WaEvent::TemporaryBan { duration } if duration > Duration::from_secs(60))
+        matches!(ban, WaEvent::TemporaryBan { duration, .. } if duration > Duration::from_secs(60))
     );
 }
 

@@ -107,7 +107,7 @@ pub enum NumberPhase {
     Starting,
     /// Waiting for the phone to scan a QR code or enter a pair code.
     Pairing,
-    /// Paired, (re)connecting.
+    /// (Re)connecting; pairing starts once the server sends a code.
     Connecting,
     /// Connected.
     Online,
@@ -121,6 +121,8 @@ pub enum NumberPhase {
     Banned,
     /// QR codes ran out unscanned; waits for an operator.
     Unpaired,
+    /// The server refused the login (client outdated, bad user agent…); waits for an operator.
+    Rejected,
     /// Waiting for a restart after a crash.
     Restarting,
     /// Spent its restart budget; parked.
@@ -128,7 +130,7 @@ pub enum NumberPhase {
 }
 
 impl NumberPhase {
-    const ALL: [Self; 11] = [
+    const ALL: [Self; 12] = [
         Self::Starting,
         Self::Pairing,
         Self::Connecting,
@@ -138,6 +140,7 @@ impl NumberPhase {
         Self::Fenced,
         Self::Banned,
         Self::Unpaired,
+        Self::Rejected,
         Self::Restarting,
         Self::Failed,
     ];
@@ -154,6 +157,7 @@ impl NumberPhase {
             Self::Fenced => "fenced",
             Self::Banned => "banned",
             Self::Unpaired => "unpaired",
+            Self::Rejected => "rejected",
             Self::Restarting => "restarting",
             Self::Failed => "failed",
         }

@@ -212,15 +212,13 @@ async fn open_session(state: &mut NumberState) -> Result<(), ActorProcessingErr>
         .health()
         .retrying(cancel, || store.load_session(&a.number))
         .await?;
-    a.resources.set_state(if credentials.is_some() {
-        NumberPhase::Connecting
-    } else {
-        NumberPhase::Pairing
-    });
+    // Pairing starts when the first code arrives: until then the session is connecting.
+    a.resources.set_state(NumberPhase::Connecting);
     let account = AccountSpec {
         number: a.number.clone(),
         client_label: a.deps.settings.client_label.clone(),
         credentials,
+        fence: fence(state)?.clone(),
     };
     let intake = Intake {
         number: state.myself.clone(),
@@ -253,7 +251,9 @@ async fn on_event(state: &mut NumberState, event: WaEvent) -> Result<(), ActorPr
         | WaEvent::Undecryptable { .. }
         | WaEvent::OfflineSyncCompleted { .. }
         | WaEvent::Receipt(_)
-        | WaEvent::ServerAck(_) => {}
+        | WaEvent::ServerAck(_)
+        | WaEvent::OfflineSyncPreview { .. }
+        | WaEvent::ChatPresence { .. } => {}
         WaEvent::QrCode { code, .. } => {
             state.qr = Some(code);
             r.set_state(NumberPhase::Pairing);
@@ -261,6 +261,19 @@ async fn on_event(state: &mut NumberState, event: WaEvent) -> Result<(), ActorPr
         WaEvent::PairCode { code, .. } => {
             state.pair_code = Some(code);
             r.set_state(NumberPhase::Pairing);
+        }
+        WaEvent::PairCodeRefresh => {
+            state.pair_code = None;
+        }
+        WaEvent::PairCodeFailed {
+            reason,
+            retry_after,
+        } => {
+            state.pair_code = None;
+            tracing::warn!(number = %state.args.number, %reason, ?retry_after, "pair code refused");
+        }
+        WaEvent::PairFailed { reason } => {
+            tracing::warn!(number = %state.args.number, %reason, "pairing failed");
         }
         WaEvent::PairSuccess { credentials } => {
             state.qr = None;
@@ -293,7 +306,28 @@ async fn on_event(state: &mut NumberState, event: WaEvent) -> Result<(), ActorPr
                 end_session(state, "qr_exhausted", NumberPhase::Unpaired);
             }
         }
-        WaEvent::TemporaryBan { duration } => {
+        WaEvent::ConnectFailure {
+            code,
+            message,
+            will_retry,
+        } => {
+            tracing::warn!(number = %state.args.number, code, ?message, will_retry, "login refused");
+            if will_retry {
+                metrics::counter!(DISCONNECTS, "reason" => "connect_failure").increment(1);
+                r.set_state(NumberPhase::Connecting);
+            } else {
+                end_session(state, "connect_failure", NumberPhase::Rejected);
+            }
+        }
+        WaEvent::ClientOutdated => {
+            end_session(state, "client_outdated", NumberPhase::Rejected);
+        }
+        WaEvent::StreamError { code } => {
+            tracing::info!(number = %state.args.number, %code, "stream error; reconnecting");
+            metrics::counter!(DISCONNECTS, "reason" => "stream_error").increment(1);
+            r.set_state(NumberPhase::Connecting);
+        }
+        WaEvent::TemporaryBan { duration, .. } => {
             end_session(state, "temporary_ban", NumberPhase::Banned);
             state.myself.cast_after(duration, NumberMsg::Reconnect);
         }
@@ -333,6 +367,10 @@ impl Intake {
             WaEvent::OfflineSyncCompleted { count } => {
                 tracing::debug!(number = %self.fence.number, count, "offline sync completed");
             }
+            WaEvent::OfflineSyncPreview { total, messages } => {
+                tracing::debug!(number = %self.fence.number, total, messages, "offline sync starts");
+            }
+            WaEvent::ChatPresence { .. } => {}
             WaEvent::Connected => {
                 self.pacer.connected();
                 let _ = self.number.cast(NumberMsg::Transport(WaEvent::Connected));

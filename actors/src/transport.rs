@@ -33,6 +33,7 @@ use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
 use crate::ids::{Jid, PhoneNumber};
+use crate::store::Fence;
 
 /// A message id as WhatsApp carries it: chosen by the sender, unique per (chat, sender).
 /// Shared text: a clone is a reference count, not a copy.
@@ -132,6 +133,9 @@ pub struct AccountSpec {
     pub client_label: String,
     /// The paired device's identity; `None` starts pairing.
     pub credentials: Option<Credentials>,
+    /// The ownership it connects under: what the transport writes for the number (whatsapp-rust
+    /// keeps its protocol state in the store) carries this fence.
+    pub fence: Fence,
 }
 
 /// An inbound chat message.
@@ -149,13 +153,56 @@ pub struct InboundMessage {
     /// not by the contact: recorded in the chat, never answered.
     #[serde(default)]
     pub is_from_me: bool,
-    /// The text.
+    /// The text (a media message's caption, or empty).
     pub text: String,
+    /// What media it carries, if any: its metadata only; the content is not downloaded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub media: Option<Media>,
     /// Server time in milliseconds since the epoch.
     pub timestamp_ms: u64,
     /// Delivered from the offline queue at login rather than live.
     #[serde(default)]
     pub offline: bool,
+}
+
+/// The media of a message, as its metadata says.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Media {
+    /// What kind.
+    pub kind: MediaKind,
+    /// Its MIME type, if given.
+    pub mime: Option<String>,
+    /// Its size in bytes, if given.
+    pub size: Option<u64>,
+}
+
+/// A kind of media.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MediaKind {
+    /// A picture.
+    Image,
+    /// A video.
+    Video,
+    /// A voice note or audio file.
+    Audio,
+    /// A document.
+    Document,
+    /// A sticker.
+    Sticker,
+}
+
+impl MediaKind {
+    /// The label used in metrics and logs.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Image => "image",
+            Self::Video => "video",
+            Self::Audio => "audio",
+            Self::Document => "document",
+            Self::Sticker => "sticker",
+        }
+    }
 }
 
 impl InboundMessage {
@@ -315,6 +362,20 @@ pub enum WaEvent {
         /// How long it stays valid.
         valid_for: Duration,
     },
+    /// The pair code lapsed; ask for a new one with [`WaSession::request_pair_code`].
+    PairCodeRefresh,
+    /// A pair-code request failed; no linking comes of it.
+    PairCodeFailed {
+        /// Why, as the server or the client said.
+        reason: String,
+        /// How long the server asked to wait before asking again, if it said.
+        retry_after: Option<Duration>,
+    },
+    /// The phone scanned a code but pairing failed; the QR codes go on.
+    PairFailed {
+        /// Why.
+        reason: String,
+    },
     /// The phone confirmed pairing; keep these credentials to reconnect without pairing. The
     /// server then asks for a new connection, on which [`WaEvent::Connected`] follows.
     PairSuccess {
@@ -340,8 +401,43 @@ pub enum WaEvent {
     StreamReplaced,
     /// The account is banned for `duration` (terminal for this session).
     TemporaryBan {
+        /// WhatsApp's reason code (101–106).
+        code: u16,
         /// How long the ban lasts.
         duration: Duration,
+    },
+    /// The server refused the login with a failure code. Unless `will_retry` (a server error:
+    /// 500, 503), the session ends (terminal).
+    ConnectFailure {
+        /// The failure code (400, 405, 409, 413, 500, 503…).
+        code: u16,
+        /// The server's message, if any.
+        message: Option<String>,
+        /// Whether the session retries on its own.
+        will_retry: bool,
+    },
+    /// This client version is too old for the server (terminal): update and restart.
+    ClientOutdated,
+    /// The server ended the stream with an error code; the session reconnects on its own.
+    StreamError {
+        /// The code (`515` asks for a new connection, `503` is overload…).
+        code: String,
+    },
+    /// The server announced what it queued while we were offline, before draining it.
+    OfflineSyncPreview {
+        /// All queued items.
+        total: usize,
+        /// Of which messages.
+        messages: usize,
+    },
+    /// A contact is typing (or stopped) in a chat.
+    ChatPresence {
+        /// The chat.
+        chat: Jid,
+        /// Who.
+        sender: Jid,
+        /// Typing (true) or paused (false).
+        composing: bool,
     },
     /// A contact's message; acknowledge it with [`WaSession::ack`] once it is committed.
     Message(InboundMessage),
@@ -375,6 +471,11 @@ impl WaEvent {
                 | Self::LoggedOut
                 | Self::StreamReplaced
                 | Self::TemporaryBan { .. }
+                | Self::ClientOutdated
+                | Self::ConnectFailure {
+                    will_retry: false,
+                    ..
+                }
         )
     }
 }

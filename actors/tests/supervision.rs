@@ -368,6 +368,7 @@ fn dm(from: &PhoneNumber, id: &str, text: &str) -> InboundMessage {
         sender_alt: None,
         is_from_me: false,
         text: text.to_owned(),
+        media: None,
         timestamp_ms: 0,
         offline: false,
     }

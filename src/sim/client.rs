@@ -364,7 +364,8 @@ fn on_frame(shared: &Shared, frame: ServerFrame) -> Option<End> {
             WaEvent::LoggedOut
         }
         ServerFrame::StreamReplaced => WaEvent::StreamReplaced,
-        ServerFrame::TemporaryBan { duration_ms } => WaEvent::TemporaryBan {
+        ServerFrame::TemporaryBan { code, duration_ms } => WaEvent::TemporaryBan {
+            code,
             duration: Duration::from_millis(duration_ms),
         },
         ServerFrame::Closed { reason } => {

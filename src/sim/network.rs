@@ -354,7 +354,14 @@ impl Network {
         if let Some(until) = acct.banned_until.filter(|t| *t > now) {
             // WhatsApp refuses a banned account's login (failure 402) with the time left.
             let duration_ms = u64::try_from((until - now).as_millis()).unwrap_or(u64::MAX);
-            self.send(&mut st, conn, ServerFrame::TemporaryBan { duration_ms });
+            self.send(
+                &mut st,
+                conn,
+                ServerFrame::TemporaryBan {
+                    code: super::wire::BAN_CODE,
+                    duration_ms,
+                },
+            );
             self.close_locked(&mut st, conn, "temporary_ban");
             return link;
         }

@@ -136,8 +136,11 @@ pub enum ServerFrame {
     LoggedOut,
     /// The account connected elsewhere; closing.
     StreamReplaced,
-    /// The account is banned; closing.
+    /// The account is banned (login failure 402); closing.
     TemporaryBan {
+        /// WhatsApp's reason code, 101–106.
+        #[serde(default = "default_ban_code")]
+        code: u16,
         /// Ban length in milliseconds.
         duration_ms: u64,
     },
@@ -146,4 +149,12 @@ pub enum ServerFrame {
         /// Why.
         reason: String,
     },
+}
+
+/// The reason code of a ban: 101, "sent too many messages to people who don't have you in their
+/// address books", the one a sender that ignores rate limits earns.
+pub const BAN_CODE: u16 = 101;
+
+fn default_ban_code() -> u16 {
+    BAN_CODE
 }

@@ -353,6 +353,7 @@ fn inbound_of(row: &AnyRow) -> Result<InboundMessage, StoreError> {
             .transpose()?,
         is_from_me: flag(row, "from_me")?,
         text: text::decode(body.unwrap_or(preview)),
+        media: None,
         timestamp_ms: u64::try_from(sent_at).unwrap_or(0),
         offline: false,
     })

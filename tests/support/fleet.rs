@@ -10,6 +10,14 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 use switchboard::store::SessionCipher;
 
+/// The value after `--name` in a benchmark's arguments, or `default`.
+pub fn arg<T: std::str::FromStr>(args: &[String], name: &str, default: T) -> T {
+    args.windows(2)
+        .find(|w| w[0] == name)
+        .and_then(|w| w[1].parse().ok())
+        .unwrap_or(default)
+}
+
 /// A free TCP port on localhost.
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
@@ -31,6 +39,37 @@ impl Proc {
     /// Its resident memory now, from `/proc`.
     pub fn rss_bytes(&self) -> u64 {
         self.status("VmRSS") * 1024
+    }
+
+    /// CPU time it has used so far (user + system), from `/proc/<pid>/stat`.
+    pub fn cpu_time(&self) -> Duration {
+        let stat =
+            std::fs::read_to_string(format!("/proc/{}/stat", self.pid())).unwrap_or_default();
+        // After the command name in parentheses: state is field 3, utime 14, stime 15.
+        let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+        let fields: Vec<u64> = rest
+            .split_whitespace()
+            .map(|f| f.parse().unwrap_or(0))
+            .collect();
+        let ticks = fields.get(11).copied().unwrap_or(0) + fields.get(12).copied().unwrap_or(0);
+        // The kernel's USER_HZ is 100 on Linux.
+        Duration::from_millis(ticks * 10)
+    }
+
+    /// Sends SIGTERM and waits up to `within` for the process to exit; its exit code, or `None`
+    /// if it was still running (then it is killed).
+    pub fn terminate(&mut self, within: Duration) -> Option<i32> {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.pid().to_string()])
+            .status();
+        let deadline = Instant::now() + within;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.0.try_wait() {
+                return status.code();
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
     }
 
     /// One numeric field of `/proc/<pid>/status` (memory in kB), 0 if absent.
@@ -90,6 +129,57 @@ impl Node {
     pub fn kill(&self, node: &mut Proc) {
         node.0.kill().unwrap();
         node.0.wait().unwrap();
+    }
+
+    /// The sum of every series of the node's metric `name` (0 if it has none); `name` may name
+    /// one series with its labels, e.g. `switchboard_numbers{state="online"}`.
+    pub async fn metric(&self, http: &reqwest::Client, name: &str) -> f64 {
+        let text = http
+            .get(format!("{}/metrics", self.http))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        text.lines()
+            .filter(|l| {
+                l.strip_prefix(name)
+                    .is_some_and(|rest| rest.starts_with(' ') || rest.starts_with('{'))
+            })
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .fold(0.0, |sum, v| sum + v)
+    }
+
+    /// A node whose numbers connect through whatsapp-rust to an endpoint that refuses every
+    /// connection (a closed local port): WhatsApp unreachable. `count` numbers registered,
+    /// none paired; SQLite in its directory.
+    pub fn offline_whatsapp(count: usize) -> Self {
+        let listen = format!("127.0.0.1:{}", free_port());
+        // Bound and dropped: nothing listens there.
+        let closed = free_port();
+        let node = Self {
+            env: vec![
+                ("SWITCHBOARD__TRANSPORT__KIND".into(), "whatsapp".into()),
+                (
+                    "SWITCHBOARD__TRANSPORT__WHATSAPP_URL".into(),
+                    format!("ws://127.0.0.1:{closed}/ws/chat"),
+                ),
+                ("SWITCHBOARD__HTTP__LISTEN".into(), listen.clone()),
+            ],
+            dir: tempfile::tempdir().unwrap(),
+            http: format!("http://{listen}"),
+        };
+        let numbers: Vec<String> = (0..count).map(|i| format!("+1555{i:07}")).collect();
+        let status = node
+            .command(&["numbers", "add"])
+            .args(&numbers)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .unwrap();
+        assert!(status.success(), "numbers add failed");
+        node
     }
 
     /// The last lines of the node's log.
@@ -269,22 +359,7 @@ impl Rig {
 
     /// The sum of every series of the node's metric `name` (0 if it has none).
     pub async fn metric(&self, name: &str) -> f64 {
-        let text = self
-            .http
-            .get(format!("{}/metrics", self.node.http))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
-        text.lines()
-            .filter(|l| {
-                l.strip_prefix(name)
-                    .is_some_and(|rest| rest.starts_with(' ') || rest.starts_with('{'))
-            })
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .fold(0.0, |sum, v| sum + v)
+        self.node.metric(&self.http, name).await
     }
 }
 

@@ -75,6 +75,7 @@ impl Network {
             sender_alt,
             is_from_me: false,
             text: text.to_owned(),
+            media: None,
             timestamp_ms: self.server_time_ms(),
             offline: false,
         };
@@ -105,6 +106,7 @@ impl Network {
             sender_alt: Some(lid_of(number)),
             is_from_me: true,
             text: text.to_owned(),
+            media: None,
             timestamp_ms: self.server_time_ms(),
             offline: false,
         };
