@@ -275,8 +275,9 @@ async fn pairing_by_qr_reconnects_before_connected_and_a_paired_device_needs_no_
     let (c, creds) = paired(&net, &n).await;
     let pos = |want: &dyn Fn(&WaEvent) -> bool| c.position(want).unwrap();
     let success = pos(&|e| matches!(e, WaEvent::PairSuccess { .. }));
+    let preview = pos(&|e| matches!(e, WaEvent::OfflineSyncPreview { .. }));
     let sync = pos(&|e| matches!(e, WaEvent::OfflineSyncCompleted { .. }));
-    assert!(success < sync && sync < pos(&is_connected));
+    assert!(success < preview && preview < sync && sync < pos(&is_connected));
     // The server asked for a new connection after pairing: `Connected` came on the second,
     // at once and without a `Disconnected`.
     assert_eq!(c.session.stats().connect_attempts, 2);
@@ -412,7 +413,12 @@ async fn reconnects_back_off_by_fibonacci_and_reset_only_after_a_stable_connecti
     let events = c.all();
     let before_sync: Vec<_> = events
         .iter()
-        .take_while(|e| !matches!(e, WaEvent::OfflineSyncCompleted { .. }))
+        .take_while(|e| {
+            !matches!(
+                e,
+                WaEvent::OfflineSyncPreview { .. } | WaEvent::OfflineSyncCompleted { .. }
+            )
+        })
         .collect();
     assert_eq!(
         before_sync.len(),

@@ -326,6 +326,9 @@ fn on_frame(shared: &Shared, frame: ServerFrame) -> Option<End> {
             }
         }
         ServerFrame::Restart => return Some(End::Restart),
+        ServerFrame::OfflineSyncPreview { total, messages } => {
+            WaEvent::OfflineSyncPreview { total, messages }
+        }
         ServerFrame::OfflineSyncCompleted { count } => WaEvent::OfflineSyncCompleted { count },
         ServerFrame::Connected => {
             let mut inner = shared.lock();

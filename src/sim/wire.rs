@@ -97,6 +97,14 @@ pub enum ServerFrame {
     /// The server asks the client to reconnect at once (WhatsApp's stream error 515, sent after
     /// pairing); not a disconnect the client reports.
     Restart,
+    /// What the offline queue holds, announced before it is drained (as whatsapp-rust reports
+    /// `OfflineSyncPreview` ahead of the messages).
+    OfflineSyncPreview {
+        /// Everything queued.
+        total: usize,
+        /// Of which messages.
+        messages: usize,
+    },
     /// Everything queued while the client was offline has been delivered.
     OfflineSyncCompleted {
         /// How many items (messages and receipts) the offline queue held.

@@ -146,7 +146,8 @@ pub(super) struct Send {
 }
 
 impl Network {
-    /// Logs `conn` in: drains the offline queue, then reports the sync and `Connected`.
+    /// Logs `conn` in: announces the offline queue, drains it, then reports the sync and
+    /// `Connected`.
     pub(super) fn login(&self, st: &mut State, conn: u64) {
         let Some(c) = st.conns.get_mut(&conn) else {
             return;
@@ -166,12 +167,21 @@ impl Network {
             }
             None => (Vec::new(), Vec::new()),
         };
+        let messages = frames.len();
         frames.extend(
             receipts
                 .into_iter()
                 .map(|receipt| ServerFrame::Receipt { receipt }),
         );
         let count = frames.len();
+        self.send(
+            st,
+            conn,
+            ServerFrame::OfflineSyncPreview {
+                total: count,
+                messages,
+            },
+        );
         for frame in frames {
             self.send(st, conn, frame);
         }
