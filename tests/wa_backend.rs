@@ -93,6 +93,8 @@ on_both_stores!(
     a_stale_fencing_token_is_refused,
     unused_lid_mappings_are_pruned,
     removing_a_number_removes_its_state,
+    repeated_keys_in_one_batch_are_written_in_order,
+    logging_out_forgets_the_device,
 );
 
 async fn identities_and_sessions(db: &TestDb) {
@@ -909,4 +911,84 @@ async fn removing_a_number_removes_its_state(db: &TestDb) {
         .await
         .unwrap();
     assert_eq!(left, 0);
+}
+
+async fn repeated_keys_in_one_batch_are_written_in_order(db: &TestDb) {
+    let (_, b) = seeded(db).await;
+    // The crate can hand one batch the same key twice (a user and its LID folded together, a
+    // patch that sets one index twice, a stanza redelivered within a drain).
+    let record = |devices: &[u32], ts: i64| DeviceListRecord {
+        user: "15551110000".into(),
+        devices: devices.iter().map(|d| DeviceInfo::new(*d, None)).collect(),
+        timestamp: ts,
+        phash: None,
+        raw_id: None,
+    };
+    b.update_device_lists(vec![record(&[0], 1), record(&[0, 7], 2)])
+        .await
+        .unwrap();
+    let got = b.get_devices("15551110000").await.unwrap().unwrap();
+    assert_eq!((got.devices.len(), got.timestamp), (2, 2), "the later wins");
+
+    let mac = |v: u8| AppStateMutationMAC {
+        index_mac: vec![1; 32],
+        value_mac: vec![v; 32],
+    };
+    b.put_mutation_macs("regular", 3, &[mac(1), mac(2), mac(3)])
+        .await
+        .unwrap();
+    assert_eq!(
+        b.get_mutation_mac("regular", &[1; 32]).await.unwrap(),
+        Some(vec![3; 32])
+    );
+
+    let row = |message: &'static [u8]| PendingInboundRow {
+        chat: "c",
+        sender: "s",
+        id: "M",
+        message,
+    };
+    b.store_pending_inbound_batch(&[row(b"first"), row(b"again")])
+        .await
+        .unwrap();
+    assert_eq!(
+        b.get_pending_inbound("c", "s", "M").await.unwrap(),
+        Some(b"again".to_vec())
+    );
+
+    // A merge applies per entry: of two deadlines for one secret, the later one stays.
+    let secret = |expires_at: i64| MsgSecretEntry {
+        chat: Arc::from("c"),
+        sender: Arc::from("s"),
+        msg_id: Arc::from("M"),
+        secret: [5; 32],
+        expires_at,
+        message_ts: 1,
+    };
+    b.put_msg_secrets(vec![secret(900), secret(500)])
+        .await
+        .unwrap();
+    assert_eq!(
+        b.delete_expired_msg_secrets(600).await.unwrap(),
+        0,
+        "900 stayed"
+    );
+}
+
+async fn logging_out_forgets_the_device(db: &TestDb) {
+    use switchboard_actors::store::Store;
+    use switchboard_actors::transport::Credentials;
+    let (store, b) = seeded(db).await;
+    let fence = b.state().fence().clone();
+    b.create().await.unwrap();
+    b.put_session("a@s.whatsapp.net", b"s").await.unwrap();
+    store
+        .save_session(&fence, &Credentials("{}".into()))
+        .await
+        .unwrap();
+    // What the number does on `LoggedOut`: the next pairing starts from a fresh device.
+    store.clear_session(&fence).await.unwrap();
+    assert!(!b.exists().await.unwrap());
+    assert!(!b.has_session("a@s.whatsapp.net").await.unwrap());
+    assert!(store.load_session(&phone(N1)).await.unwrap().is_none());
 }

@@ -249,7 +249,13 @@ async fn failed_connects_back_off_by_fibonacci_and_emit_nothing() {
         "a failed connect emits no event: {:?}",
         c.events.lock().unwrap()
     );
-    assert!(c.session.stats().connect_attempts >= 4);
+    let stats = c.session.stats();
+    assert!(stats.connect_attempts >= 5, "{stats:?}");
+    assert!(
+        stats.connect_failures >= 4,
+        "every retried refusal counted: {stats:?}"
+    );
+    assert_eq!(stats.connections, 0);
     c.session.shutdown().await;
 }
 

@@ -329,7 +329,9 @@ async fn on_event(state: &mut NumberState, event: WaEvent) -> Result<(), ActorPr
         }
         WaEvent::TemporaryBan { duration, .. } => {
             end_session(state, "temporary_ban", NumberPhase::Banned);
-            state.myself.cast_after(duration, NumberMsg::Reconnect);
+            // A ban that names no time left is no reason to try again at once.
+            let wait = duration.max(MIN_BAN_WAIT);
+            state.myself.cast_after(wait, NumberMsg::Reconnect);
         }
     }
     Ok(())
@@ -420,6 +422,9 @@ impl Intake {
 }
 
 /// A terminal event: close the session (it does not reconnect) and record the state.
+/// The least a banned number waits before it logs in again.
+const MIN_BAN_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
+
 fn end_session(state: &NumberState, reason: &'static str, to: NumberPhase) {
     metrics::counter!(DISCONNECTS, "reason" => reason).increment(1);
     tracing::warn!(number = %state.args.number, reason, "session ended");

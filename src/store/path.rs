@@ -237,11 +237,15 @@ impl Store for SqlStore {
         self.watch
             .write(async {
                 let mut tx = self.fenced(fence).await?;
-                sqlx::query("DELETE FROM sessions WHERE number = $1")
-                    .bind(fence.number.as_str())
-                    .execute(&mut *tx)
-                    .await
-                    .map_err(db)?;
+                // The device's protocol state goes with its session: a logged-out device's keys
+                // would only log in to be refused again; the next pairing starts afresh.
+                for table in ["sessions", "wa_state"] {
+                    sqlx::query(&format!("DELETE FROM {table} WHERE number = $1"))
+                        .bind(fence.number.as_str())
+                        .execute(&mut *tx)
+                        .await
+                        .map_err(db)?;
+                }
                 tx.commit().await.map_err(db)
             })
             .await

@@ -302,7 +302,9 @@ impl ProtocolState {
         &self.fence
     }
 
-    /// Writes `entries` in one transaction, meeting existing rows as `merge` says.
+    /// Writes `entries` in one transaction, meeting existing rows as `merge` says. A key that
+    /// appears more than once is written in order, as if one entry after the other: PostgreSQL
+    /// refuses a statement that updates one row twice, so repeats go in later statements.
     pub async fn put(&self, entries: &[Entry<'_>], merge: Merge) -> Result<(), StoreError> {
         if entries.is_empty() {
             return Ok(());
@@ -315,36 +317,40 @@ impl ProtocolState {
                 None
             });
         }
+        let rows: Vec<(&Entry<'_>, Option<&Sealed>)> = entries
+            .iter()
+            .zip(sealed.iter().map(Option::as_ref))
+            .collect();
+        let passes = rounds(&rows, |(e, _)| (e.space, e.key));
         let number = self.fence.number.as_str();
         self.store
             .watch
             .write(async {
                 let mut tx = self.store.fenced(&self.fence).await?;
-                for (chunk, seals) in entries
-                    .chunks(MAX_STATEMENT_ROWS)
-                    .zip(sealed.chunks(MAX_STATEMENT_ROWS))
-                {
-                    let sql = format!(
-                        "INSERT INTO wa_state ({COLUMNS}) VALUES {} \
-                         ON CONFLICT (number, space, k1, k2, k3) DO UPDATE SET {}",
-                        values_from(1, chunk.len(), 11),
-                        merge.set_clause()
-                    );
-                    let mut q = sqlx::query(&sql);
-                    for (e, seal) in chunk.iter().zip(seals) {
-                        let [k1, k2, k3] = e.key.0;
-                        q = q.bind(number).bind(e.space.as_str());
-                        q = q.bind(k1).bind(k2).bind(k3).bind(e.alt);
-                        q = match seal {
-                            Some(s) => q
-                                .bind(Some(s.key_id.as_str()))
-                                .bind(Some(s.nonce.as_slice()))
-                                .bind(s.ciphertext.as_slice()),
-                            None => q.bind(None::<&str>).bind(None::<&[u8]>).bind(e.value),
-                        };
-                        q = q.bind(e.n1).bind(e.n2);
+                for round in &passes {
+                    for chunk in round.chunks(MAX_STATEMENT_ROWS) {
+                        let sql = format!(
+                            "INSERT INTO wa_state ({COLUMNS}) VALUES {} \
+                             ON CONFLICT (number, space, k1, k2, k3) DO UPDATE SET {}",
+                            values_from(1, chunk.len(), 11),
+                            merge.set_clause()
+                        );
+                        let mut q = sqlx::query(&sql);
+                        for (e, seal) in chunk {
+                            let [k1, k2, k3] = e.key.0;
+                            q = q.bind(number).bind(e.space.as_str());
+                            q = q.bind(k1).bind(k2).bind(k3).bind(e.alt);
+                            q = match seal {
+                                Some(s) => q
+                                    .bind(Some(s.key_id.as_str()))
+                                    .bind(Some(s.nonce.as_slice()))
+                                    .bind(s.ciphertext.as_slice()),
+                                None => q.bind(None::<&str>).bind(None::<&[u8]>).bind(e.value),
+                            };
+                            q = q.bind(e.n1).bind(e.n2);
+                        }
+                        q.execute(&mut *tx).await.map_err(db)?;
                     }
-                    q.execute(&mut *tx).await.map_err(db)?;
                 }
                 tx.commit().await.map_err(db)
             })
@@ -561,6 +567,23 @@ impl ProtocolState {
     }
 }
 
+/// `items` in rounds with no key twice in one round, each item in the round after its key's
+/// previous one, order kept within a round: writing the rounds in turn is writing the items one
+/// by one.
+fn rounds<T: Copy, K: std::hash::Hash + Eq>(items: &[T], key: impl Fn(&T) -> K) -> Vec<Vec<T>> {
+    let mut seen: std::collections::HashMap<K, usize> = std::collections::HashMap::new();
+    let mut rounds: Vec<Vec<T>> = Vec::new();
+    for item in items {
+        let n = seen.entry(key(item)).or_insert(0);
+        if rounds.len() <= *n {
+            rounds.push(Vec::new());
+        }
+        rounds[*n].push(*item);
+        *n += 1;
+    }
+    rounds
+}
+
 /// `select`, split so that no statement binds more than [`KEYS_PER_STATEMENT`] keys.
 fn parts(select: Select<'_>) -> Vec<Select<'_>> {
     match select {
@@ -641,6 +664,21 @@ mod tests {
         assert!(parts(Select::Keys(&[])).is_empty());
         assert!(parts(Select::SecondIn(&[])).is_empty());
         assert_eq!(parts(Select::All).len(), 1);
+    }
+
+    #[test]
+    fn repeated_keys_go_in_later_rounds_in_order() {
+        let items = [("a", 1), ("b", 2), ("a", 3), ("a", 4), ("c", 5)];
+        let r = rounds(&items, |(k, _)| *k);
+        assert_eq!(
+            r,
+            vec![
+                vec![("a", 1), ("b", 2), ("c", 5)],
+                vec![("a", 3)],
+                vec![("a", 4)]
+            ]
+        );
+        assert_eq!(rounds(&[("x", 1)], |(k, _)| *k).len(), 1);
     }
 
     #[test]

@@ -64,7 +64,8 @@ impl WaBackend {
 
 /// The store's error as the crate's: outages are connection errors, undecodable rows
 /// serialization errors, the rest (a stale fence among them) database errors. The original is
-/// the source, so the adapter can tell a fence loss apart.
+/// the source. (A fence loss here fails the client's write; stopping the number on it, as on
+/// the number's own fenced writes, comes with the cluster's single path for fence loss.)
 fn wa(e: StoreError) -> WaStoreError {
     match e {
         StoreError::Unavailable(_) | StoreError::Closed => WaStoreError::Connection(Box::new(e)),

@@ -12,7 +12,7 @@
 //! | `Connected`, `Disconnected` | `Connected`, `Disconnected` (a close frame is `ServerClosed`) |
 //! | `LoggedOut`, `StreamReplaced`, `TemporaryBan`, `ClientOutdated` | the same (terminal) |
 //! | `ConnectFailure`, `StreamError` | the same (`will_retry` for 500 and 503) |
-//! | `Messages` | `Message`, or `FromPhone` when `is_from_me` (text, caption, media metadata) |
+//! | `Messages` | `Message`, or `FromPhone` when `is_from_me` (text, caption, media metadata); one with neither text nor media (a reaction, an edit, a protocol message) maps to nothing |
 //! | `UndecryptableMessage` | `Undecryptable` |
 //! | `Receipt` (delivered; read, played) | `Receipt` (`Delivered`; `Read`) |
 //! | `ServerAck` of a message | `ServerAck` (a nack code is the error) |
@@ -94,7 +94,7 @@ pub fn map_event(event: &Event) -> Vec<WaEvent> {
         Event::Messages(batch) => {
             return batch
                 .iter()
-                .filter_map(|m| or_dropped(inbound(&m.info, &m.message), "message"))
+                .filter_map(|m| inbound(&m.info, &m.message))
                 .collect();
         }
         Event::UndecryptableMessage(e) => {
@@ -123,8 +123,18 @@ pub fn map_event(event: &Event) -> Vec<WaEvent> {
 }
 
 /// A message of a batch (from the durability hook or the `Messages` event) as Switchboard's.
-/// `None` when its addresses or id are not ones Switchboard serves.
+/// `None` (counted as dropped) when its addresses or id are not ones Switchboard serves, or when
+/// it carries neither text nor media: reactions, edits, revokes, poll votes and the protocol
+/// messages of the account's own devices are not messages to answer.
 pub fn inbound(info: &MessageInfo, message: &wa::Message) -> Option<WaEvent> {
+    let event = readable(info, message);
+    if event.is_none() {
+        metrics::counter!(DROPPED, "event" => "message").increment(1);
+    }
+    event
+}
+
+fn readable(info: &MessageInfo, message: &wa::Message) -> Option<WaEvent> {
     let (chat, sender, sender_alt) = addresses(&info.source)?;
     let base = message.get_base_message();
     let media = media(base);
@@ -133,6 +143,9 @@ pub fn inbound(info: &MessageInfo, message: &wa::Message) -> Option<WaEvent> {
         .or_else(|| base.get_caption())
         .unwrap_or_default()
         .to_owned();
+    if text.is_empty() && media.is_none() {
+        return None;
+    }
     let msg = InboundMessage {
         id: MessageId::parse(&info.id)?,
         chat,
@@ -738,6 +751,24 @@ mod tests {
                 composing: true
             }
         );
+    }
+
+    #[test]
+    fn messages_with_nothing_to_answer_map_to_nothing() {
+        let reaction = wa::Message {
+            reaction_message: wa::message::ReactionMessage {
+                text: Some("👍".into()),
+                ..Default::default()
+            }
+            .into(),
+            ..Default::default()
+        };
+        let dm = info(
+            source("15552220000@s.whatsapp.net", "15552220000@s.whatsapp.net"),
+            "R1",
+        );
+        assert!(inbound(&dm, &reaction).is_none());
+        assert!(inbound(&dm, &wa::Message::default()).is_none());
     }
 
     #[test]

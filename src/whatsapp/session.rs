@@ -271,12 +271,17 @@ impl WaSession for WhatsAppSession {
     }
 
     fn stats(&self) -> SessionStats {
-        let s = self.client.stats();
+        let reconnects = self.client.stats().reconnects;
+        let connections = self.counts.connections.load(Ordering::Relaxed);
+        let connected = self.client.is_connected();
         SessionStats {
-            connect_attempts: s.reconnects + 1,
-            connect_failures: self.counts.connect_failures.load(Ordering::Relaxed),
-            connections: self.counts.connections.load(Ordering::Relaxed),
-            connected: self.client.is_connected(),
+            connect_attempts: reconnects + 1,
+            connect_failures: failed_connects(
+                reconnects,
+                connections.saturating_sub(u64::from(connected)),
+            ),
+            connections,
+            connected,
         }
     }
 }
@@ -289,25 +294,30 @@ fn wa_jid(jid: &Jid) -> Result<whatsapp_rust::Jid, SendError> {
     })
 }
 
-/// Counts failed connects from the client's stats: it emits no event for them.
+/// Counts failed connects from the client's stats: it emits no event for them. Every reconnect
+/// the client starts follows either a failed attempt or the end of a connection that had logged
+/// in (`Connected`); so the failed attempts so far are the reconnects less the connections that
+/// have ended. (A failure whose retry has not started yet is counted when it starts.)
 async fn watch(client: Arc<Client>, counts: Arc<Counts>) {
-    let mut errors = 0_u32;
     let mut tick = tokio::time::interval(WATCH_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        let now = client.stats().reconnect_errors;
-        // Consecutive failures, reset by a success: what rose since the last look failed.
-        let failed = if now >= errors { now - errors } else { now };
-        errors = now;
-        if failed > 0 {
-            counts
-                .connect_failures
-                .fetch_add(u64::from(failed), Ordering::Relaxed);
+        let reconnects = client.stats().reconnects;
+        let connections = counts.connections.load(Ordering::Relaxed);
+        let ended = connections.saturating_sub(u64::from(client.is_connected()));
+        let failed = failed_connects(reconnects, ended);
+        let before = counts.connect_failures.swap(failed, Ordering::Relaxed);
+        if failed > before {
             metrics::counter!(CONNECT_FAILURES, "transport" => "whatsapp")
-                .increment(u64::from(failed));
+                .increment(failed - before);
         }
     }
+}
+
+/// Failed connects, from the reconnects started and the logged-in connections that ended.
+fn failed_connects(reconnects: u64, ended_connections: u64) -> u64 {
+    reconnects.saturating_sub(ended_connections)
 }
 
 /// The inline event handler: maps and forwards, never blocks.
@@ -346,7 +356,8 @@ impl InboundDurabilityHook for Durability {
         let mut waits = Vec::with_capacity(batch.len());
         let mut keys = Vec::with_capacity(batch.len());
         for m in batch {
-            // What Switchboard cannot carry is counted and let go: nothing to commit.
+            // What Switchboard cannot carry (or that carries nothing to answer: reactions,
+            // edits, protocol messages) is counted and let go: nothing to commit.
             let Some(event) = inbound(&m.info, &m.message) else {
                 continue;
             };
@@ -361,7 +372,14 @@ impl InboundDurabilityHook for Durability {
         }
         let all = futures_util::future::join_all(waits);
         match tokio::time::timeout(self.timeout, all).await {
-            Ok(_) => Ok(()),
+            // Every message acknowledged: committed.
+            Ok(acked) if acked.iter().all(Result::is_ok) => Ok(()),
+            // A wait dropped unanswered (the session shut down): nothing says it was committed.
+            Ok(_) => anyhow::bail!(
+                "the session ended before {} inbound message(s) were committed; left for \
+                 redelivery",
+                keys.len()
+            ),
             Err(_) => {
                 self.acks.forget(&keys);
                 anyhow::bail!(
@@ -428,6 +446,16 @@ mod tests {
             chat,
             id: MessageId::parse(id).expect("an id"),
         }
+    }
+
+    #[test]
+    fn a_reconnect_after_a_connection_ended_is_no_failed_connect() {
+        // Three refused attempts (two retried so far).
+        assert_eq!(failed_connects(2, 0), 2);
+        // Connected, dropped, reconnected at once: no failure.
+        assert_eq!(failed_connects(1, 1), 0);
+        // Then two failures before the next success.
+        assert_eq!(failed_connects(3, 1), 2);
     }
 
     #[tokio::test]
