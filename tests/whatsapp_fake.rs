@@ -14,22 +14,72 @@ use std::time::{Duration, Instant};
 
 use db::TestDb;
 use fake_wa::{Answer, FakeWhatsApp};
-use switchboard::store::{Dialect, NumberRecord, TenantRecord};
+use switchboard::store::{Dialect, NumberRecord, SessionCipher, TenantRecord};
 use switchboard::whatsapp::{WaBackend, WhatsAppConnector, WhatsAppOptions};
 use switchboard_actors::PhoneNumber;
-use switchboard_actors::store::{Coordinator, Fence};
-use switchboard_actors::transport::{AccountSpec, WaConnector, WaEvent, WaSession};
+use switchboard_actors::store::{Coordinator, Fence, FencingToken};
+use switchboard_actors::transport::{AccountSpec, InboundMessage, WaConnector, WaEvent, WaSession};
 use whatsapp_rust::wacore::store::Device;
 use whatsapp_rust::wacore::store::traits::DeviceStore;
 use whatsapp_rust::wacore_binary::builder::NodeBuilder;
 
 const N: &str = "+15550601";
+/// `N`'s device, as the fake knows it (`user:device`).
+const DEVICE: &str = "15550601:5";
 
-/// A client of `N` connecting to `fake`, with the events it reported.
+/// A client of `N` connecting to `fake`, with the events it reported and when.
 struct Client {
     session: Arc<dyn WaSession>,
     events: Arc<Mutex<Vec<WaEvent>>>,
-    _db: TestDb,
+    timed: Arc<Mutex<Vec<(Instant, WaEvent)>>>,
+    connector: WhatsAppConnector,
+    fence: Fence,
+    _db: Arc<TestDb>,
+}
+
+/// `N` on `store`, under its lease (the fence every write carries); with `paired`, its device
+/// is registered already, as after a pairing.
+async fn provision(store: &switchboard::store::SqlStore, paired: bool) -> Fence {
+    store
+        .create_tenant(&TenantRecord {
+            id: "t".into(),
+            name: "t".into(),
+            full_transcripts: false,
+        })
+        .await
+        .unwrap();
+    let number = PhoneNumber::parse(N).unwrap();
+    store
+        .add_number(&NumberRecord {
+            number: number.clone(),
+            tenant: "t".into(),
+            pinned_node: None,
+            settings: serde_json::json!({}),
+        })
+        .await
+        .unwrap();
+    let fence = Fence {
+        number: number.clone(),
+        token: store.acquire(&number).await.unwrap(),
+    };
+    if paired {
+        let backend = WaBackend::new(store.protocol_state(fence.clone()));
+        let mut device = Device::new();
+        device.pn = Some(format!("{DEVICE}@s.whatsapp.net").parse().unwrap());
+        device.push_name = "Switchboard test".into();
+        backend.save(&device).await.unwrap();
+    }
+    fence
+}
+
+fn connector(store: switchboard::store::SqlStore, fake: &FakeWhatsApp) -> WhatsAppConnector {
+    WhatsAppConnector::new(
+        store,
+        WhatsAppOptions {
+            url: fake.url.clone(),
+            ..WhatsAppOptions::default()
+        },
+    )
 }
 
 impl Client {
@@ -41,66 +91,74 @@ impl Client {
     async fn start_as(fake: &FakeWhatsApp, paired: bool) -> Self {
         let db = TestDb::new(Dialect::Sqlite).await;
         let store = db.store().await;
-        store
-            .create_tenant(&TenantRecord {
-                id: "t".into(),
-                name: "t".into(),
-                full_transcripts: false,
-            })
-            .await
-            .unwrap();
-        let number = PhoneNumber::parse(N).unwrap();
-        store
-            .add_number(&NumberRecord {
-                number: number.clone(),
-                tenant: "t".into(),
-                pinned_node: None,
-                settings: serde_json::json!({}),
-            })
-            .await
-            .unwrap();
-        let fence = Fence {
-            number: number.clone(),
-            token: store.acquire(&number).await.unwrap(),
-        };
-        if paired {
-            let backend = WaBackend::new(store.protocol_state(fence.clone()));
-            let mut device = Device::new();
-            device.pn = Some("15550601:5@s.whatsapp.net".parse().unwrap());
-            device.push_name = "Switchboard test".into();
-            backend.save(&device).await.unwrap();
-        }
-        let connector = WhatsAppConnector::new(
-            store,
-            WhatsAppOptions {
-                url: fake.url.clone(),
-                ..WhatsAppOptions::default()
-            },
-        );
-        let events: Arc<Mutex<Vec<WaEvent>>> = Arc::default();
-        let sink_events = events.clone();
-        let session = connector
-            .start(
-                AccountSpec {
-                    number,
-                    client_label: "Switchboard test".into(),
-                    credentials: None,
-                    fence,
-                },
-                Arc::new(move |e| sink_events.lock().unwrap().push(e)),
-            )
-            .await
-            .unwrap();
+        let fence = provision(&store, paired).await;
+        let connector = connector(store, fake);
+        let (session, events, timed) = Self::open(&connector, &fence).await;
         Self {
             session,
             events,
-            _db: db,
+            timed,
+            connector,
+            fence,
+            _db: Arc::new(db),
+        }
+    }
+    /// A new session of the same number on the same store.
+    async fn again(&self) -> Self {
+        let (session, events, timed) = Self::open(&self.connector, &self.fence).await;
+        Self {
+            session,
+            events,
+            timed,
+            connector: self.connector.clone(),
+            fence: self.fence.clone(),
+            _db: self._db.clone(),
         }
     }
 
-    /// Waits (real time) for the first event `pred` accepts.
+    #[allow(clippy::type_complexity)]
+    async fn open(
+        connector: &WhatsAppConnector,
+        fence: &Fence,
+    ) -> (
+        Arc<dyn WaSession>,
+        Arc<Mutex<Vec<WaEvent>>>,
+        Arc<Mutex<Vec<(Instant, WaEvent)>>>,
+    ) {
+        let events: Arc<Mutex<Vec<WaEvent>>> = Arc::default();
+        let timed: Arc<Mutex<Vec<(Instant, WaEvent)>>> = Arc::default();
+        let (sink_events, sink_timed) = (events.clone(), timed.clone());
+        let session = connector
+            .start(
+                AccountSpec {
+                    number: fence.number.clone(),
+                    client_label: "Switchboard test".into(),
+                    credentials: None,
+                    fence: fence.clone(),
+                },
+                Arc::new(move |e| {
+                    sink_timed.lock().unwrap().push((Instant::now(), e.clone()));
+                    sink_events.lock().unwrap().push(e);
+                }),
+            )
+            .await
+            .unwrap();
+        (session, events, timed)
+    }
+
+    /// Waits (real time, up to 30 s) for the first event `pred` accepts.
     async fn wait(&self, what: &str, pred: impl Fn(&WaEvent) -> bool) -> WaEvent {
-        let deadline = Instant::now() + Duration::from_secs(30);
+        self.wait_within(what, Duration::from_secs(30), pred).await
+    }
+
+    /// Waits (real time, up to `within`) for the first event `pred` accepts.
+    async fn wait_within(
+        &self,
+        what: &str,
+        within: Duration,
+        pred: impl Fn(&WaEvent) -> bool,
+    ) -> WaEvent {
+        let deadline = Instant::now() + within;
         loop {
             if let Some(e) = self.events.lock().unwrap().iter().find(|e| pred(e)) {
                 return e.clone();
@@ -112,6 +170,31 @@ impl Client {
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+    }
+
+    /// Where the first event `pred` accepts is in the order of events.
+    fn position(&self, pred: impl Fn(&WaEvent) -> bool) -> Option<usize> {
+        self.events.lock().unwrap().iter().position(pred)
+    }
+
+    /// The first QR code shown (waiting for it).
+    async fn first_qr_code(&self) -> String {
+        match self
+            .wait("a QR code", |e| matches!(e, WaEvent::QrCode { .. }))
+            .await
+        {
+            WaEvent::QrCode { code, .. } => code,
+            _ => unreachable!(),
+        }
+    }
+
+    fn count(&self, pred: impl Fn(&WaEvent) -> bool) -> usize {
+        self.events
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|e| pred(e))
+            .count()
     }
 }
 
@@ -262,6 +345,10 @@ async fn failed_connects_back_off_by_fibonacci_and_emit_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_login_drains_the_offline_queue_before_connected_and_a_515_reconnects_at_once() {
     let fake = FakeWhatsApp::start(Answer::Success).await;
+    // Three failed connects first, so the backoff stands at 3 s (Fibonacci 1, 1, 2, 3 with
+    // 10 % jitter) when the 515 comes: "at once" is then told from a backoff with seconds to
+    // spare, however busy the machine.
+    fake.script([Answer::Refuse, Answer::Refuse, Answer::Refuse]);
     let c = Client::start_as(&fake, true).await;
     c.wait("connected", |e| *e == WaEvent::Connected).await;
     let events = c.events.lock().unwrap().clone();
@@ -281,13 +368,14 @@ async fn a_login_drains_the_offline_queue_before_connected_and_a_515_reconnects_
     let asked = Instant::now();
     fake.push(NodeBuilder::new("stream:error").attr("code", "515").build());
     let deadline = Instant::now() + Duration::from_secs(10);
-    while fake.seen().len() < 2 {
+    while fake.seen().len() < 5 {
         assert!(Instant::now() < deadline, "no reconnect after 515");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    let gap = fake.seen()[4].at - asked;
     assert!(
-        fake.seen()[1].at - asked < Duration::from_millis(900),
-        "at once"
+        gap < Duration::from_secs(2),
+        "at once, not after the 3 s backoff: {gap:?}"
     );
     let deadline = Instant::now() + Duration::from_secs(20);
     while c
@@ -303,7 +391,7 @@ async fn a_login_drains_the_offline_queue_before_connected_and_a_515_reconnects_
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert_eq!(
-        fake.seen()[1].handshake,
+        fake.seen()[4].handshake,
         Some("IK"),
         "after a login the client knows the server's key"
     );
@@ -320,4 +408,362 @@ async fn a_login_drains_the_offline_queue_before_connected_and_a_515_reconnects_
     ];
     assert_eq!(events, [expected.clone(), expected].concat());
     c.session.shutdown().await;
+}
+
+// ---- pairing --------------------------------------------------------------------------------
+
+fn qr_codes(c: &Client) -> Vec<(Instant, Duration, String)> {
+    c.timed
+        .lock()
+        .unwrap()
+        .iter()
+        .filter_map(|(t, e)| match e {
+            WaEvent::QrCode { code, valid_for } => Some((*t, *valid_for, code.clone())),
+            _ => None,
+        })
+        .collect()
+}
+
+/// The simulator's case with the server's six refs cut to two (the client's rule is per ref:
+/// 60 s for the first, 20 s for each next), so that it runs in 80 s of real time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qr_codes_rotate_then_run_out() {
+    let fake = FakeWhatsApp::start(Answer::Success).await;
+    fake.pair_refs(2);
+    let c = Client::start(&fake).await;
+    c.wait_within("exhausted", Duration::from_secs(100), |e| {
+        *e == WaEvent::QrCodesExhausted { disconnected: true }
+    })
+    .await;
+    let exhausted = c
+        .timed
+        .lock()
+        .unwrap()
+        .iter()
+        .find(|(_, e)| matches!(e, WaEvent::QrCodesExhausted { .. }))
+        .unwrap()
+        .0;
+    let qrs = qr_codes(&c);
+    assert_eq!(qrs.len(), 2, "one code per ref");
+    let near = |d: Duration, secs: f64| (d.as_secs_f64() - secs).abs() < 1.0;
+    assert!(near(qrs[0].1, 60.0) && qrs[0].1 <= Duration::from_secs(60));
+    assert!(near(qrs[1].1, 20.0) && qrs[1].1 <= Duration::from_secs(20));
+    assert!(near(qrs[1].0 - qrs[0].0, 60.0), "{:?}", qrs[1].0 - qrs[0].0);
+    assert!(near(exhausted - qrs[0].0, 80.0));
+    assert_ne!(qrs[0].2, qrs[1].2, "every code is new");
+    assert!(
+        qrs[0].2.starts_with("2@fake-ref-"),
+        "the code carries the ref"
+    );
+    assert_eq!(c.count(|e| *e == WaEvent::Connected), 0);
+    let seen = fake.seen();
+    assert!(seen[0].registration && seen[0].handshake == Some("XX"));
+    // Exhaustion is terminal: the session does not reconnect by itself.
+    stays_down(&fake, &c).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pairing_by_qr_reconnects_before_connected_and_a_paired_device_needs_no_qr() {
+    let fake = FakeWhatsApp::start(Answer::Success).await;
+    let c = Client::start(&fake).await;
+    let code = c.first_qr_code().await;
+    fake.scan(&code, "15550601", false);
+    let WaEvent::PairSuccess { credentials } = c
+        .wait("paired", |e| matches!(e, WaEvent::PairSuccess { .. }))
+        .await
+    else {
+        unreachable!()
+    };
+    assert!(
+        credentials.0.contains("15550601"),
+        "the device's JID: {credentials:?}"
+    );
+    c.wait("connected", |e| *e == WaEvent::Connected).await;
+    assert_eq!(
+        fake.linked(),
+        [fake_wa::Linked {
+            jid: "15550601:5@s.whatsapp.net".into(),
+            signature_ok: true
+        }],
+        "the client signed its identity with the key its QR code showed"
+    );
+    let pos = |want: &dyn Fn(&WaEvent) -> bool| c.position(want).unwrap();
+    let success = pos(&|e| matches!(e, WaEvent::PairSuccess { .. }));
+    let preview = pos(&|e| matches!(e, WaEvent::OfflineSyncPreview { .. }));
+    let sync = pos(&|e| matches!(e, WaEvent::OfflineSyncCompleted { .. }));
+    let connected = pos(&|e| *e == WaEvent::Connected);
+    assert!(
+        success < preview && preview < sync && sync < connected,
+        "{:?}",
+        c.events.lock().unwrap()
+    );
+    // The server asked for a new connection after pairing: `Connected` came on the second,
+    // at once and without a `Disconnected`.
+    let seen = fake.seen();
+    assert_eq!(seen.len(), 2, "{seen:?}");
+    assert!(seen[0].registration && !seen[1].registration);
+    assert_eq!(c.session.stats().connect_attempts, 2);
+    assert_eq!(
+        c.count(|e| matches!(e, WaEvent::Disconnected { .. })),
+        0,
+        "{:?}",
+        c.events.lock().unwrap()
+    );
+    c.session.shutdown().await;
+
+    // The device is in the store: the next session logs in without a QR code.
+    let again = c.again().await;
+    again.wait("connected", |e| *e == WaEvent::Connected).await;
+    assert_eq!(again.count(|e| matches!(e, WaEvent::QrCode { .. })), 0);
+    assert!(!fake.seen()[2].registration);
+    again.session.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_scan_the_client_cannot_verify_fails_and_the_codes_go_on() {
+    let fake = FakeWhatsApp::start(Answer::Success).await;
+    let c = Client::start(&fake).await;
+    let code = c.first_qr_code().await;
+    fake.scan(&code, "15550601", true);
+    let failed = c
+        .wait("pairing failed", |e| {
+            matches!(e, WaEvent::PairFailed { .. })
+        })
+        .await;
+    assert!(!failed.is_terminal(), "{failed:?}");
+    assert!(fake.linked().is_empty());
+    // The same code still pairs when the right phone scans it.
+    fake.scan(&code, "15550601", false);
+    c.wait("paired", |e| matches!(e, WaEvent::PairSuccess { .. }))
+        .await;
+    c.wait("connected", |e| *e == WaEvent::Connected).await;
+    c.session.shutdown().await;
+}
+
+// ---- inbound messages -----------------------------------------------------------------------
+
+/// A contact of `N` on the fake (digits).
+const CONTACT: &str = "15550002222";
+
+/// Waits (real time, up to 30 s) until `done` holds.
+async fn until(what: &str, done: impl Fn() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !done() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn inbound(e: &WaEvent, id: &str) -> Option<InboundMessage> {
+    match e {
+        WaEvent::Message(m) if m.id.as_str() == id => Some(m.clone()),
+        _ => None,
+    }
+}
+
+/// A contact's DM, Signal-encrypted from the prekeys the client uploaded, comes out of the
+/// real client as the port's message; the server hears of it (a delivery receipt) only once
+/// Switchboard acknowledged it as committed, and a second message rides the same session.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_inbound_dm_is_decrypted_and_acknowledged_only_after_its_commit() {
+    let fake = FakeWhatsApp::start(Answer::Success).await;
+    let c = Client::start_as(&fake, true).await;
+    c.wait("connected", |e| *e == WaEvent::Connected).await;
+    until("the prekey upload", || fake.prekeys(DEVICE).is_some()).await;
+    let uploaded = fake.prekeys(DEVICE).unwrap();
+    assert!(uploaded >= 5, "{uploaded} one-time prekeys");
+
+    let id = fake.send_text(CONTACT, DEVICE, "hello there").await;
+    let event = c.wait("the message", |e| inbound(e, &id).is_some()).await;
+    let message = inbound(&event, &id).unwrap();
+    assert_eq!(message.text, "hello there");
+    assert_eq!(message.chat.as_str(), "15550002222@s.whatsapp.net");
+    assert_eq!(
+        message.sender_phone(),
+        Some(PhoneNumber::parse("+15550002222").unwrap())
+    );
+    assert!(!message.is_from_me && !message.offline);
+    assert_eq!(fake.prekeys(DEVICE), Some(uploaded - 1), "one prekey used");
+
+    // Not committed yet: the server has heard nothing and still holds the message.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        fake.receipts(DEVICE).is_empty(),
+        "{:?}",
+        fake.receipts(DEVICE)
+    );
+    assert_eq!(fake.undelivered(DEVICE), std::slice::from_ref(&id));
+
+    c.session.ack(&[message.key()]);
+    until("the delivery receipt", || {
+        fake.receipts(DEVICE).iter().any(|r| r.id == id)
+    })
+    .await;
+    let receipt = fake
+        .receipts(DEVICE)
+        .into_iter()
+        .find(|r| r.id == id)
+        .unwrap();
+    assert_ne!(receipt.kind.as_deref(), Some("retry"), "{receipt:?}");
+    assert!(fake.undelivered(DEVICE).is_empty());
+
+    // The next message on the same session.
+    let second = fake.send_text(CONTACT, DEVICE, "and again").await;
+    let event = c
+        .wait("the second message", |e| inbound(e, &second).is_some())
+        .await;
+    let message = inbound(&event, &second).unwrap();
+    assert_eq!(message.text, "and again");
+    c.session.ack(&[message.key()]);
+    until("the second receipt", || {
+        fake.receipts(DEVICE).iter().any(|r| r.id == second)
+    })
+    .await;
+    assert_eq!(fake.deliveries(DEVICE).len(), 2, "each delivered once");
+    c.session.shutdown().await;
+}
+
+/// The process holding a decrypted message is killed (SIGKILL) before Switchboard committed
+/// it: the server was never told, so the next login gets it again, from the offline queue,
+/// and it is acknowledged once committed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_inbound_dm_is_redelivered_after_a_kill_9_before_its_commit() {
+    use std::io::BufRead as _;
+    let fake = FakeWhatsApp::start(Answer::Success).await;
+    let db = TestDb::new(Dialect::Postgres).await;
+    let keys = SessionCipher::generate("test");
+    let store = db.store_with_keys(&keys).await;
+    let fence = provision(&store, true).await;
+
+    /// Kills the child however the test ends.
+    struct Killed(std::process::Child);
+    impl Drop for Killed {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let child = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--ignored",
+            "--exact",
+            "child_process_that_never_commits",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env("SB_CHILD_FAKE_URL", &fake.url)
+        .env("SB_CHILD_DB_URL", &db.url)
+        .env("SB_CHILD_KEYS", &keys)
+        .env("SB_CHILD_TOKEN", fence.token.get().to_string())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut child = Killed(child);
+    let (lines_tx, mut lines) = tokio::sync::mpsc::unbounded_channel();
+    let stdout = child.0.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = lines_tx.send(line);
+        }
+    });
+
+    until("the child's prekey upload", || {
+        fake.prekeys(DEVICE).is_some()
+    })
+    .await;
+    let id = fake.send_text(CONTACT, DEVICE, "do not lose me").await;
+    let handed_over = tokio::time::timeout(Duration::from_secs(30), async {
+        while let Some(line) = lines.recv().await {
+            // libtest's own "test … ..." may share the line.
+            if line.ends_with(&format!("received {id}")) {
+                return true;
+            }
+        }
+        false
+    })
+    .await;
+    assert_eq!(handed_over, Ok(true), "the child got the message");
+    assert!(
+        fake.receipts(DEVICE).is_empty(),
+        "{:?}",
+        fake.receipts(DEVICE)
+    );
+    // SIGKILL: nothing of the child runs after this.
+    child.0.kill().unwrap();
+    child.0.wait().unwrap();
+
+    // A new process (here: this one) on the same store and lease.
+    let connector = connector(store, &fake);
+    let (session, events, _) = Client::open(&connector, &fence).await;
+    let c = Client {
+        session,
+        events,
+        timed: Arc::default(),
+        connector,
+        fence,
+        _db: Arc::new(db),
+    };
+    let event = c
+        .wait("the redelivery", |e| inbound(e, &id).is_some())
+        .await;
+    let message = inbound(&event, &id).unwrap();
+    assert_eq!(message.text, "do not lose me");
+    let deliveries = fake.deliveries(DEVICE);
+    assert_eq!(deliveries.len(), 2, "{deliveries:?}");
+    assert!(!deliveries[0].offline && deliveries[1].offline);
+    assert!(fake.receipts(DEVICE).is_empty(), "not before the commit");
+    c.session.ack(&[message.key()]);
+    until("the delivery receipt", || {
+        fake.receipts(DEVICE).iter().any(|r| r.id == id)
+    })
+    .await;
+    assert!(fake.undelivered(DEVICE).is_empty());
+    assert_eq!(
+        c.count(|e| inbound(e, &id).is_some()),
+        1,
+        "handed over once in this process"
+    );
+    c.session.shutdown().await;
+}
+
+/// The child process of `an_inbound_dm_is_redelivered_after_a_kill_9_before_its_commit`: a
+/// client of `N` that prints each message it is handed and never commits one, until killed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "the child process of an_inbound_dm_is_redelivered_after_a_kill_9_before_its_commit"]
+async fn child_process_that_never_commits() {
+    use std::io::Write as _;
+    let var = |name: &str| std::env::var(name).unwrap();
+    let store = db::connect_store(&var("SB_CHILD_DB_URL"), &var("SB_CHILD_KEYS")).await;
+    let fence = Fence {
+        number: PhoneNumber::parse(N).unwrap(),
+        token: FencingToken::new(var("SB_CHILD_TOKEN").parse().unwrap()).unwrap(),
+    };
+    let connector = WhatsAppConnector::new(
+        store,
+        WhatsAppOptions {
+            url: var("SB_CHILD_FAKE_URL"),
+            ..WhatsAppOptions::default()
+        },
+    );
+    let _session = connector
+        .start(
+            AccountSpec {
+                number: fence.number.clone(),
+                client_label: "Switchboard test".into(),
+                credentials: None,
+                fence,
+            },
+            Arc::new(|e| {
+                if let WaEvent::Message(m) = e {
+                    println!("received {}", m.id.as_str());
+                    let _ = std::io::stdout().flush();
+                }
+            }),
+        )
+        .await
+        .unwrap();
+    std::future::pending::<()>().await;
 }

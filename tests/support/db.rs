@@ -104,16 +104,22 @@ impl TestDb {
 
     /// A store on this database with the given session keys.
     pub async fn store_with_keys(&self, keys: &str) -> SqlStore {
-        SqlStore::connect(StoreOptions {
-            url: self.url.clone(),
-            max_connections: 8,
-            batch_max: 2048,
-            batch_wait: Duration::from_millis(2),
-            cipher: Arc::new(SessionCipher::parse(keys).unwrap()),
-        })
-        .await
-        .unwrap()
+        connect_store(&self.url, keys).await
     }
+}
+
+/// A store on the database at `url` with the given session keys (a child process's view of
+/// its parent's [`TestDb`]).
+pub async fn connect_store(url: &str, keys: &str) -> SqlStore {
+    SqlStore::connect(StoreOptions {
+        url: url.to_owned(),
+        max_connections: 8,
+        batch_max: 2048,
+        batch_wait: Duration::from_millis(2),
+        cipher: Arc::new(SessionCipher::parse(keys).unwrap()),
+    })
+    .await
+    .unwrap()
 }
 
 impl Drop for TestDb {
