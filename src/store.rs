@@ -46,7 +46,7 @@ pub use batch::{BATCH_ROWS, COMMIT_SECONDS};
 pub use cipher::{CipherError, SessionCipher};
 pub use claim::{Claim, ClaimError};
 pub use events::{AuditEntry, EventRecord};
-pub use protocol::{Entry, Key, Merge, ProtocolState, Select, Space, StateRow};
+pub use protocol::{Entry, Footprint, Key, Merge, ProtocolState, Select, Space, StateRow};
 pub use retention::{PRUNE_BATCH, Pruned};
 
 /// Texts are kept as a preview of this many characters once processed, unless the tenant keeps

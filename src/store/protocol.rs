@@ -275,6 +275,16 @@ pub struct ProtocolState {
     fence: Fence,
 }
 
+/// How much protocol state the store holds, over all numbers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Footprint {
+    /// Rows of `wa_state`.
+    pub rows: u64,
+    /// Bytes of their keys and values (the data itself, without the database's per-row and
+    /// index overhead).
+    pub bytes: u64,
+}
+
 impl SqlStore {
     /// The protocol state of `fence`'s number, written under that fence.
     pub fn protocol_state(&self, fence: Fence) -> ProtocolState {
@@ -282,6 +292,28 @@ impl SqlStore {
             store: self.clone(),
             fence,
         }
+    }
+
+    /// The size of all numbers' protocol state.
+    pub async fn protocol_footprint(&self) -> Result<Footprint, StoreError> {
+        let (rows, bytes): (i64, Option<i64>) = self
+            .watch
+            .read(async {
+                sqlx::query_as(
+                    "SELECT COUNT(*), CAST(SUM(LENGTH(number) + LENGTH(space) + LENGTH(k1) \
+                     + LENGTH(k2) + LENGTH(k3) + COALESCE(LENGTH(alt), 0) \
+                     + COALESCE(LENGTH(key_id), 0) + COALESCE(LENGTH(nonce), 0) \
+                     + LENGTH(value) + 16) AS BIGINT) FROM wa_state",
+                )
+                .fetch_one(&self.pool)
+                .await
+                .map_err(db)
+            })
+            .await?;
+        Ok(Footprint {
+            rows: u64::try_from(rows).unwrap_or(0),
+            bytes: u64::try_from(bytes.unwrap_or(0)).unwrap_or(0),
+        })
     }
 }
 

@@ -74,14 +74,18 @@ impl Proc {
 
     /// One numeric field of `/proc/<pid>/status` (memory in kB), 0 if absent.
     pub fn status(&self, field: &str) -> u64 {
-        let status =
-            std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap_or_default();
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-            .unwrap_or(0)
+        proc_status(&self.pid().to_string(), field)
     }
+}
+
+/// One numeric field of `/proc/<pid>/status` (memory in kB; `pid` may be `self`), 0 if absent.
+pub fn proc_status(pid: &str, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .unwrap_or(0)
 }
 
 impl Drop for Proc {
