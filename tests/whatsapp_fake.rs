@@ -16,9 +16,12 @@ use db::TestDb;
 use fake_wa::{Answer, FakeWhatsApp};
 use switchboard::store::{Dialect, NumberRecord, SessionCipher, TenantRecord};
 use switchboard::whatsapp::{WaBackend, WhatsAppConnector, WhatsAppOptions};
-use switchboard_actors::PhoneNumber;
 use switchboard_actors::store::{Coordinator, Fence, FencingToken};
-use switchboard_actors::transport::{AccountSpec, InboundMessage, WaConnector, WaEvent, WaSession};
+use switchboard_actors::transport::{
+    AccountSpec, InboundMessage, MessageId, OutboundText, ReceiptKind, ServerAck, WaConnector,
+    WaEvent, WaSession,
+};
+use switchboard_actors::{Jid, PhoneNumber};
 use whatsapp_rust::wacore::store::Device;
 use whatsapp_rust::wacore::store::traits::DeviceStore;
 use whatsapp_rust::wacore_binary::builder::NodeBuilder;
@@ -766,4 +769,190 @@ async fn child_process_that_never_commits() {
         .await
         .unwrap();
     std::future::pending::<()>().await;
+}
+
+// ---- outbound messages ----------------------------------------------------------------------
+
+fn text(id: MessageId, to: Jid, body: &str, reply_to: Option<MessageId>) -> OutboundText {
+    OutboundText {
+        id,
+        to,
+        text: body.into(),
+        reply_to,
+        reply_to_sender: None,
+    }
+}
+
+/// The simulator's case of the same name on the real client: the send goes out Signal-encrypted
+/// to the contact's device (its device list and prekey bundle from the server), the contact
+/// decrypts it, the server acks it, and the contact's receipts (delivered, then read) settle
+/// it; the sending device gets no copy of its own send.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_send_is_settled_by_a_server_ack_and_receipts_with_no_copy_to_the_sender() {
+    let fake = FakeWhatsApp::start(Answer::Success).await;
+    let c = Client::start_as(&fake, true).await;
+    c.wait("connected", |e| *e == WaEvent::Connected).await;
+    let contact = Jid::parse(&format!("{CONTACT}@s.whatsapp.net")).unwrap();
+    let id = "3EB0AAAA00000001";
+    c.session
+        .send_text(text(
+            MessageId::parse(id).unwrap(),
+            contact.clone(),
+            "hello from switchboard",
+            None,
+        ))
+        .await
+        .unwrap();
+    let ack = c
+        .wait("the server ack", |e| matches!(e, WaEvent::ServerAck(_)))
+        .await;
+    assert_eq!(
+        ack,
+        WaEvent::ServerAck(ServerAck {
+            id: MessageId::parse(id).unwrap(),
+            error: None
+        })
+    );
+    let sent = fake.sent(DEVICE);
+    assert_eq!(sent.len(), 1, "{sent:?}");
+    assert_eq!(
+        (
+            sent[0].to.as_str(),
+            sent[0].id.as_str(),
+            sent[0].text.as_deref()
+        ),
+        (CONTACT, id, Some("hello from switchboard")),
+        "the contact decrypted it"
+    );
+    assert_eq!(
+        sent[0].kind, "pkmsg",
+        "a new session, from the contact's bundle"
+    );
+
+    fake.contact_receipt(CONTACT, DEVICE, id, None);
+    let delivered = c
+        .wait(
+            "delivered",
+            |e| matches!(e, WaEvent::Receipt(r) if r.kind == ReceiptKind::Delivered),
+        )
+        .await;
+    let WaEvent::Receipt(r) = delivered else {
+        unreachable!()
+    };
+    assert_eq!(
+        (r.ids, r.chat, r.offline),
+        (vec![MessageId::parse(id).unwrap()], contact.clone(), false)
+    );
+    fake.contact_receipt(CONTACT, DEVICE, id, Some("read"));
+    c.wait(
+        "read",
+        |e| matches!(e, WaEvent::Receipt(r) if r.kind == ReceiptKind::Read),
+    )
+    .await;
+    // The client acknowledged both receipts: the server holds nothing more for it.
+    until("the receipts acknowledged", || {
+        fake.undelivered(DEVICE).is_empty()
+    })
+    .await;
+
+    // A second send rides the session the first started.
+    let second = "3EB0AAAA00000002";
+    c.session
+        .send_text(text(
+            MessageId::parse(second).unwrap(),
+            contact.clone(),
+            "and a second",
+            None,
+        ))
+        .await
+        .unwrap();
+    c.wait(
+        "the second ack",
+        |e| matches!(e, WaEvent::ServerAck(a) if a.id.as_str() == second),
+    )
+    .await;
+    let sent = fake.sent(DEVICE);
+    assert_eq!(sent[1].text.as_deref(), Some("and a second"), "{sent:?}");
+    assert_eq!(
+        c.count(|e| matches!(e, WaEvent::Message(_) | WaEvent::FromPhone(_))),
+        0,
+        "the sending device gets no copy of its own send"
+    );
+    c.session.shutdown().await;
+}
+
+/// A reply rides the session the contact's first message started: no prekey fetch, a plain
+/// `msg` the contact decrypts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reply_rides_the_session_the_contacts_message_started() {
+    let fake = FakeWhatsApp::start(Answer::Success).await;
+    let c = Client::start_as(&fake, true).await;
+    c.wait("connected", |e| *e == WaEvent::Connected).await;
+    until("the prekey upload", || fake.prekeys(DEVICE).is_some()).await;
+    let id = fake.send_text(CONTACT, DEVICE, "are you there?").await;
+    let event = c.wait("the message", |e| inbound(e, &id).is_some()).await;
+    let message = inbound(&event, &id).unwrap();
+    c.session.ack(&[message.key()]);
+    let reply = MessageId::derived(
+        &c.fence.number,
+        &message.chat,
+        &message.sender,
+        &message.id,
+        0,
+    );
+    c.session
+        .send_text(text(
+            reply.clone(),
+            message.chat.clone(),
+            "yes",
+            Some(message.id.clone()),
+        ))
+        .await
+        .unwrap();
+    c.wait(
+        "the server ack",
+        |e| matches!(e, WaEvent::ServerAck(a) if a.id == reply),
+    )
+    .await;
+    let sent = fake.sent(DEVICE);
+    assert_eq!(sent.len(), 1, "{sent:?}");
+    assert_eq!(
+        (
+            sent[0].id.as_str(),
+            sent[0].kind.as_str(),
+            sent[0].text.as_deref()
+        ),
+        (reply.as_str(), "msg", Some("yes"))
+    );
+    c.session.shutdown().await;
+}
+
+/// The simulator's ack-error case, its first half on the real client: a send the server
+/// refuses comes back as a server ack carrying the error code, and nothing reaches the contact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ack_error_refuses_a_send() {
+    let fake = FakeWhatsApp::start(Answer::Success).await;
+    let c = Client::start_as(&fake, true).await;
+    c.wait("connected", |e| *e == WaEvent::Connected).await;
+    fake.refuse_sends(Some(479));
+    let id = MessageId::parse("3EB0AAAA000000E1").unwrap();
+    c.session
+        .send_text(text(
+            id.clone(),
+            Jid::parse(&format!("{CONTACT}@s.whatsapp.net")).unwrap(),
+            "refused",
+            None,
+        ))
+        .await
+        .unwrap();
+    let WaEvent::ServerAck(ack) = c
+        .wait("the server ack", |e| matches!(e, WaEvent::ServerAck(_)))
+        .await
+    else {
+        unreachable!()
+    };
+    assert_eq!(ack.id, id);
+    assert_eq!(ack.error.map(|e| e.code), Some(479));
+    assert!(fake.sent(DEVICE).is_empty());
+    c.session.shutdown().await;
 }

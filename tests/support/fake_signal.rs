@@ -1,16 +1,21 @@
 //! The fake WhatsApp's contacts and their side of the Signal protocol: what a device uploaded
 //! (its identity, signed prekey and one-time prekeys, as the server keeps them), and contacts
 //! that start a session from that bundle and encrypt to the device with wacore-libsignal's
-//! own `process_prekey_bundle` and `message_encrypt`, as a phone on the other side would.
+//! own `process_prekey_bundle` and `message_encrypt`, as a phone on the other side would; and
+//! the other way, the keys each contact serves (a signed prekey and one-time prekeys) and
+//! `message_decrypt` of what a device sends it.
 
 use std::collections::{HashMap, VecDeque};
 
 use async_trait::async_trait;
 use whatsapp_rust::wacore::libsignal::protocol::error::Result as SignalResult;
 use whatsapp_rust::wacore::libsignal::protocol::{
-    CiphertextMessageType, DeviceId, Direction, IdentityChange, IdentityKey, IdentityKeyPair,
-    IdentityKeyStore, PreKeyBundle, PreKeyId, ProtocolAddress, PublicKey, SessionRecord,
-    SessionStore, SignedPreKeyId, UsePQRatchet, message_encrypt, process_prekey_bundle,
+    CiphertextMessage, CiphertextMessageType, DeviceId, Direction, GenericSignedPreKey,
+    IdentityChange, IdentityKey, IdentityKeyPair, IdentityKeyStore, KeyPair, PreKeyBundle,
+    PreKeyId, PreKeyRecord, PreKeySignalMessage, PreKeyStore, ProtocolAddress, PublicKey,
+    SessionRecord, SessionStore, SignalMessage, SignalProtocolError, SignedPreKeyId,
+    SignedPreKeyRecord, SignedPreKeyStore, Timestamp, UsePQRatchet, message_decrypt,
+    message_encrypt, process_prekey_bundle,
 };
 use whatsapp_rust::wacore::messages::MessageUtils;
 use whatsapp_rust::wacore_binary::Node;
@@ -106,23 +111,113 @@ impl Uploaded {
     }
 }
 
-/// A contact: an account of its own with a Signal identity and its sessions with the
-/// devices it wrote to.
+/// How many one-time prekeys a contact puts on the server.
+const CONTACT_PREKEYS: u32 = 20;
+
+/// A contact: an account of its own (one device, 0) with a Signal identity, the keys it
+/// serves, and its sessions with the devices it talks to.
 pub(super) struct Contact {
     identities: Identities,
     sessions: Sessions,
+    prekeys: PreKeys,
+    signed: SignedPreKeys,
+    signed_public: (u32, PublicKey, Vec<u8>),
+    /// One-time prekeys the server has not handed out yet.
+    serving: VecDeque<(u32, PublicKey)>,
 }
 
 impl Contact {
     pub(super) fn new() -> Self {
+        let rng = &mut rand010::rng();
+        let own = IdentityKeyPair::generate(rng);
+        let signed_pair = KeyPair::generate(rng);
+        let signature = own
+            .private_key()
+            .calculate_signature(&signed_pair.public_key.serialize(), rng)
+            .unwrap();
+        let mut signed = SignedPreKeys::default();
+        signed.0.insert(
+            SignedPreKeyId::from(1),
+            SignedPreKeyRecord::new(
+                SignedPreKeyId::from(1),
+                Timestamp::from_epoch_millis(0),
+                &signed_pair,
+                &signature,
+            ),
+        );
+        let mut prekeys = PreKeys::default();
+        let mut serving = VecDeque::new();
+        for id in 1..=CONTACT_PREKEYS {
+            let pair = KeyPair::generate(rng);
+            prekeys.0.insert(
+                PreKeyId::from(id),
+                PreKeyRecord::new(PreKeyId::from(id), &pair),
+            );
+            serving.push_back((id, pair.public_key));
+        }
         Self {
             identities: Identities {
-                own: IdentityKeyPair::generate(&mut rand010::rng()),
+                own,
                 registration: rand010::random::<u32>() & 0x3fff,
                 known: HashMap::new(),
             },
             sessions: Sessions::default(),
+            prekeys,
+            signed,
+            signed_public: (1, signed_pair.public_key, signature.to_vec()),
+            serving,
         }
+    }
+
+    /// The bundle the server hands a device that asks for this contact's keys (one one-time
+    /// prekey used up, while any is left).
+    pub(super) fn bundle(&mut self) -> Option<PreKeyBundle> {
+        let (signed_id, signed_public, signature) = &self.signed_public;
+        PreKeyBundle::new(
+            self.identities.registration,
+            DeviceId::from(0),
+            self.serving
+                .pop_front()
+                .map(|(id, key)| (PreKeyId::from(id), key)),
+            SignedPreKeyId::from(*signed_id),
+            *signed_public,
+            signature.clone(),
+            *self.identities.own.identity_key(),
+        )
+        .ok()
+    }
+
+    /// What `device` (`user:device`) sent this contact: `<enc>` of `kind` (`pkmsg`, `msg`)
+    /// decrypted, unpadded and decoded; `None` if it does not decrypt.
+    pub(super) async fn decrypt(
+        &mut self,
+        device: &str,
+        kind: &str,
+        ciphertext: &[u8],
+    ) -> Option<wa::Message> {
+        let sealed = match kind {
+            "pkmsg" => CiphertextMessage::PreKeySignalMessage(
+                PreKeySignalMessage::try_from(ciphertext).ok()?,
+            ),
+            "msg" => CiphertextMessage::SignalMessage(SignalMessage::try_from(ciphertext).ok()?),
+            _ => return None,
+        };
+        let opened = message_decrypt(
+            &sealed,
+            &address(device),
+            &mut self.sessions,
+            &mut self.identities,
+            &mut self.prekeys,
+            &self.signed,
+            &mut send_rng(),
+            UsePQRatchet::No,
+        )
+        .await
+        .ok()?;
+        if let Some(used) = opened.consumed_prekey_id {
+            self.prekeys.0.remove(&used);
+        }
+        whatsapp_rust::wacore::messages::decode_plaintext(&opened.plaintext, 2).ok()
     }
 
     /// Whether the contact has a session with `device` (`user:device`).
@@ -148,7 +243,7 @@ impl Contact {
                 &mut self.sessions,
                 &mut self.identities,
                 &bundle,
-                &mut rand010::rng(),
+                &mut send_rng(),
                 UsePQRatchet::No,
             )
             .await
@@ -164,6 +259,11 @@ impl Contact {
         };
         Some((kind, sealed.serialize().to_vec()))
     }
+}
+
+/// A generator that may be held across an await in a spawned task (the thread's may not).
+fn send_rng() -> rand010::rngs::StdRng {
+    rand010::make_rng()
 }
 
 /// The contact's name for a device's session (any name works: it is the contact's own).
@@ -232,6 +332,51 @@ impl SessionStore for Sessions {
         record: SessionRecord,
     ) -> SignalResult<()> {
         self.0.insert(address.clone(), record);
+        Ok(())
+    }
+}
+
+#[derive(Default)]
+struct PreKeys(HashMap<PreKeyId, PreKeyRecord>);
+
+#[async_trait]
+impl PreKeyStore for PreKeys {
+    async fn get_pre_key(&self, id: PreKeyId) -> SignalResult<PreKeyRecord> {
+        self.0
+            .get(&id)
+            .cloned()
+            .ok_or(SignalProtocolError::InvalidPreKeyId)
+    }
+
+    async fn save_pre_key(&mut self, id: PreKeyId, record: &PreKeyRecord) -> SignalResult<()> {
+        self.0.insert(id, record.clone());
+        Ok(())
+    }
+
+    async fn remove_pre_key(&mut self, id: PreKeyId) -> SignalResult<()> {
+        self.0.remove(&id);
+        Ok(())
+    }
+}
+
+#[derive(Default)]
+struct SignedPreKeys(HashMap<SignedPreKeyId, SignedPreKeyRecord>);
+
+#[async_trait]
+impl SignedPreKeyStore for SignedPreKeys {
+    async fn get_signed_pre_key(&self, id: SignedPreKeyId) -> SignalResult<SignedPreKeyRecord> {
+        self.0
+            .get(&id)
+            .cloned()
+            .ok_or(SignalProtocolError::InvalidSignedPreKeyId)
+    }
+
+    async fn save_signed_pre_key(
+        &mut self,
+        id: SignedPreKeyId,
+        record: &SignedPreKeyRecord,
+    ) -> SignalResult<()> {
+        self.0.insert(id, record.clone());
         Ok(())
     }
 }

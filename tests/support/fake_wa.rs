@@ -19,11 +19,14 @@
 //! - a registered device gets `<success>`, its offline queue (what it has not acknowledged),
 //!   the end marker, then IQs answered (pings, app state: empty collections; the prekey count),
 //!   its uploaded prekeys kept, messages from fake contacts delivered live (Signal-encrypted
-//!   from those prekeys: `fake_signal.rs`), receipts taken, and stanzas the test pushes.
+//!   from those prekeys: `fake_signal.rs`), receipts taken, and stanzas the test pushes;
+//! - sends to fake contacts: device lists (a contact has its phone, device 0; the account has
+//!   no other devices), the contacts' prekey bundles, each copy decrypted by its contact, the
+//!   server ack (or an error ack when told to refuse), and the contacts' receipts when the test
+//!   asks, queued like messages until the device acknowledges them.
 //!
-//! Not (yet): outbound sends (device lists, the contacts' prekey bundles, server acks and
-//! receipts for them), the app-state key share a phone sends after pairing (the client waits
-//! its 10 s grace for it), pair codes, groups, media.
+//! Not (yet): the app-state key share a phone sends after pairing (the client waits its 10 s
+//! grace for it), pair codes, LIDs, groups, media, retry receipts, logout.
 
 #![allow(dead_code, clippy::unwrap_used, clippy::panic)]
 
@@ -39,9 +42,11 @@ use futures_util::{SinkExt, StreamExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_tungstenite::tungstenite::Message as WsMessage;
 use whatsapp_rust::wacore::handshake::NoiseHandshake;
+use whatsapp_rust::wacore::iq::prekeys::PreKeyBundleUserNode;
 use whatsapp_rust::wacore::libsignal::protocol::KeyPair;
 use whatsapp_rust::wacore::noise::NoiseCipher;
 use whatsapp_rust::wacore::noise::framing::{FrameDecoder, encode_frame};
+use whatsapp_rust::wacore::protocol::ProtocolNode as _;
 use whatsapp_rust::wacore_binary::Node;
 use whatsapp_rust::wacore_binary::builder::NodeBuilder;
 use whatsapp_rust::wacore_binary::consts::{NOISE_PATTERN_IK, NOISE_PATTERN_XX, WA_CONN_HEADER};
@@ -120,6 +125,8 @@ struct Shared {
     /// Bumped whenever a device's inbox grows, so its live connection delivers.
     inbox: tokio::sync::watch::Sender<u64>,
     message_ids: AtomicUsize,
+    /// The error code every send is refused with, if any (`<ack error=…>`).
+    refuse_sends: Mutex<Option<u16>>,
 }
 
 /// The server's side of one device.
@@ -131,6 +138,20 @@ struct DeviceBox {
     inbox: Vec<(String, Node)>,
     deliveries: Vec<Delivery>,
     receipts: Vec<Receipt>,
+    sent: Vec<Sent>,
+}
+
+/// A message the device sent to a fake contact, as the contact decrypted it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Sent {
+    /// The contact (digits).
+    pub to: String,
+    /// The id the device gave it.
+    pub id: String,
+    /// Its text (`conversation`), if it decrypted to one.
+    pub text: Option<String>,
+    /// The `<enc>` type (`pkmsg`, `msg`).
+    pub kind: String,
 }
 
 /// A message the fake handed to a connection.
@@ -210,6 +231,7 @@ impl FakeWhatsApp {
             contacts: tokio::sync::Mutex::default(),
             inbox: tokio::sync::watch::channel(0).0,
             message_ids: AtomicUsize::new(0),
+            refuse_sends: Mutex::default(),
         });
         let serving = shared.clone();
         let task = tokio::spawn(async move {
@@ -358,6 +380,47 @@ impl FakeWhatsApp {
             .unwrap_or_default()
     }
 
+    /// From now on every send is refused: acked with `error` = `code` and not delivered
+    /// (`None`: taken again).
+    pub fn refuse_sends(&self, code: Option<u16>) {
+        *self.shared.refuse_sends.lock().unwrap() = code;
+    }
+
+    /// What `device` sent to fake contacts, decrypted by them, in order.
+    pub fn sent(&self, device: &str) -> Vec<Sent> {
+        let devices = self.shared.devices.lock().unwrap();
+        devices
+            .get(device)
+            .map(|d| d.sent.clone())
+            .unwrap_or_default()
+    }
+
+    /// The fake contact `from` tells `device` it got message `id` (`kind` `None`) or read it
+    /// (`Some("read")`). The receipt waits on the server like a message until the device
+    /// acknowledges it.
+    pub fn contact_receipt(&self, from: &str, device: &str, id: &str, kind: Option<&str>) {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        let mut receipt = NodeBuilder::new("receipt")
+            .attr("from", format!("{from}@s.whatsapp.net"))
+            .attr("id", id)
+            .attr("t", now.to_string());
+        if let Some(kind) = kind {
+            receipt = receipt.attr("type", kind);
+        }
+        let key = receipt_key(id, kind);
+        let mut devices = self.shared.devices.lock().unwrap();
+        devices
+            .entry(device.to_owned())
+            .or_default()
+            .inbox
+            .push((key, receipt.build()));
+        drop(devices);
+        self.shared.inbox.send_modify(|v| *v += 1);
+    }
+
     /// The messages still waiting on the server for `device`'s acknowledgement.
     pub fn undelivered(&self, device: &str) -> Vec<String> {
         let devices = self.shared.devices.lock().unwrap();
@@ -428,14 +491,22 @@ impl Shared {
                 let Some(id) = attrs.optional_string("id").map(|v| v.to_string()) else {
                     return;
                 };
+                let class = attrs.optional_string("class").map(|v| v.to_string());
+                let of_type = attrs.optional_string("type").map(|v| v.to_string());
                 let kind = if node.tag.as_ref() == "ack" {
                     Some("ack".to_owned())
                 } else {
-                    attrs.optional_string("type").map(|v| v.to_string())
+                    of_type.clone()
                 };
-                // A delivery receipt (or an ack) settles the message; a retry asks for it again.
-                if kind.as_deref() != Some("retry") {
-                    entry.inbox.retain(|(queued, _)| *queued != id);
+                // A delivery receipt (or an ack) settles the message; a retry asks for it
+                // again. An `<ack class="receipt">` settles the contact's receipt it names.
+                let settles = if class.as_deref() == Some("receipt") {
+                    Some(receipt_key(&id, of_type.as_deref()))
+                } else {
+                    (kind.as_deref() != Some("retry")).then(|| id.clone())
+                };
+                if let Some(settled) = settles {
+                    entry.inbox.retain(|(queued, _)| *queued != settled);
                 }
                 entry.receipts.push(Receipt {
                     id,
@@ -447,33 +518,152 @@ impl Shared {
         }
     }
 
-    /// The server's answer to `node`, if it asks for one: IQs get their result (prekey count
-    /// for `device`, app state), anything else none.
-    fn answer(&self, device: Option<&str>, node: &Node) -> Option<Node> {
-        let result = iq_result(node)?;
-        let asks_count = node.attrs().optional_string("xmlns").as_deref() == Some("encrypt")
-            && node.get_optional_child("count").is_some();
-        if !asks_count {
-            return Some(result);
+    /// The server's answer to `node` from `device`, if it asks for one: IQs get their result
+    /// (the prekey count, fake contacts' device lists and prekey bundles, app state), a
+    /// message to fake contacts its server ack; anything else none.
+    async fn answer(&self, device: Option<&str>, node: &Node) -> Option<Node> {
+        if node.tag.as_ref() == "message" {
+            return self.take_message(device?, node).await;
         }
-        let held = device
-            .and_then(|d| {
-                self.devices
-                    .lock()
-                    .unwrap()
-                    .get(d)?
-                    .keys
-                    .as_ref()
-                    .map(signal::Uploaded::remaining)
-            })
-            .unwrap_or(0);
-        let mut result = result;
-        result.content = Some(whatsapp_rust::wacore_binary::NodeContent::Nodes(vec![
-            NodeBuilder::new("count")
-                .attr("value", held.to_string())
-                .build(),
-        ]));
+        let mut result = iq_result(node)?;
+        let own_user = device.and_then(|d| d.split(':').next()).unwrap_or_default();
+        let xmlns = node.attrs().optional_string("xmlns").map(|v| v.to_string());
+        let children = match xmlns.as_deref() {
+            Some("encrypt") if node.get_optional_child("count").is_some() => {
+                let held = device
+                    .and_then(|d| {
+                        let devices = self.devices.lock().unwrap();
+                        devices
+                            .get(d)?
+                            .keys
+                            .as_ref()
+                            .map(signal::Uploaded::remaining)
+                    })
+                    .unwrap_or(0);
+                vec![
+                    NodeBuilder::new("count")
+                        .attr("value", held.to_string())
+                        .build(),
+                ]
+            }
+            // A prekey fetch: each fake contact's bundle (one of its one-time prekeys used).
+            Some("encrypt") if node.get_optional_child("key").is_some() => {
+                let mut users = Vec::new();
+                let mut contacts = self.contacts.lock().await;
+                for jid in asked_users(node.get_optional_child("key")) {
+                    let Some(user) = contact_user(&jid, own_user) else {
+                        continue;
+                    };
+                    let contact = contacts
+                        .entry(user.to_owned())
+                        .or_insert_with(signal::Contact::new);
+                    let bundle = contact.bundle()?;
+                    let node = PreKeyBundleUserNode::from_bundle(jid.parse().ok()?, &bundle, None)
+                        .ok()?
+                        .into_node();
+                    users.push(node);
+                }
+                vec![NodeBuilder::new("list").children(users).build()]
+            }
+            // Device lists: a fake contact has its phone (device 0); the account's own other
+            // devices are none.
+            Some("usync") => {
+                let usync = node.get_optional_child("usync");
+                let wants_devices = usync
+                    .and_then(|u| u.get_optional_child("query"))
+                    .and_then(|q| q.get_optional_child("devices"))
+                    .is_some();
+                let users = asked_users(usync.and_then(|u| u.get_optional_child("list")))
+                    .into_iter()
+                    .map(|jid| {
+                        let user = NodeBuilder::new("user").attr("jid", jid.clone());
+                        if wants_devices && contact_user(&jid, own_user).is_some() {
+                            user.children([NodeBuilder::new("devices")
+                                .children([NodeBuilder::new("device-list")
+                                    .children([NodeBuilder::new("device").attr("id", "0").build()])
+                                    .build()])
+                                .build()])
+                                .build()
+                        } else {
+                            user.build()
+                        }
+                    });
+                vec![
+                    NodeBuilder::new("usync")
+                        .children([NodeBuilder::new("list").children(users).build()])
+                        .build(),
+                ]
+            }
+            _ => return Some(result),
+        };
+        result.content = Some(whatsapp_rust::wacore_binary::NodeContent::Nodes(children));
         Some(result)
+    }
+
+    /// A message from `device`: each fake contact it is addressed to decrypts its copy; the
+    /// server acks it.
+    async fn take_message(&self, device: &str, node: &Node) -> Option<Node> {
+        let mut attrs = node.attrs();
+        let id = attrs.optional_string("id")?.to_string();
+        let to = attrs.optional_string("to")?.to_string();
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        let ack = NodeBuilder::new("ack")
+            .attr("class", "message")
+            .attr("id", id.clone())
+            .attr("from", to.clone())
+            .attr("t", now.to_string());
+        let refused = *self.refuse_sends.lock().unwrap();
+        if let Some(code) = refused {
+            return Some(ack.attr("error", code.to_string()).build());
+        }
+        let own_user = device.split(':').next().unwrap_or_default();
+        let mut copies: Vec<(String, &Node)> = Vec::new();
+        if let Some(participants) = node.get_optional_child("participants") {
+            for to in participants.children().unwrap_or_default() {
+                if let (Some(jid), Some(enc)) = (
+                    to.attrs().optional_string("jid").map(|v| v.to_string()),
+                    to.get_optional_child("enc"),
+                ) {
+                    copies.push((jid, enc));
+                }
+            }
+        }
+        if let Some(enc) = node.get_optional_child("enc") {
+            copies.push((to.clone(), enc));
+        }
+        let mut contacts = self.contacts.lock().await;
+        for (jid, enc) in copies {
+            let Some(user) = contact_user(&jid, own_user) else {
+                continue;
+            };
+            let kind = enc.attrs().optional_string("type")?.to_string();
+            let Some(whatsapp_rust::wacore_binary::NodeContent::Bytes(ciphertext)) = &enc.content
+            else {
+                continue;
+            };
+            let contact = contacts
+                .entry(user.to_owned())
+                .or_insert_with(signal::Contact::new);
+            let text = contact
+                .decrypt(device, &kind, ciphertext)
+                .await
+                .and_then(|m| m.conversation);
+            let mut devices = self.devices.lock().unwrap();
+            devices
+                .entry(device.to_owned())
+                .or_default()
+                .sent
+                .push(Sent {
+                    to: user.to_owned(),
+                    id: id.clone(),
+                    text,
+                    kind,
+                });
+        }
+        Some(ack.build())
     }
 
     fn next_answer(&self) -> Answer {
@@ -677,7 +867,7 @@ impl Conn {
                     if let Some(device) = &device {
                         server.take_from_device(device, &node);
                     }
-                    if let Some(answer) = server.answer(device.as_deref(), &node) {
+                    if let Some(answer) = server.answer(device.as_deref(), &node).await {
                         self.send_node(c, &answer).await;
                     }
                 }
@@ -1001,4 +1191,27 @@ fn verify_device(
     };
     let message = [&[6u8, 1][..], details, identity, account].concat();
     key.verify_signature(&message, signature)
+}
+
+/// What identifies a contact's receipt on the server's queue: the message and the kind.
+fn receipt_key(id: &str, kind: Option<&str>) -> String {
+    format!("{id}/{}", kind.unwrap_or("delivery"))
+}
+
+/// The `jid`s of the `<user>` children of `list`.
+fn asked_users(list: Option<&Node>) -> Vec<String> {
+    list.and_then(Node::children)
+        .unwrap_or_default()
+        .iter()
+        .filter(|u| u.tag.as_ref() == "user")
+        .filter_map(|u| u.attrs().optional_string("jid").map(|v| v.to_string()))
+        .collect()
+}
+
+/// The fake contact a phone JID names (its digits); `None` for the account's own user, LIDs
+/// and groups. Every other phone number is a contact of the fake's.
+fn contact_user<'a>(jid: &'a str, own_user: &str) -> Option<&'a str> {
+    let user = jid.strip_suffix("@s.whatsapp.net")?;
+    let user = user.split(':').next()?;
+    (user != own_user && !user.is_empty()).then_some(user)
 }
