@@ -71,6 +71,10 @@ pub enum NumbersCommand {
         /// The tenant that owns them.
         #[arg(long, default_value = "default")]
         tenant: String,
+        /// The proxy their connections to WhatsApp go through (`socks5://[user:pass@]host:port`
+        /// or `http://[user:pass@]host:port`); kept in each number's settings.
+        #[arg(long)]
+        proxy: Option<String>,
         /// The numbers.
         #[arg(required = true)]
         numbers: Vec<String>,

@@ -107,9 +107,26 @@ async fn numbers(config: &Config, command: NumbersCommand) -> anyhow::Result<()>
         let mut out = std::io::stdout();
         return switchboard::login::run(config, number, pair_code, &mut out).await;
     }
+    // A bad proxy is a usage error, told before anything is opened.
+    if let NumbersCommand::Add {
+        proxy: Some(url), ..
+    } = &command
+        && let Err(e) = switchboard::whatsapp::Proxy::parse(url)
+    {
+        eprintln!("switchboard: --proxy: {e}");
+        std::process::exit(64);
+    }
     let store = switchboard::serve::open_store(&config.store).await?;
     match command {
-        NumbersCommand::Add { tenant, numbers } => {
+        NumbersCommand::Add {
+            tenant,
+            numbers,
+            proxy,
+        } => {
+            let mut settings = serde_json::json!({});
+            if let Some(url) = proxy {
+                settings[switchboard::whatsapp::PROXY_SETTING] = url.into();
+            }
             if store.tenant(&tenant).await?.is_none() {
                 let record = TenantRecord {
                     id: tenant.clone(),
@@ -124,7 +141,7 @@ async fn numbers(config: &Config, command: NumbersCommand) -> anyhow::Result<()>
                     number,
                     tenant: tenant.clone(),
                     pinned_node: None,
-                    settings: serde_json::json!({}),
+                    settings: settings.clone(),
                 };
                 match store.add_number(&record).await {
                     Ok(()) => println!("added {raw}"),

@@ -3,6 +3,8 @@
 //! - `backend`: the crate's storage `Backend` over Switchboard's store ([`WaBackend`]): one per
 //!   number, on the store's one pool, secrets sealed, every write fenced with the number's token.
 //! - `events`: the crate's `Event` as the port's `WaEvent`, by one pure function.
+//! - `proxy`: the transport factory each number dials through: directly, or through the SOCKS5
+//!   or HTTP proxy its settings name.
 //! - `session`: the transport port ([`WhatsAppConnector`], [`WhatsAppSession`]): one `Bot` per
 //!   number, its inline event handler and its inbound durability hook.
 //!
@@ -11,10 +13,12 @@
 
 mod backend;
 mod events;
+mod proxy;
 mod session;
 
 pub use backend::WaBackend;
 pub use events::{DROPPED, inbound, map_event};
+pub use proxy::{PROXY_SETTING, Proxy, proxy_of};
 pub use session::{
     CONNECT_FAILURES, WHATSAPP_URL, WhatsAppConnector, WhatsAppOptions, WhatsAppSession,
 };

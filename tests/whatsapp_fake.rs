@@ -43,6 +43,15 @@ struct Client {
 /// `N` on `store`, under its lease (the fence every write carries); with `paired`, its device
 /// is registered already, as after a pairing.
 async fn provision(store: &switchboard::store::SqlStore, paired: bool) -> Fence {
+    provision_with(store, paired, serde_json::json!({})).await
+}
+
+/// [`provision`] with the number's settings.
+async fn provision_with(
+    store: &switchboard::store::SqlStore,
+    paired: bool,
+    settings: serde_json::Value,
+) -> Fence {
     store
         .create_tenant(&TenantRecord {
             id: "t".into(),
@@ -57,7 +66,7 @@ async fn provision(store: &switchboard::store::SqlStore, paired: bool) -> Fence 
             number: number.clone(),
             tenant: "t".into(),
             pinned_node: None,
-            settings: serde_json::json!({}),
+            settings,
         })
         .await
         .unwrap();
@@ -92,9 +101,14 @@ impl Client {
 
     /// With `paired`, the device is registered already (as after a pairing): it logs in.
     async fn start_as(fake: &FakeWhatsApp, paired: bool) -> Self {
+        Self::start_with(fake, paired, serde_json::json!({})).await
+    }
+
+    /// [`Client::start_as`] with the number's settings.
+    async fn start_with(fake: &FakeWhatsApp, paired: bool, settings: serde_json::Value) -> Self {
         let db = TestDb::new(Dialect::Sqlite).await;
         let store = db.store().await;
-        let fence = provision(&store, paired).await;
+        let fence = provision_with(&store, paired, settings).await;
         let connector = connector(store, fake);
         let (session, events, timed) = Self::open(&connector, &fence).await;
         Self {
@@ -954,5 +968,148 @@ async fn an_ack_error_refuses_a_send() {
     assert_eq!(ack.id, id);
     assert_eq!(ack.error.map(|e| e.code), Some(479));
     assert!(fake.sent(DEVICE).is_empty());
+    c.session.shutdown().await;
+}
+
+// ---- per-number proxies ---------------------------------------------------------------------
+
+/// What a test proxy was asked: the target and the credentials it was given.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Tunnelled {
+    target: String,
+    auth: Option<String>,
+}
+
+/// A minimal SOCKS5 (`socks = true`) or HTTP CONNECT proxy on a free local port that relays
+/// every tunnel; its URL prefix (`scheme://`-less `host:port`) and what it was asked.
+async fn test_proxy(socks: bool) -> (String, Arc<Mutex<Vec<Tunnelled>>>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let asked: Arc<Mutex<Vec<Tunnelled>>> = Arc::default();
+    let log = asked.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let log = log.clone();
+            tokio::spawn(async move {
+                let (target, auth) = if socks {
+                    let mut head = [0u8; 3];
+                    s.read_exact(&mut head).await.ok()?;
+                    s.write_all(&[5, head[2]]).await.ok()?;
+                    let mut auth = None;
+                    if head[2] == 2 {
+                        let _ver = s.read_u8().await.ok()?;
+                        let mut user = vec![0; usize::from(s.read_u8().await.ok()?)];
+                        s.read_exact(&mut user).await.ok()?;
+                        let mut pass = vec![0; usize::from(s.read_u8().await.ok()?)];
+                        s.read_exact(&mut pass).await.ok()?;
+                        auth = Some(format!(
+                            "{}:{}",
+                            String::from_utf8_lossy(&user),
+                            String::from_utf8_lossy(&pass)
+                        ));
+                        s.write_all(&[1, 0]).await.ok()?;
+                    }
+                    let mut req = [0u8; 4];
+                    s.read_exact(&mut req).await.ok()?;
+                    assert_eq!(req[3], 3, "by domain name");
+                    let mut name = vec![0; usize::from(s.read_u8().await.ok()?)];
+                    s.read_exact(&mut name).await.ok()?;
+                    let port = s.read_u16().await.ok()?;
+                    s.write_all(&[5, 0, 0, 1, 127, 0, 0, 1, 0, 0]).await.ok()?;
+                    (format!("{}:{port}", String::from_utf8_lossy(&name)), auth)
+                } else {
+                    let mut head = Vec::new();
+                    while !head.ends_with(b"\r\n\r\n") {
+                        head.push(s.read_u8().await.ok()?);
+                    }
+                    let head = String::from_utf8_lossy(&head).into_owned();
+                    let target = head.split_whitespace().nth(1)?.to_owned();
+                    let auth = head
+                        .lines()
+                        .find_map(|l| l.strip_prefix("Proxy-Authorization: Basic "))
+                        .map(str::to_owned);
+                    s.write_all(b"HTTP/1.1 200 Connection established\r\n\r\n")
+                        .await
+                        .ok()?;
+                    (target, auth)
+                };
+                log.lock().unwrap().push(Tunnelled {
+                    target: target.clone(),
+                    auth,
+                });
+                let mut upstream = tokio::net::TcpStream::connect(&target).await.ok()?;
+                let _ = tokio::io::copy_bidirectional(&mut s, &mut upstream).await;
+                Some(())
+            });
+        }
+    });
+    (addr, asked)
+}
+
+/// The fake's `host:port`, as the proxies are asked for it.
+fn fake_target(fake: &FakeWhatsApp) -> String {
+    let rest = fake.url.strip_prefix("ws://").unwrap();
+    rest.split('/').next().unwrap().to_owned()
+}
+
+/// A paired number whose `settings.proxy` is `url` connects to `fake` through the test proxy
+/// whose log is `asked`, which was asked once, for the fake, with `auth`.
+async fn connects_through(
+    fake: &FakeWhatsApp,
+    url: String,
+    asked: &Mutex<Vec<Tunnelled>>,
+    auth: Option<&str>,
+) {
+    let c = Client::start_with(fake, true, serde_json::json!({ "proxy": url })).await;
+    c.wait("connected", |e| *e == WaEvent::Connected).await;
+    assert_eq!(
+        asked.lock().unwrap().clone(),
+        [Tunnelled {
+            target: fake_target(fake),
+            auth: auth.map(str::to_owned),
+        }]
+    );
+    c.session.shutdown().await;
+}
+
+/// A number whose settings name a SOCKS5 proxy (with credentials) connects through it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_number_connects_through_its_socks5_proxy() {
+    let fake = FakeWhatsApp::start(Answer::Success).await;
+    let (proxy, asked) = test_proxy(true).await;
+    let url = format!("socks5://ann:s3cret@{proxy}");
+    connects_through(&fake, url, &asked, Some("ann:s3cret")).await;
+}
+
+/// The same through an HTTP proxy's CONNECT tunnel; a proxy that is down fails the connect
+/// like an unreachable WhatsApp (counted, backed off, no event).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_number_connects_through_its_http_proxy_and_a_dead_one_is_a_failed_connect() {
+    let fake = FakeWhatsApp::start(Answer::Success).await;
+    let (proxy, asked) = test_proxy(false).await;
+    connects_through(&fake, format!("http://{proxy}"), &asked, None).await;
+
+    // A port nothing listens on.
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let dead_addr = dead.local_addr().unwrap();
+    drop(dead);
+    let c = Client::start_with(
+        &fake,
+        true,
+        serde_json::json!({ "proxy": format!("socks5://{dead_addr}") }),
+    )
+    .await;
+    until("two failed connects", || {
+        c.session.stats().connect_failures >= 2
+    })
+    .await;
+    assert!(
+        c.events.lock().unwrap().is_empty(),
+        "{:?}",
+        c.events.lock().unwrap()
+    );
+    let logins = fake.seen().len();
+    assert_eq!(logins, 1, "only the first number reached the fake");
     c.session.shutdown().await;
 }

@@ -2,7 +2,8 @@
 //! [`WhatsAppSession`] is the port's session over its `Client`.
 //!
 //! - The bot is built with the number's [`WaBackend`] (its protocol state in the store, under
-//!   the number's fence), the tokio WebSocket transport (its URL configurable), the ureq HTTP
+//!   the number's fence), the tokio WebSocket transport (its URL configurable; through the
+//!   number's proxy if its settings name one, see [`super::proxy`]), the ureq HTTP
 //!   client, `TokioRuntime`, a fixed WhatsApp Web version (no network fetch), a push name, and
 //!   history sync skipped unless asked for.
 //! - One inline event handler turns each `Event` into the port's events ([`map_event`]) and
@@ -34,11 +35,11 @@ use whatsapp_rust::wacore::pair_code::PairCodeOptions;
 use whatsapp_rust::wacore::types::events::{Event, EventHandler, InboundMessage as WaInbound};
 use whatsapp_rust::waproto::whatsapp as wa;
 use whatsapp_rust::{ChatStateType, Client, InboundDurabilityHook, TokioRuntime};
-use whatsapp_rust_tokio_transport::TokioWebSocketTransportFactory;
 use whatsapp_rust_ureq_http_client::UreqHttpClient;
 
 use super::backend::WaBackend;
 use super::events::{inbound, map_event};
+use super::proxy::NumberTransport;
 use crate::store::SqlStore;
 
 /// WhatsApp's own WebSocket endpoint.
@@ -106,9 +107,11 @@ impl WaConnector for WhatsAppConnector {
         let counts = Arc::new(Counts::default());
         let mut builder = Bot::builder()
             .with_backend(backend)
-            .with_transport_factory(
-                TokioWebSocketTransportFactory::new().with_url(&self.options.url),
-            )
+            .with_transport_factory(NumberTransport {
+                url: self.options.url.clone(),
+                store: self.store.clone(),
+                number: account.number.clone(),
+            })
             .with_http_client(UreqHttpClient::new())
             .with_runtime(TokioRuntime)
             .with_version(self.options.version)
