@@ -335,10 +335,7 @@ impl FakeWhatsApp {
             .unwrap_or_else(|| panic!("{device} has no keys on the server"));
         let n = self.shared.message_ids.fetch_add(1, Ordering::Relaxed);
         let id = format!("3EB0{:016X}", 0x5A17_0000_0000_0000_u64 + n as u64);
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_secs();
+        let now = unix_now();
         let node = NodeBuilder::new("message")
             .attr("from", format!("{from}@s.whatsapp.net"))
             .attr("id", id.clone())
@@ -351,14 +348,7 @@ impl FakeWhatsApp {
                 .bytes(ciphertext)
                 .build()])
             .build();
-        let mut devices = self.shared.devices.lock().unwrap();
-        devices
-            .entry(device.to_owned())
-            .or_default()
-            .inbox
-            .push((id.clone(), node));
-        drop(devices);
-        self.shared.inbox.send_modify(|v| *v += 1);
+        self.shared.enqueue(device, id.clone(), node);
         id
     }
 
@@ -399,10 +389,7 @@ impl FakeWhatsApp {
     /// (`Some("read")`). The receipt waits on the server like a message until the device
     /// acknowledges it.
     pub fn contact_receipt(&self, from: &str, device: &str, id: &str, kind: Option<&str>) {
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_secs();
+        let now = unix_now();
         let mut receipt = NodeBuilder::new("receipt")
             .attr("from", format!("{from}@s.whatsapp.net"))
             .attr("id", id)
@@ -410,15 +397,8 @@ impl FakeWhatsApp {
         if let Some(kind) = kind {
             receipt = receipt.attr("type", kind);
         }
-        let key = receipt_key(id, kind);
-        let mut devices = self.shared.devices.lock().unwrap();
-        devices
-            .entry(device.to_owned())
-            .or_default()
-            .inbox
-            .push((key, receipt.build()));
-        drop(devices);
-        self.shared.inbox.send_modify(|v| *v += 1);
+        self.shared
+            .enqueue(device, receipt_key(id, kind), receipt.build());
     }
 
     /// The messages still waiting on the server for `device`'s acknowledgement.
@@ -432,6 +412,19 @@ impl FakeWhatsApp {
 }
 
 impl Shared {
+    /// Queues `node` for `device` under `key` (what its acknowledgement will name) and wakes
+    /// the device's live connection.
+    fn enqueue(&self, device: &str, key: String, node: Node) {
+        let mut devices = self.devices.lock().unwrap();
+        devices
+            .entry(device.to_owned())
+            .or_default()
+            .inbox
+            .push((key, node));
+        drop(devices);
+        self.inbox.send_modify(|v| *v += 1);
+    }
+
     /// The messages waiting for `device` that this connection has not had yet (`sent`), marked
     /// `offline` when they make up the login's queue; each delivery is logged.
     fn take_inbox(
@@ -606,10 +599,7 @@ impl Shared {
         let mut attrs = node.attrs();
         let id = attrs.optional_string("id")?.to_string();
         let to = attrs.optional_string("to")?.to_string();
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_secs();
+        let now = unix_now();
         let ack = NodeBuilder::new("ack")
             .attr("class", "message")
             .attr("id", id.clone())
@@ -814,10 +804,7 @@ impl Conn {
         device: Option<String>,
         mut pushes: tokio::sync::broadcast::Receiver<Node>,
     ) {
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_secs();
+        let now = unix_now();
         let success = NodeBuilder::new("success")
             .attr("t", now.to_string())
             .attr("lid", "100000012345678@lid")
@@ -1116,12 +1103,7 @@ fn pair_success(id: &str, scan: &Scan) -> (Node, Vec<u8>) {
     let account_public = account.public_key.public_key_bytes().to_vec();
     let details = wa::ADVDeviceIdentity {
         raw_id: Some(rand::random::<u32>()),
-        timestamp: Some(
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_secs(),
-        ),
+        timestamp: Some(unix_now()),
         key_index: Some(1),
         account_type: Some(wa::ADVEncryptionType::E2EE),
         device_type: Some(wa::ADVEncryptionType::E2EE),
@@ -1214,4 +1196,12 @@ fn contact_user<'a>(jid: &'a str, own_user: &str) -> Option<&'a str> {
     let user = jid.strip_suffix("@s.whatsapp.net")?;
     let user = user.split(':').next()?;
     (user != own_user && !user.is_empty()).then_some(user)
+}
+
+/// Seconds since the epoch, as the protocol's `t` attributes carry them.
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
 }
