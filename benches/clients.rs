@@ -35,7 +35,8 @@ use fleet::arg;
 use switchboard::store::{Dialect, NumberRecord, TenantRecord};
 use switchboard::whatsapp::{WaBackend, WhatsAppConnector, WhatsAppOptions};
 use switchboard_actors::PhoneNumber;
-use switchboard_actors::store::{Coordinator, Fence};
+use switchboard_actors::coordinator::{Lease, TokenSource};
+use switchboard_actors::store::Fence;
 use switchboard_actors::transport::{AccountSpec, WaConnector, WaEvent, WaSession};
 use whatsapp_rust::wacore::store::Device;
 use whatsapp_rust::wacore::store::traits::DeviceStore;
@@ -102,15 +103,18 @@ async fn bench(clients: usize, settle: Duration) -> anyhow::Result<serde_json::V
             .await?;
         let fence = Fence {
             number: number.clone(),
-            token: store.acquire(&number).await?,
+            token: store.next_token(&number).await?,
         };
         // A paired device, as `switchboard numbers login` leaves it.
         let mut device = Device::new();
         device.pn = Some(format!("{digits}:5@s.whatsapp.net").parse()?);
         device.push_name = "Switchboard bench".into();
-        WaBackend::new(store.protocol_state(fence.clone()))
-            .save(&device)
-            .await?;
+        WaBackend::new(
+            store.protocol_state(fence.clone()),
+            Lease::new(fence.clone()),
+        )
+        .save(&device)
+        .await?;
         fences.push(fence);
     }
     let paired = store.protocol_footprint().await?;
@@ -144,7 +148,7 @@ async fn bench(clients: usize, settle: Duration) -> anyhow::Result<serde_json::V
                         number: fence.number.clone(),
                         client_label: "Switchboard bench".into(),
                         credentials: None,
-                        fence,
+                        lease: Lease::new(fence),
                     },
                     sink,
                 )

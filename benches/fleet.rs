@@ -16,8 +16,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use switchboard::sim::{Dialer, Network, SimConfig, SimConnector};
+use switchboard_actors::coordinator::{LocalCoordinator, TokenSource};
 use switchboard_actors::number::NumberMsg;
-use switchboard_actors::store::{Coordinator, Fence, MemoryStore, Store};
+use switchboard_actors::store::{Fence, MemoryStore, Store};
 use switchboard_actors::transport::Credentials;
 use switchboard_actors::{Deps, Fleet, FleetCounters, NumberPhase, PhoneNumber, Settings};
 use tokio::time::Instant;
@@ -46,7 +47,7 @@ async fn run(n: usize) -> anyhow::Result<serde_json::Value> {
         let creds = network.create_paired_account(number);
         let fence = Fence {
             number: number.clone(),
-            token: store.acquire(number).await?,
+            token: store.next_token(number).await?,
         };
         store.save_session(&fence, &Credentials(creds)).await?;
     }
@@ -59,7 +60,7 @@ async fn run(n: usize) -> anyhow::Result<serde_json::Value> {
         responder: Arc::new(switchboard::bot::KeywordBot),
         ai: Arc::new(switchboard::bot::CannedModel),
         store: store.clone(),
-        coordinator: store,
+        coordinator: Arc::new(LocalCoordinator::new(store)),
         settings,
         counters: Arc::new(FleetCounters::default()),
     };

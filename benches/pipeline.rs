@@ -46,9 +46,10 @@ use switchboard::sim::{Dialer, Network, SimConfig, SimConnector};
 use switchboard::store::{
     Dialect, HotWrite, NumberRecord, SessionCipher, SqlStore, StoreOptions, TenantRecord,
 };
+use switchboard_actors::coordinator::TokenSource;
 use switchboard_actors::deps::SendRate;
 use switchboard_actors::responder::ChatContext;
-use switchboard_actors::store::{Completion, Coordinator, Fence, Store};
+use switchboard_actors::store::{Completion, Fence, Store};
 use switchboard_actors::transport::{Credentials, InboundMessage, MessageId, OutboundText};
 use switchboard_actors::{Deps, Fleet, FleetCounters, NumberPhase, PhoneNumber, Settings};
 use tokio::time::Instant;
@@ -149,7 +150,7 @@ async fn seed(store: &SqlStore, numbers: &[PhoneNumber]) -> anyhow::Result<Vec<F
             .await?;
         fences.push(Fence {
             number: n.clone(),
-            token: store.acquire(n).await?,
+            token: store.next_token(n).await?,
         });
     }
     Ok(fences)

@@ -5,6 +5,8 @@
 //! switchboard migrate [--config FILE]        apply pending database migrations
 //! switchboard numbers add [--tenant T] NUMBER…  |  list  |  remove NUMBER…
 //! switchboard numbers login NUMBER [--pair-code PHONE]   pair a number from the terminal
+//! switchboard numbers move NUMBER --to NODE  |  unpin NUMBER   pin a number to a node
+//! switchboard cluster status  |  drain NODE  the cluster's nodes; drain one
 //! switchboard demo [--numbers N] [--duration 30s] [--chaos] [--listen ADDR] [--seed S]
 //! switchboard sim serve [--listen ADDR] [--seed S]
 //! ```
@@ -44,6 +46,15 @@ pub enum Command {
         /// What to do.
         #[command(subcommand)]
         command: NumbersCommand,
+    },
+    /// The cluster: its nodes, and draining one.
+    Cluster {
+        /// Where the config is (its `cluster.*` keys name the Redis).
+        #[command(flatten)]
+        config: ConfigArg,
+        /// What to do.
+        #[command(subcommand)]
+        command: ClusterCommand,
     },
     /// Run a simulated fleet on the embedded defaults and print a JSON report.
     Demo(DemoArgs),
@@ -90,11 +101,36 @@ pub enum NumbersCommand {
         #[arg(long, value_name = "PHONE")]
         pair_code: Option<String>,
     },
+    /// Pin a number to a node: the cluster moves it there (while that node is live).
+    Move {
+        /// The number.
+        number: String,
+        /// The node id.
+        #[arg(long)]
+        to: String,
+    },
+    /// Remove a number's pin: placement decides again.
+    Unpin {
+        /// The number.
+        number: String,
+    },
     /// Remove numbers and everything stored for them.
     Remove {
         /// The numbers.
         #[arg(required = true)]
         numbers: Vec<String>,
+    },
+}
+
+/// `switchboard cluster …`.
+#[derive(Debug, Subcommand)]
+pub enum ClusterCommand {
+    /// The live nodes, their states and how many numbers each holds.
+    Status,
+    /// Ask a node to give all its numbers away (it keeps running, taking none).
+    Drain {
+        /// The node id.
+        node: String,
     },
 }
 

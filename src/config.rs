@@ -96,6 +96,21 @@ pub struct ChaosConfig {
     pub crash_number_every: Duration,
 }
 
+/// The cluster: set when `cluster.redis_url` is.
+#[derive(Debug, Clone)]
+pub struct ClusterConfig {
+    /// Redis URL (secret: may hold a password).
+    pub redis_url: SecretString,
+    /// Prefix of every key this cluster keeps in Redis.
+    pub key_prefix: String,
+    /// How long a number's lease lasts unrenewed.
+    pub lease_ttl: Duration,
+    /// This node's weight in placement.
+    pub capacity: u32,
+    /// Placement: imbalance past which numbers move, and how fast a node hands them off.
+    pub placement: switchboard_actors::placement::PlacementConfig,
+}
+
 /// The typed configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -111,6 +126,10 @@ pub struct Config {
     pub runtime: Settings,
     /// Fault injection.
     pub chaos: ChaosConfig,
+    /// The cluster, if this node runs in one (else the embedded single node).
+    pub cluster: Option<ClusterConfig>,
+    /// Admission control of connects (the cluster's bucket applies in a cluster only).
+    pub admission: crate::cluster::AdmissionRates,
 }
 
 impl Config {
@@ -241,6 +260,13 @@ fn read(r: &mut Reader<'_>) -> Config {
         groups_enabled: r.bool("runtime.groups_enabled"),
         ..Settings::default()
     };
+    let cluster = cluster(r, dialect);
+    let admission = crate::cluster::AdmissionRates {
+        node_per_second: r.float("admission.node_per_second", 0.01, 100_000.0),
+        node_burst: r.int("admission.node_burst", 1, 100_000) as u32,
+        cluster_per_second: r.float("admission.cluster_per_second", 0.01, 100_000.0),
+        cluster_burst: r.int("admission.cluster_burst", 1, 100_000) as u32,
+    };
     let chaos = ChaosConfig {
         panic_every: r.int("chaos.panic_every", 0, u64::MAX),
         crash_number_every: r.duration("chaos.crash_number_every"),
@@ -252,7 +278,47 @@ fn read(r: &mut Reader<'_>) -> Config {
         http_listen,
         runtime,
         chaos,
+        cluster,
+        admission,
     }
+}
+
+/// The `cluster.*` keys: `None` without a Redis URL.
+fn cluster(r: &mut Reader<'_>, dialect: Dialect) -> Option<ClusterConfig> {
+    let url = r.string("cluster.redis_url");
+    let lease_ttl = r.duration("cluster.lease_ttl");
+    let capacity = r.int("cluster.capacity", 1, 1_000_000) as u32;
+    let key_prefix = r.string("cluster.key_prefix");
+    let placement = switchboard_actors::placement::PlacementConfig {
+        imbalance: r.float("cluster.rebalance_imbalance", 0.0, 1_000_000.0),
+        moves_per_second: r.float("cluster.moves_per_second", 0.01, 10_000.0),
+        moves_burst: r.int("cluster.moves_burst", 1, 100_000) as u32,
+    };
+    if url.trim().is_empty() {
+        return None;
+    }
+    if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
+        r.error("cluster.redis_url", "expected a redis:// or rediss:// URL");
+    }
+    if dialect != Dialect::Postgres {
+        r.error(
+            "cluster.redis_url",
+            "a cluster's nodes share one PostgreSQL store (store.url = postgres://…)",
+        );
+    }
+    if lease_ttl < Duration::from_secs(1) {
+        r.error("cluster.lease_ttl", "at least 1s");
+    }
+    if key_prefix.is_empty() || key_prefix.contains(['{', '}']) {
+        r.error("cluster.key_prefix", "non-empty, without braces");
+    }
+    Some(ClusterConfig {
+        redis_url: SecretString::from(url),
+        key_prefix,
+        lease_ttl,
+        capacity,
+        placement,
+    })
 }
 
 /// The `transport.whatsapp_*` keys.
@@ -446,6 +512,31 @@ mod tests {
         let keys: Vec<&str> = errs.0.iter().map(|e| e.key.as_str()).collect();
         assert!(keys.contains(&"transport.whatsapp_url"), "{errs}");
         assert!(keys.contains(&"transport.whatsapp_version"), "{errs}");
+    }
+
+    #[test]
+    fn a_cluster_needs_postgres_a_redis_url_and_a_ttl_of_a_second() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("c.toml");
+        std::fs::write(
+            &file,
+            "[cluster]\nredis_url = \"http://x\"\nlease_ttl = \"100ms\"\nkey_prefix = \"{a}\"\n",
+        )
+        .expect("write");
+        let err = Config::load_from(Some(&file), no_env()).expect_err("invalid");
+        let keys: Vec<&str> = err.0.iter().map(|e| e.key.as_str()).collect();
+        assert_eq!(
+            keys,
+            [
+                "cluster.redis_url",
+                "cluster.redis_url",
+                "cluster.lease_ttl",
+                "cluster.key_prefix"
+            ],
+            "{err}"
+        );
+        let c = Config::load_from(None, no_env()).expect("defaults are valid");
+        assert!(c.cluster.is_none(), "embedded by default");
     }
 
     #[test]

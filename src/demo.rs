@@ -266,7 +266,7 @@ async fn chaos(
         let _ = network.fault(n, Fault::new(FaultKind::Drop, outage));
         if round.is_multiple_of(10) {
             let victim = numbers[rng.random_range(0..numbers.len())].clone();
-            crate::serve::crash_number(&fleet_addr, victim).await;
+            crate::app::crash_number(&fleet_addr, victim).await;
         }
     }
 }

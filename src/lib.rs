@@ -5,6 +5,8 @@
 //!
 //! - [`config`]: typed, layered configuration (`config/default.toml`, a file, the environment).
 //! - [`store`]: the SQL store (SQLite embedded, PostgreSQL for clusters).
+//! - [`app`]: the node's wiring (`App::build`, `App::run_until`), used by every entry point.
+//! - [`cluster`]: the cluster on Redis (leases with fencing tokens).
 //! - [`serve`]: `switchboard serve`, the runtime on the configured store and transport.
 //! - [`sim`]: the WhatsApp simulator (network, referee ledger, `sim` transport, `sim serve`).
 //! - [`bot`]: the demo's keyword/echo bot, a canned model and the chaos wrapper.
@@ -17,8 +19,10 @@
 
 #![forbid(unsafe_code)]
 
+pub mod app;
 pub mod bot;
 pub mod cli;
+pub mod cluster;
 pub mod config;
 pub mod demo;
 pub mod login;

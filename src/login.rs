@@ -19,8 +19,8 @@ use switchboard_actors::store::{Fence, Store};
 use switchboard_actors::transport::{AccountSpec, EventSink, WaEvent, WaSession};
 use tokio::sync::mpsc;
 
+use crate::app::{connector, open_store};
 use crate::config::Config;
-use crate::serve::{connector, open_store};
 
 /// How long the whole pairing may take.
 const PAIRING_DEADLINE: Duration = Duration::from_secs(600);
@@ -48,10 +48,8 @@ pub async fn run(
         "{number} is not registered; add it with `switchboard numbers add {number}`"
     );
     let (store_port, coordinator) = store.ports();
-    let fence = Fence {
-        number: number.clone(),
-        token: coordinator.acquire(&number).await?,
-    };
+    let lease = coordinator.acquire(&number).await?;
+    let fence = lease.fence().clone();
     let credentials = store_port.load_session(&number).await?;
     let (tx, mut events) = mpsc::unbounded_channel();
     let sink: EventSink = std::sync::Arc::new(move |e| {
@@ -61,7 +59,7 @@ pub async fn run(
         number: number.clone(),
         client_label: config.runtime.client_label.clone(),
         credentials,
-        fence: fence.clone(),
+        lease,
     };
     let session = connector(&config.transport, &store)
         .start(account, sink)

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::Parser;
-use switchboard::cli::{Cli, Command, ConfigArg, NumbersCommand, SimCommand};
+use switchboard::cli::{Cli, ClusterCommand, Command, ConfigArg, NumbersCommand, SimCommand};
 use switchboard::config::{Config, ConfigErrors};
 use switchboard::demo::{self, DemoOptions};
 use switchboard::sim::{Network, SimConfig, server};
@@ -62,6 +62,32 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             switchboard::telemetry::init_logging("warn", false);
             numbers(&config, command).await
         }
+        Command::Cluster { config, command } => {
+            let config = load(&config)?;
+            switchboard::telemetry::init_logging("warn", false);
+            let Some(cluster) = &config.cluster else {
+                eprintln!("switchboard: cluster.redis_url is not set: this node runs embedded");
+                std::process::exit(64);
+            };
+            match command {
+                ClusterCommand::Status => {
+                    let store = switchboard::app::open_store(&config.store).await?;
+                    let numbers: Vec<_> = store
+                        .numbers()
+                        .await?
+                        .into_iter()
+                        .map(|n| n.number)
+                        .collect();
+                    store.close().await;
+                    print!("{}", switchboard::cluster::status(cluster, &numbers).await?);
+                }
+                ClusterCommand::Drain { node } => {
+                    switchboard::cluster::request_drain(cluster, &node).await?;
+                    println!("asked {node} to drain");
+                }
+            }
+            Ok(())
+        }
         Command::Demo(args) => {
             // Chaos panics are expected and counted as restarts; keep them off the progress line.
             let filter = if args.chaos {
@@ -116,7 +142,7 @@ async fn numbers(config: &Config, command: NumbersCommand) -> anyhow::Result<()>
         eprintln!("switchboard: --proxy: {e}");
         std::process::exit(64);
     }
-    let store = switchboard::serve::open_store(&config.store).await?;
+    let store = switchboard::app::open_store(&config.store).await?;
     match command {
         NumbersCommand::Add {
             tenant,
@@ -157,6 +183,16 @@ async fn numbers(config: &Config, command: NumbersCommand) -> anyhow::Result<()>
             for n in store.numbers().await? {
                 println!("{}\t{}", n.number, n.tenant);
             }
+        }
+        NumbersCommand::Move { number, to } => {
+            let parsed = PhoneNumber::parse(&number).with_context(|| format!("{number:?}"))?;
+            store.pin_number(&parsed, Some(&to)).await?;
+            println!("{number} pinned to {to}: it moves there while {to} is live");
+        }
+        NumbersCommand::Unpin { number } => {
+            let parsed = PhoneNumber::parse(&number).with_context(|| format!("{number:?}"))?;
+            store.pin_number(&parsed, None).await?;
+            println!("{number} unpinned");
         }
         NumbersCommand::Remove { numbers } => {
             for raw in numbers {

@@ -7,7 +7,7 @@
 //! - `batch`: the group-commit batcher. Hot-path writes (inbound, completions, sent marks) queue
 //!   to one task per store, which commits them together on N rows or T ms.
 //! - `path`: the message path of the port (inbound log, outbox, checkpoints, sessions,
-//!   dead letters) and the embedded [`Coordinator`].
+//!   dead letters) and the tokens of the embedded [`Coordinator`] ([`LocalCoordinator`]).
 //! - `admin`: tenants, numbers, contacts, conversations, flows, AI jobs.
 //! - `events`: the event outbox for webhooks, and the audit log.
 //! - `cipher`: AES-256-GCM for session blobs, keys by id so they can rotate.
@@ -38,7 +38,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use sqlx::any::{AnyConnectOptions, AnyPoolOptions, AnyRow};
 use sqlx::{Any, AnyPool, Row, Transaction};
-use switchboard_actors::store::{Coordinator, Fence, OutageKind, Store, StoreError};
+use switchboard_actors::coordinator::{Coordinator, LocalCoordinator};
+use switchboard_actors::store::{Fence, OutageKind, Store, StoreError};
 
 pub use admin::{AiJobRecord, AiJobStatus};
 pub use admin::{ConversationRecord, FlowRecord, FlowStatus, NumberRecord, OptIn, TenantRecord};
@@ -170,9 +171,10 @@ impl SqlStore {
     }
 
     /// This store as the ports the actors use.
+    /// The coordinator is the embedded one, with tokens from this store.
     pub fn ports(&self) -> (Arc<dyn Store>, Arc<dyn Coordinator>) {
         let me = Arc::new(self.clone());
-        (me.clone(), me)
+        (me.clone(), Arc::new(LocalCoordinator::new(me)))
     }
 
     /// Commits `writes` as one batch right now, bypassing the batcher's queue: the same

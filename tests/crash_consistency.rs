@@ -21,8 +21,6 @@ mod fleet;
 
 use std::time::{Duration, Instant};
 
-use std::collections::HashSet;
-
 use db::TestDb;
 use fleet::Rig;
 use rand::rngs::SmallRng;
@@ -56,33 +54,6 @@ fn kill_times() -> Vec<Duration> {
         .collect();
     at.sort();
     at
-}
-
-/// Replies the node had written to WhatsApp but not settled when it died: queued in the
-/// database (frozen: the node is dead) and received by the network.
-async fn in_flight(rig: &Rig, db: &sqlx::AnyPool) -> u64 {
-    let queued: HashSet<(String, String)> =
-        sqlx::query("SELECT number, message_id FROM outbox WHERE status = 'queued'")
-            .fetch_all(db)
-            .await
-            .unwrap()
-            .iter()
-            .map(|r| (r.get::<String, _>(0), r.get::<String, _>(1)))
-            .collect();
-    let mut count = 0;
-    for n in &rig.numbers {
-        let events = rig.ledger(n).await;
-        let received: HashSet<&str> = events
-            .iter()
-            .filter(|e| e["event"] == "outbound_received")
-            .filter_map(|e| e["id"].as_str())
-            .collect();
-        count += received
-            .iter()
-            .filter(|id| queued.contains(&(n.clone(), (**id).to_owned())))
-            .count() as u64;
-    }
-    count
 }
 
 async fn count(db: &sqlx::AnyPool, sql: &str) -> i64 {
@@ -130,7 +101,7 @@ async fn crash_consistency(dialect: Dialect) {
         if kills.peek().is_some_and(|k| started.elapsed() >= **k) {
             kills.next();
             node.kill(&mut serve);
-            in_flight_at_kills += in_flight(&rig, &db).await;
+            in_flight_at_kills += rig.in_flight(&db, &rig.numbers).await;
             serve = node.start();
         }
         if faults
@@ -154,7 +125,7 @@ async fn crash_consistency(dialect: Dialect) {
             tokio::time::sleep(wait).await;
         }
         node.kill(&mut serve);
-        in_flight_at_kills += in_flight(&rig, &db).await;
+        in_flight_at_kills += rig.in_flight(&db, &rig.numbers).await;
         serve = node.start();
     }
 
@@ -163,7 +134,7 @@ async fn crash_consistency(dialect: Dialect) {
     tokio::time::sleep(QUIET).await;
     let before = rig.summary().await;
     node.kill(&mut serve);
-    let in_flight_quiet = in_flight(&rig, &db).await;
+    let in_flight_quiet = rig.in_flight(&db, &rig.numbers).await;
     let serve = node.start();
     tokio::time::sleep(QUIET).await;
     let after = rig.summary().await;

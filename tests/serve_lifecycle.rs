@@ -55,7 +55,7 @@ async fn serve_answers_shuts_down_in_time_and_resumes_without_sending_twice() {
     let config = Config::load(Some(&file)).unwrap();
 
     let number = PhoneNumber::parse("+15550031").unwrap();
-    let store = switchboard::serve::open_store(&config.store).await.unwrap();
+    let store = switchboard::app::open_store(&config.store).await.unwrap();
     let tenant = TenantRecord {
         id: "t".into(),
         name: "t".into(),
@@ -90,7 +90,7 @@ async fn serve_answers_shuts_down_in_time_and_resumes_without_sending_twice() {
 
     // Processed before acknowledged: nothing left to process. The reply is settled by its server
     // ack, or by a receipt the next run gets from the offline queue.
-    let store = switchboard::serve::open_store(&config.store).await.unwrap();
+    let store = switchboard::app::open_store(&config.store).await.unwrap();
     assert!(store.unprocessed(&number).await.unwrap().is_empty());
     assert!(
         store.load_session(&number).await.unwrap().is_some(),

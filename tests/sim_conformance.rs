@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use switchboard::sim::ledger::Summary;
 use switchboard::sim::{Dialer, Fault, FaultKind, Network, SimConfig, SimConnector};
+use switchboard_actors::coordinator::Lease;
 use switchboard_actors::ids::Server;
 use switchboard_actors::store::{Fence, FencingToken};
 use switchboard_actors::transport::{
@@ -95,10 +96,10 @@ impl Client {
             number: n.clone(),
             client_label: label.to_owned(),
             credentials: creds,
-            fence: Fence {
+            lease: Lease::new(Fence {
                 number: n.clone(),
                 token: FencingToken::new(1).unwrap(),
-            },
+            }),
         };
         let session = net.connector().start(account, sink).await.unwrap();
         Self { session, events }

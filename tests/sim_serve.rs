@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 use switchboard::sim::{Dialer, Network, SimConfig, SimConnector, server};
+use switchboard_actors::coordinator::Lease;
 use switchboard_actors::store::{Fence, FencingToken};
 use switchboard_actors::transport::{
     AccountSpec, Credentials, InboundMessage, MessageId, OutboundText, WaConnector, WaEvent,
@@ -28,10 +29,10 @@ impl Client {
             number: PhoneNumber::parse(number).unwrap(),
             client_label: label.into(),
             credentials: creds,
-            fence: Fence {
+            lease: Lease::new(Fence {
                 number: PhoneNumber::parse(number).unwrap(),
                 token: FencingToken::new(1).unwrap(),
-            },
+            }),
         };
         let session = connector
             .start(

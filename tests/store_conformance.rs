@@ -15,11 +15,10 @@ use switchboard::store::{
     AiJobRecord, AiJobStatus, AuditEntry, Dialect, FlowStatus, HotWrite, NumberRecord, OptIn,
     PREVIEW_CHARS, SessionCipher, SqlStore, TenantRecord,
 };
+use switchboard_actors::coordinator::TokenSource;
 use switchboard_actors::dead_letter::DeadLetterReason;
 use switchboard_actors::responder::ChatContext;
-use switchboard_actors::store::{
-    Completion, Coordinator, Fence, FencingToken, Recorded, Store, StoreError,
-};
+use switchboard_actors::store::{Completion, Fence, FencingToken, Recorded, Store, StoreError};
 use switchboard_actors::transport::{Credentials, InboundMessage, MessageId, OutboundText};
 use switchboard_actors::{Jid, PhoneNumber};
 
@@ -68,7 +67,7 @@ async fn add(store: &SqlStore, n: &str, tenant: &str) {
 async fn own(store: &SqlStore, n: &str) -> Fence {
     Fence {
         number: phone(n),
-        token: store.acquire(&phone(n)).await.unwrap(),
+        token: store.next_token(&phone(n)).await.unwrap(),
     }
 }
 
@@ -710,7 +709,7 @@ async fn concurrent_writers_lose_nothing_and_duplicate_nothing(db: &TestDb) {
     let store = seeded(db).await;
     // Many owners handed out at once get distinct, rising tokens.
     let n1 = phone(N1);
-    let tokens = futures_util::future::join_all((0..16).map(|_| store.acquire(&n1))).await;
+    let tokens = futures_util::future::join_all((0..16).map(|_| store.next_token(&n1))).await;
     let tokens: HashSet<u64> = tokens.into_iter().map(|t| t.unwrap().get()).collect();
     assert_eq!(tokens.len(), 16);
 

@@ -15,7 +15,8 @@ use sqlx::Row;
 use switchboard::store::{NumberRecord, SqlStore, TenantRecord};
 use switchboard::whatsapp::WaBackend;
 use switchboard_actors::PhoneNumber;
-use switchboard_actors::store::{Coordinator, Fence, StoreError};
+use switchboard_actors::coordinator::{Lease, TokenSource};
+use switchboard_actors::store::{Fence, StoreError};
 use whatsapp_rust::bytes::Bytes;
 use whatsapp_rust::wacore::appstate::hash::HashState;
 use whatsapp_rust::wacore::appstate::processor::AppStateMutationMAC;
@@ -63,9 +64,9 @@ async fn seeded(db: &TestDb) -> (SqlStore, WaBackend) {
 async fn backend(store: &SqlStore, n: &str) -> WaBackend {
     let fence = Fence {
         number: phone(n),
-        token: store.acquire(&phone(n)).await.unwrap(),
+        token: store.next_token(&phone(n)).await.unwrap(),
     };
-    WaBackend::new(store.protocol_state(fence))
+    WaBackend::new(store.protocol_state(fence.clone()), Lease::new(fence))
 }
 
 fn now() -> i64 {

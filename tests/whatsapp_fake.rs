@@ -16,7 +16,8 @@ use db::TestDb;
 use fake_wa::{Answer, FakeWhatsApp};
 use switchboard::store::{Dialect, NumberRecord, SessionCipher, TenantRecord};
 use switchboard::whatsapp::{WaBackend, WhatsAppConnector, WhatsAppOptions};
-use switchboard_actors::store::{Coordinator, Fence, FencingToken};
+use switchboard_actors::coordinator::{Lease, TokenSource};
+use switchboard_actors::store::{Fence, FencingToken};
 use switchboard_actors::transport::{
     AccountSpec, InboundMessage, MessageId, OutboundText, ReceiptKind, ServerAck, WaConnector,
     WaEvent, WaSession,
@@ -72,10 +73,13 @@ async fn provision_with(
         .unwrap();
     let fence = Fence {
         number: number.clone(),
-        token: store.acquire(&number).await.unwrap(),
+        token: store.next_token(&number).await.unwrap(),
     };
     if paired {
-        let backend = WaBackend::new(store.protocol_state(fence.clone()));
+        let backend = WaBackend::new(
+            store.protocol_state(fence.clone()),
+            Lease::new(fence.clone()),
+        );
         let mut device = Device::new();
         device.pn = Some(format!("{DEVICE}@s.whatsapp.net").parse().unwrap());
         device.push_name = "Switchboard test".into();
@@ -151,7 +155,7 @@ impl Client {
                     number: fence.number.clone(),
                     client_label: "Switchboard test".into(),
                     credentials: None,
-                    fence: fence.clone(),
+                    lease: Lease::new(fence.clone()),
                 },
                 Arc::new(move |e| {
                     sink_timed.lock().unwrap().push((Instant::now(), e.clone()));
@@ -771,7 +775,7 @@ async fn child_process_that_never_commits() {
                 number: fence.number.clone(),
                 client_label: "Switchboard test".into(),
                 credentials: None,
-                fence,
+                lease: Lease::new(fence),
             },
             Arc::new(|e| {
                 if let WaEvent::Message(m) = e {

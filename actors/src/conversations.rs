@@ -29,6 +29,7 @@ use tokio::time::Instant;
 
 use crate::addr::Addr;
 use crate::conversation::{ConversationActor, ConversationArgs, ConversationMsg};
+use crate::coordinator::FenceLoss;
 use crate::dead_letter::DeadLetterReason;
 use crate::deps::{Deps, FleetCounters, NumberResources};
 use crate::ids::Jid;
@@ -241,9 +242,7 @@ async fn handle(state: &mut ConversationsState, message: ConversationsMsg) {
         ConversationsMsg::Inbound(msg) => inbound(state, msg).await,
         ConversationsMsg::Committed { key, result } => committed(state, &key, result),
         ConversationsMsg::Processed(key) => done(state, &key),
-        ConversationsMsg::Fenced(e) => {
-            let _ = state.args.number.cast(NumberMsg::Fenced(e));
-        }
+        ConversationsMsg::Fenced(e) => fenced(&state.args.resources, &e),
         ConversationsMsg::Refused(key, error) => refused(state, &key, error),
         ConversationsMsg::Respawn(chat) => {
             let due = state
@@ -351,9 +350,7 @@ fn committed(
             deliver_ready(chat);
         }
         Ok(Recorded::Duplicate { processed: true }) => done(state, key),
-        Err(e @ StoreError::Fenced { .. }) => {
-            let _ = state.args.number.cast(NumberMsg::Fenced(e));
-        }
+        Err(e @ StoreError::Fenced { .. }) => fenced(&state.args.resources, &e),
         Err(StoreError::Refused(error)) => refused(state, key, error),
         Err(e) => {
             // Not acknowledged: the network redelivers it after the next reconnect.
@@ -549,7 +546,6 @@ fn dead_letter(args: &ConversationsArgs, message: InboundMessage, reason: DeadLe
     let store = args.deps.store.clone();
     let fence = args.fence.clone();
     let resources = args.resources.clone();
-    let number = args.number.clone();
     tokio::spawn(async move {
         let cancel = &resources.cancel;
         let written = store
@@ -558,9 +554,7 @@ fn dead_letter(args: &ConversationsArgs, message: InboundMessage, reason: DeadLe
             .await;
         match written {
             Ok(()) => ack(&resources, &message),
-            Err(e @ StoreError::Fenced { .. }) => {
-                let _ = number.cast(NumberMsg::Fenced(e));
-            }
+            Err(e @ StoreError::Fenced { .. }) => fenced(&resources, &e),
             Err(e) => tracing::error!(message_id = %message.id, error = %e, "dead letter lost"),
         }
     });
@@ -593,4 +587,10 @@ fn seed_of(jid: &Jid) -> u64 {
         .fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
             (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
         })
+}
+
+/// A write of the number's was refused as fenced: a newer owner exists.
+fn fenced(resources: &NumberResources, error: &StoreError) {
+    tracing::warn!(%error, "write refused as fenced");
+    resources.lose_fence(FenceLoss::StoreRefused);
 }

@@ -6,9 +6,10 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
+use crate::coordinator::{Coordinator, FenceLoss, Lease};
 use crate::responder::{AiBackend, Responder};
 use crate::restart::RestartPolicy;
-use crate::store::{Coordinator, Store};
+use crate::store::Store;
 use crate::telemetry::NUMBERS;
 use crate::transport::{WaConnector, WaSession};
 
@@ -145,6 +146,14 @@ impl NumberPhase {
         Self::Failed,
     ];
 
+    /// Where a number stands once its ownership ended for `loss`.
+    pub fn after_loss(loss: FenceLoss) -> Self {
+        match loss {
+            FenceLoss::StreamReplaced => Self::Replaced,
+            _ => Self::Fenced,
+        }
+    }
+
     /// The label value.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -219,6 +228,7 @@ impl FleetCounters {
 /// actor dies without running `post_stop` (a panic skips it): the session, the tasks, the state.
 pub struct NumberResources {
     session: Mutex<Option<Arc<dyn WaSession>>>,
+    lease: Mutex<Option<Lease>>,
     /// Cancels the number's tasks (pacer, timers).
     pub cancel: CancellationToken,
     /// Inbound messages the number's intake holds unprocessed, as its supervisor last counted.
@@ -233,6 +243,7 @@ impl NumberResources {
         counters.transition(None, Some(NumberPhase::Starting));
         Arc::new(Self {
             session: Mutex::new(None),
+            lease: Mutex::new(None),
             cancel: CancellationToken::new(),
             pending: AtomicUsize::new(0),
             state: AtomicU8::new(NumberPhase::Starting as u8),
@@ -248,6 +259,34 @@ impl NumberResources {
     /// Installs a new session, returning the previous one.
     pub fn replace_session(&self, s: Option<Arc<dyn WaSession>>) -> Option<Arc<dyn WaSession>> {
         std::mem::replace(&mut *self.lock(), s)
+    }
+
+    /// The lease the number runs under, once the fleet has it.
+    pub fn lease(&self) -> Option<Lease> {
+        self.lease
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Records the lease the number runs under.
+    pub fn set_lease(&self, lease: Lease) {
+        *self
+            .lease
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(lease);
+    }
+
+    /// The one way a number loses its ownership, whoever notices it (a refused write, a lost
+    /// renewal, a replaced stream): the lease is revoked, and the number's watch on it closes
+    /// the session and stops the number at once.
+    pub fn lose_fence(&self, loss: FenceLoss) {
+        match self.lease() {
+            Some(lease) => {
+                lease.revoke(loss);
+            }
+            None => self.cancel.cancel(),
+        }
     }
 
     /// The number's state.

@@ -1,8 +1,14 @@
 //! The fleet supervisor: one child per number this node runs, each with its own restart budget.
 //!
+//! Before a number starts, the fleet takes its [`Lease`] from the [`Coordinator`] (waiting out
+//! an outage of the coordinator or the store, at no cost to any budget); a number another node
+//! holds is not started. The lease outlives restarts of the number's actor and is released when
+//! the number stops for good (removed, drained, parked) so another node may take it at once.
+//!
 //! When a number dies the fleet first releases what the number owned (its session and tasks —
 //! a panic skipped the number's `post_stop`), then applies the number's [`RestartTracker`]:
 //! restart after the backoff, or park it `failed` with its last error once the budget is spent.
+//! A number whose lease was revoked (its ownership lost) stays stopped: never restarted.
 //! The fleet itself never stops because a child did.
 
 use std::collections::HashMap;
@@ -12,14 +18,16 @@ use std::time::Duration;
 use ractor::{
     Actor, ActorId, ActorProcessingErr, ActorRef, RpcReplyPort, SpawnErr, SupervisionEvent,
 };
-use tokio::task::JoinHandle;
+use tokio::task::{JoinHandle, JoinSet};
 use tokio::time::Instant;
 
 use crate::addr::{Addr, CallError};
+use crate::coordinator::{Coordinator, CoordinatorError, FenceLoss, Lease};
 use crate::deps::{Deps, FleetCounters, NumberPhase, NumberResources};
 use crate::ids::PhoneNumber;
 use crate::number::{NumberActor, NumberArgs, NumberMsg};
 use crate::restart::{Decision, Exit, RestartTracker};
+use crate::store::OUTAGE_RETRY;
 use crate::telemetry::{ActorKind, Mailbox, PARKED, RESTARTS};
 
 /// The fleet supervisor.
@@ -27,8 +35,17 @@ pub struct FleetActor;
 
 /// Messages of the fleet.
 pub enum FleetMsg {
-    /// Run this number (no-op if it runs already).
+    /// Run this number (no-op if it runs already): take its lease, then start it.
     Start(PhoneNumber),
+    /// Taking a number's lease ended.
+    Acquired {
+        /// The number.
+        number: PhoneNumber,
+        /// The slot it was taken for (a slot removed and added again meanwhile is another).
+        resources: Arc<NumberResources>,
+        /// The lease, or why there is none.
+        result: Result<Lease, CoordinatorError>,
+    },
     /// Stop running this number; answers whether it was known.
     Stop(PhoneNumber, RpcReplyPort<bool>),
     /// A backoff delay ended: start the number again.
@@ -37,6 +54,9 @@ pub enum FleetMsg {
     Get(PhoneNumber, RpcReplyPort<Option<Addr<NumberMsg>>>),
     /// Report the fleet.
     Status(RpcReplyPort<FleetStatus>),
+    /// The numbers the fleet holds a slot for, each with whether its lease was lost to another
+    /// owner (a replaced stream does not count: that number waits for an operator).
+    Numbers(RpcReplyPort<Vec<(PhoneNumber, bool)>>),
     /// Shutting down: stop every number for good (none is restarted, none starts).
     Drain(RpcReplyPort<()>),
 }
@@ -54,6 +74,8 @@ pub struct FleetStatus {
 
 struct Slot {
     addr: Option<Addr<NumberMsg>>,
+    /// The number's ownership; `None` while it is being taken.
+    lease: Option<Lease>,
     resources: Arc<NumberResources>,
     tracker: RestartTracker,
     parked: Option<String>,
@@ -69,6 +91,8 @@ pub struct FleetState {
     by_actor: HashMap<ActorId, PhoneNumber>,
     /// Set by [`FleetMsg::Drain`]: the node is shutting down.
     draining: bool,
+    /// Lease releases under way; waited for when the fleet stops.
+    releases: JoinSet<()>,
 }
 
 /// What the fleet is started with.
@@ -96,6 +120,7 @@ impl Actor for FleetActor {
             slots: HashMap::new(),
             by_actor: HashMap::new(),
             draining: false,
+            releases: JoinSet::new(),
         })
     }
 
@@ -104,13 +129,19 @@ impl Actor for FleetActor {
         _myself: ActorRef<Self::Msg>,
         state: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
-        for slot in state.slots.values() {
+        let slots: Vec<Slot> = state.slots.drain().map(|(_, slot)| slot).collect();
+        for slot in slots {
             slot.resources.release().await;
             slot.resources.retire();
             if let Some(addr) = &slot.addr {
                 addr.mailbox().abandon();
             }
+            if let Some(lease) = slot.lease {
+                release_lease(state, lease);
+            }
         }
+        // Releases are bounded by the coordinator's own timeouts.
+        while state.releases.join_next().await.is_some() {}
         state.mailbox.abandon();
         Ok(())
     }
@@ -127,6 +158,7 @@ impl Actor for FleetActor {
                 if !state.draining && !state.slots.contains_key(&number) {
                     let slot = Slot {
                         addr: None,
+                        lease: None,
                         resources: NumberResources::new(state.deps.counters.clone()),
                         tracker: RestartTracker::new(
                             state.deps.settings.number_policy,
@@ -136,18 +168,23 @@ impl Actor for FleetActor {
                         parked: None,
                         stopping: false,
                     };
+                    let resources = slot.resources.clone();
                     state.slots.insert(number.clone(), slot);
-                    spawn_number(state, &number).await;
+                    acquire(state, number, resources);
                 }
             }
+            FleetMsg::Acquired {
+                number,
+                resources,
+                result,
+            } => acquired(state, number, &resources, result).await,
             FleetMsg::Stop(number, reply) => {
                 let _ = reply.send(stop_number(state, &number).await);
             }
             FleetMsg::Respawn(number) => {
-                let due = state
-                    .slots
-                    .get(&number)
-                    .is_some_and(|s| s.addr.is_none() && s.parked.is_none() && !s.stopping);
+                let due = state.slots.get(&number).is_some_and(|s| {
+                    s.addr.is_none() && s.lease.is_some() && s.parked.is_none() && !s.stopping
+                });
                 if due {
                     spawn_number(state, &number).await;
                 }
@@ -157,6 +194,18 @@ impl Actor for FleetActor {
             }
             FleetMsg::Status(reply) => {
                 let _ = reply.send(status(state));
+            }
+            FleetMsg::Numbers(reply) => {
+                let numbers = state
+                    .slots
+                    .iter()
+                    .map(|(n, s)| {
+                        let loss = s.lease.as_ref().and_then(Lease::loss);
+                        let lost = loss.is_some_and(|l| l != FenceLoss::StreamReplaced);
+                        (n.clone(), lost && s.addr.is_none())
+                    })
+                    .collect();
+                let _ = reply.send(numbers);
             }
             FleetMsg::Drain(reply) => {
                 state.draining = true;
@@ -193,16 +242,27 @@ async fn spawn_number(state: &mut FleetState, number: &PhoneNumber) {
     let Some(slot) = state.slots.get_mut(number) else {
         return;
     };
+    let Some(lease) = slot.lease.clone() else {
+        return;
+    };
+    if let Some(loss) = lease.loss() {
+        // Lost while it waited to restart: it stays stopped.
+        tracing::warn!(%number, %loss, "ownership lost; not restarted");
+        slot.resources.set_state(NumberPhase::after_loss(loss));
+        return;
+    }
     if slot.resources.cancel.is_cancelled() {
         // The previous incarnation's resources are spent; start with fresh ones.
         slot.resources.retire();
         slot.resources = NumberResources::new(state.deps.counters.clone());
+        slot.resources.set_lease(lease.clone());
     }
     let mailbox = Mailbox::new(ActorKind::Number);
     let args = NumberArgs {
         number: number.clone(),
         mailbox: mailbox.clone(),
         resources: slot.resources.clone(),
+        lease,
         deps: state.deps.clone(),
     };
     let cell = state.myself.actor().get_cell();
@@ -232,10 +292,123 @@ async fn stop_number(state: &mut FleetState, number: &PhoneNumber) -> bool {
             if let Some(slot) = state.slots.remove(number) {
                 slot.resources.release().await;
                 slot.resources.retire();
+                if let Some(lease) = slot.lease {
+                    release_lease(state, lease);
+                }
             }
         }
     }
     true
+}
+
+/// Takes the lease of `number` off the fleet's task, waiting out outages, and reports it.
+fn acquire(state: &FleetState, number: PhoneNumber, resources: Arc<NumberResources>) {
+    let coordinator = state.deps.coordinator.clone();
+    let health = state.deps.store.health();
+    let fleet = state.myself.clone();
+    tokio::spawn(async move {
+        let mut wait = Duration::from_millis(250);
+        let result = loop {
+            match coordinator.acquire(&number).await {
+                Err(e) if e.is_outage() && !resources.cancel.is_cancelled() => {
+                    tracing::debug!(%number, error = %e, "coordinator unavailable; waiting");
+                    let pause = async {
+                        match e {
+                            CoordinatorError::Store(_) => health.wait_up(OUTAGE_RETRY).await,
+                            _ => tokio::time::sleep(wait).await,
+                        }
+                    };
+                    tokio::select! {
+                        () = resources.cancel.cancelled() => break Err(e),
+                        () = pause => {}
+                    }
+                    wait = (wait * 2).min(OUTAGE_RETRY);
+                }
+                other => break other,
+            }
+        };
+        // Then its turn to connect: a cold start or a failover never storms WhatsApp.
+        let result = match result {
+            Ok(lease) => match admit(&*coordinator, &number, &resources).await {
+                Ok(()) => Ok(lease),
+                Err(e) => {
+                    // Stopped (or handed off) while it waited: the lease is of no use here.
+                    coordinator.release(&lease).await;
+                    Err(e)
+                }
+            },
+            Err(e) => Err(e),
+        };
+        let _ = fleet.cast(FleetMsg::Acquired {
+            number,
+            resources,
+            result,
+        });
+    });
+}
+
+/// Waits for `number`'s admission, through outages of the coordinator; cancelled with the slot.
+async fn admit(
+    coordinator: &dyn Coordinator,
+    number: &PhoneNumber,
+    resources: &NumberResources,
+) -> Result<(), CoordinatorError> {
+    loop {
+        let admitted = tokio::select! {
+            () = resources.cancel.cancelled() => return Err(CoordinatorError::Draining),
+            admitted = coordinator.admit(number) => admitted,
+        };
+        match admitted {
+            Err(e) if e.is_outage() => {
+                tracing::debug!(%number, error = %e, "admission unavailable; waiting");
+                tokio::select! {
+                    () = resources.cancel.cancelled() => return Err(e),
+                    () = tokio::time::sleep(OUTAGE_RETRY / 4) => {}
+                }
+            }
+            other => return other,
+        }
+    }
+}
+
+async fn acquired(
+    state: &mut FleetState,
+    number: PhoneNumber,
+    resources: &Arc<NumberResources>,
+    result: Result<Lease, CoordinatorError>,
+) {
+    let ours = state
+        .slots
+        .get(&number)
+        .filter(|s| Arc::ptr_eq(&s.resources, resources) && !s.stopping);
+    match (ours.is_some() && !state.draining, result) {
+        (true, Ok(lease)) => {
+            if let Some(slot) = state.slots.get_mut(&number) {
+                slot.resources.set_lease(lease.clone());
+                slot.lease = Some(lease);
+            }
+            spawn_number(state, &number).await;
+        }
+        (false, Ok(lease)) => release_lease(state, lease),
+        (ours, Err(e)) => {
+            tracing::info!(%number, error = %e, "number not started");
+            if ours && let Some(slot) = state.slots.remove(&number) {
+                slot.resources.release().await;
+                slot.resources.retire();
+            }
+        }
+    }
+}
+
+/// Gives `lease` back to the coordinator, off the fleet's task.
+fn release_lease(state: &mut FleetState, lease: Lease) {
+    lease.mark_released();
+    let coordinator: Arc<dyn Coordinator> = state.deps.coordinator.clone();
+    state
+        .releases
+        .spawn(async move { coordinator.release(&lease).await });
+    // Finished releases are reaped as new ones start.
+    while state.releases.try_join_next().is_some() {}
 }
 
 async fn child_exited(state: &mut FleetState, id: ActorId, exit: Exit) {
@@ -252,12 +425,19 @@ async fn child_exited(state: &mut FleetState, id: ActorId, exit: Exit) {
     slot.resources.release().await;
     if slot.stopping {
         slot.resources.retire();
-        state.slots.remove(&number);
+        if let Some(lease) = state.slots.remove(&number).and_then(|s| s.lease) {
+            release_lease(state, lease);
+        }
         return;
     }
-    if slot.resources.state() == NumberPhase::Fenced {
-        // Another owner holds it: stay stopped (the slot stays, visible in the counts).
-        tracing::warn!(%number, "number fenced by a newer owner; not restarted");
+    if let Some(loss) = slot.lease.as_ref().and_then(Lease::loss) {
+        // Another owner has it, or may: stay stopped (the slot stays, visible in the counts).
+        tracing::warn!(%number, %loss, "ownership lost; not restarted");
+        slot.resources.set_state(NumberPhase::after_loss(loss));
+        // Still ours after a replaced stream: give it up (a no-op if it is another's).
+        if let Some(lease) = slot.lease.clone() {
+            release_lease(state, lease);
+        }
         return;
     }
     after_exit(state, &number, exit).await;
@@ -286,6 +466,10 @@ async fn after_exit(state: &mut FleetState, number: &PhoneNumber, exit: Exit) {
             tracing::error!(%number, %last_error, "number spent its restart budget; parked");
             slot.resources.set_state(NumberPhase::Failed);
             slot.parked = Some(last_error);
+            // Parked here, it may run elsewhere.
+            if let Some(lease) = slot.lease.take() {
+                release_lease(state, lease);
+            }
         }
         Decision::AwaitDependency => {
             // The store is down: not the number's fault. Start it again once the store is back,
@@ -302,7 +486,9 @@ async fn after_exit(state: &mut FleetState, number: &PhoneNumber, exit: Exit) {
         }
         Decision::Done => {
             slot.resources.retire();
-            state.slots.remove(number);
+            if let Some(lease) = state.slots.remove(number).and_then(|s| s.lease) {
+                release_lease(state, lease);
+            }
         }
     }
 }

@@ -3,12 +3,13 @@
 //! It owns the account's session (through [`NumberResources`], so the fleet can close it even
 //! after a panic), its outbound pacer and its conversation supervisor, and it runs the session
 //! state machine: pairing → connecting ⇄ online, and the terminal states. After a stream
-//! replacement it stops its session and never reconnects by itself: another connection owns the
-//! account now.
+//! replacement it stops and never reconnects by itself: another connection owns the account now.
 //!
-//! On start it takes ownership of the number from the [`Coordinator`](crate::store::Coordinator)
-//! and every write it and its children make carries that [`Fence`]. A write refused as fenced
-//! means a newer owner exists: the number stops at once.
+//! It runs under the [`Lease`] the fleet took for it, and every write it and its children make
+//! carries the lease's [`Fence`]. It watches the lease: when it is revoked, for whatever reason
+//! (a lost renewal, a write refused as fenced, a replaced stream — see
+//! [`NumberResources::lose_fence`]), the watch closes the session and the tasks at once and the
+//! number stops; the fleet keeps it stopped.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -17,11 +18,14 @@ use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent
 
 use crate::addr::Addr;
 use crate::conversations::{ConversationsActor, ConversationsArgs, ConversationsMsg};
+use crate::coordinator::{FenceLoss, Lease};
 use crate::deps::{Deps, FleetCounters, NumberPhase, NumberResources};
 use crate::ids::PhoneNumber;
 use crate::pacer::{self, PacerHandle};
-use crate::store::{Fence, StoreError};
-use crate::telemetry::{ActorKind, DISCONNECTS, INTAKE_DEFERRED, MESSAGES_RECEIVED, Mailbox};
+use crate::store::Fence;
+use crate::telemetry::{
+    ActorKind, DISCONNECTS, FENCE_LOSSES, INTAKE_DEFERRED, MESSAGES_RECEIVED, Mailbox,
+};
 use crate::transport::{AccountSpec, EventSink, InboundMessage, SessionStats, WaEvent};
 
 /// The number actor.
@@ -39,8 +43,8 @@ pub enum NumberMsg {
     Reconnect,
     /// Fault injection for chaos runs: fail this actor with the given error.
     Crash(String),
-    /// A write of ours was refused as fenced: a newer owner exists, stop.
-    Fenced(StoreError),
+    /// The number's lease was revoked (its session is closed already): stop.
+    FenceLost(FenceLoss),
 }
 
 /// A number as its actor sees it.
@@ -66,6 +70,8 @@ pub struct NumberArgs {
     pub mailbox: Mailbox,
     /// Session, tasks and state, owned by the fleet's slot.
     pub resources: Arc<NumberResources>,
+    /// The ownership it runs under.
+    pub lease: Lease,
     /// Ports and settings.
     pub deps: Deps,
 }
@@ -74,8 +80,6 @@ pub struct NumberArgs {
 pub struct NumberState {
     args: NumberArgs,
     myself: Addr<NumberMsg>,
-    /// This ownership's fence, taken in `post_start`.
-    fence: Option<Fence>,
     pacer: Option<PacerHandle>,
     conversations: Option<Addr<ConversationsMsg>>,
     qr: Option<String>,
@@ -95,7 +99,6 @@ impl Actor for NumberActor {
         Ok(NumberState {
             myself: Addr::new(myself, args.mailbox.clone()),
             args,
-            fence: None,
             pacer: None,
             conversations: None,
             qr: None,
@@ -109,16 +112,8 @@ impl Actor for NumberActor {
         state: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
         let a = &state.args;
-        // Ownership comes from the store: during an outage the number waits for it.
-        let (store, cancel) = (&a.deps.store, &a.resources.cancel);
-        let token = store
-            .health()
-            .retrying(cancel, || a.deps.coordinator.acquire(&a.number))
-            .await?;
-        let fence = Fence {
-            number: a.number.clone(),
-            token,
-        };
+        watch_lease(a.lease.clone(), a.resources.clone(), state.myself.clone());
+        let fence = a.lease.fence().clone();
         let pacer = pacer::spawn(a.resources.clone(), &a.deps, fence.clone());
         let mailbox = Mailbox::new(ActorKind::ConversationSupervisor);
         let args = ConversationsArgs {
@@ -129,7 +124,6 @@ impl Actor for NumberActor {
             number: state.myself.clone(),
             deps: a.deps.clone(),
         };
-        state.fence = Some(fence);
         state.pacer = Some(pacer);
         let (conv, _) =
             ConversationsActor::spawn_linked(None, ConversationsActor, args, myself.get_cell())
@@ -168,12 +162,9 @@ impl Actor for NumberActor {
                 }
             }
             NumberMsg::Crash(reason) => return Err(reason.into()),
-            NumberMsg::Fenced(err) => {
-                // Never restarted: the fleet sees the phase and keeps the number stopped.
-                tracing::warn!(number = %state.args.number, error = %err, "fenced; stopping");
-                state.args.resources.set_state(NumberPhase::Fenced);
-                state.args.resources.release().await;
-                myself.stop(Some("fenced".to_owned()));
+            NumberMsg::FenceLost(loss) => {
+                // Never restarted: the fleet sees the revoked lease and keeps it stopped.
+                myself.stop(Some(format!("ownership lost: {loss}")));
             }
         }
         Ok(())
@@ -198,10 +189,24 @@ impl Actor for NumberActor {
 }
 
 fn fence(state: &NumberState) -> Result<&Fence, ActorProcessingErr> {
-    state
-        .fence
-        .as_ref()
-        .ok_or_else(|| "number used before post_start".into())
+    Ok(state.args.lease.fence())
+}
+
+/// Watches the number's lease: the moment it is revoked the number's session and tasks are
+/// closed (no send goes out after it) and the number is told to stop.
+fn watch_lease(lease: Lease, resources: Arc<NumberResources>, number: Addr<NumberMsg>) {
+    tokio::spawn(async move {
+        let loss = tokio::select! {
+            loss = lease.revoked() => loss,
+            // The number stopped (or restarts with fresh resources and a watch of its own).
+            () = resources.cancel.cancelled() => return,
+        };
+        metrics::counter!(FENCE_LOSSES, "reason" => loss.as_str()).increment(1);
+        tracing::warn!(number = %lease.number(), token = %lease.token(), %loss, "ownership lost; stopping");
+        resources.set_state(NumberPhase::after_loss(loss));
+        resources.release().await;
+        let _ = number.cast(NumberMsg::FenceLost(loss));
+    });
 }
 
 /// Opens a session with the stored credentials (pairing if there are none).
@@ -218,7 +223,7 @@ async fn open_session(state: &mut NumberState) -> Result<(), ActorProcessingErr>
         number: a.number.clone(),
         client_label: a.deps.settings.client_label.clone(),
         credentials,
-        fence: fence(state)?.clone(),
+        lease: a.lease.clone(),
     };
     let intake = Intake {
         number: state.myself.clone(),
@@ -299,7 +304,11 @@ async fn on_event(state: &mut NumberState, event: WaEvent) -> Result<(), ActorPr
                 .await?;
             end_session(state, "logged_out", NumberPhase::LoggedOut);
         }
-        WaEvent::StreamReplaced => end_session(state, "stream_replaced", NumberPhase::Replaced),
+        WaEvent::StreamReplaced => {
+            // Another connection is logged in as this number: ownership is lost.
+            metrics::counter!(DISCONNECTS, "reason" => "stream_replaced").increment(1);
+            r.lose_fence(FenceLoss::StreamReplaced);
+        }
         WaEvent::QrCodesExhausted { disconnected } => {
             state.qr = None;
             if disconnected {

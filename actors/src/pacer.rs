@@ -39,6 +39,7 @@ use backon::{BackoffBuilder, ExponentialBackoff, ExponentialBuilder};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
+use crate::coordinator::FenceLoss;
 use crate::deps::{Deps, FleetCounters, NumberResources, SendRate};
 use crate::store::{Fence, StoreError, Unsent};
 use crate::telemetry::{
@@ -389,7 +390,7 @@ impl Pacer {
     fn mark_sent(&self, id: MessageId) {
         let committed = self.deps.store.mark_sent(&self.fence, &id);
         let tx = self.tx.clone();
-        let cancel = self.resources.cancel.clone();
+        let resources = self.resources.clone();
         tokio::spawn(async move {
             match committed.await {
                 Ok(_) => {
@@ -397,7 +398,7 @@ impl Pacer {
                 }
                 Err(StoreError::Fenced { .. }) => {
                     tracing::warn!("outbox write fenced; stopping sends");
-                    cancel.cancel();
+                    resources.lose_fence(FenceLoss::StoreRefused);
                 }
                 Err(e) => {
                     tracing::warn!(message_id = %id, error = %e, "recording a send");
@@ -412,13 +413,13 @@ impl Pacer {
         let store = self.deps.store.clone();
         let fence = self.fence.clone();
         let id = id.clone();
-        let cancel = self.resources.cancel.clone();
+        let resources = self.resources.clone();
         tokio::spawn(async move {
             match store.send_failed(&fence, &id, &error, give_up).await {
                 Ok(()) => {}
                 Err(StoreError::Fenced { .. }) => {
                     tracing::warn!(number = %fence.number, "outbox write fenced; stopping sends");
-                    cancel.cancel();
+                    resources.lose_fence(FenceLoss::StoreRefused);
                 }
                 Err(e) => tracing::warn!(message_id = %id, error = %e, "recording a refusal"),
             }

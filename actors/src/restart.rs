@@ -110,6 +110,23 @@ impl RestartPolicy {
         }
     }
 
+    /// The cluster agent: permanent, 30 restarts per 10 minutes, 100 ms doubling to 10 s.
+    pub fn cluster_agent() -> Self {
+        Self {
+            kind: RestartKind::Permanent,
+            budget: Budget {
+                max_restarts: 30,
+                window: Duration::from_secs(600),
+            },
+            backoff: Backoff {
+                base: Duration::from_millis(100),
+                max: Duration::from_secs(10),
+                jitter: 0.2,
+            },
+            stable_after: Duration::from_secs(60),
+        }
+    }
+
     /// AI jobs: temporary, never restarted (the conversation answers with a fallback).
     pub fn ai_job() -> Self {
         Self {

@@ -35,6 +35,7 @@ use async_trait::async_trait;
 
 use tokio_util::sync::CancellationToken;
 
+use crate::coordinator::TokenSource;
 use crate::dead_letter::DeadLetterReason;
 use crate::ids::{Jid, PhoneNumber};
 use crate::responder::ChatContext;
@@ -379,13 +380,6 @@ pub trait Store: Send + Sync + 'static {
     async fn clear_session(&self, fence: &Fence) -> Result<(), StoreError>;
 }
 
-/// Hands out ownership of numbers, with fencing tokens.
-#[async_trait]
-pub trait Coordinator: Send + Sync + 'static {
-    /// Takes ownership of `number`, returning a token higher than any issued before.
-    async fn acquire(&self, number: &PhoneNumber) -> Result<FencingToken, StoreError>;
-}
-
 /// One inbound row of the memory store.
 #[derive(Debug, Clone)]
 struct MemInbound {
@@ -455,7 +449,8 @@ impl MemState {
 }
 
 /// A store in memory with the same semantics as the SQL stores: for actor tests and for runs
-/// that need no durability across processes. It is also an in-process [`Coordinator`].
+/// that need no durability across processes. It is also a [`TokenSource`] for the in-process
+/// [`LocalCoordinator`](crate::coordinator::LocalCoordinator).
 #[derive(Debug, Default)]
 pub struct MemoryStore {
     state: Mutex<MemState>,
@@ -654,8 +649,8 @@ impl Store for MemoryStore {
 }
 
 #[async_trait]
-impl Coordinator for MemoryStore {
-    async fn acquire(&self, number: &PhoneNumber) -> Result<FencingToken, StoreError> {
+impl TokenSource for MemoryStore {
+    async fn next_token(&self, number: &PhoneNumber) -> Result<FencingToken, StoreError> {
         let mut st = self.lock();
         let highest = st.fences.entry(number.clone()).or_insert(0);
         *highest += 1;
@@ -674,8 +669,8 @@ mod tests {
     #[tokio::test]
     async fn lower_token_is_refused_after_a_higher_one_wrote() {
         let store = MemoryStore::default();
-        let old = store.acquire(&number()).await.expect("token");
-        let new = store.acquire(&number()).await.expect("token");
+        let old = store.next_token(&number()).await.expect("token");
+        let new = store.next_token(&number()).await.expect("token");
         assert!(new > old);
         let fence = |token| Fence {
             number: number(),

@@ -48,6 +48,17 @@ pub const INTAKE_DEFERRED: &str = "switchboard_intake_deferred_total";
 
 /// `switchboard_store_up`: 1 while the store is up, 0 during an outage.
 pub const STORE_UP: &str = "switchboard_store_up";
+/// Counter: leases lost, by `reason` (renew_refused, expired, store_refused, stream_replaced,
+/// superseded).
+pub const FENCE_LOSSES: &str = "switchboard_leases_lost_total";
+/// Counter: numbers this node handed off to another (placement moves, drains).
+pub const HANDOFFS: &str = "switchboard_handoffs_total";
+/// Gauge: live nodes of the cluster as this node sees them, by `state` (active, draining).
+pub const NODES: &str = "switchboard_cluster_nodes";
+/// Gauge: numbers waiting for their turn to connect (admission control).
+pub const ADMISSION_WAITING: &str = "switchboard_admission_waiting";
+/// Histogram: seconds a number waited for its turn to connect.
+pub const ADMISSION_WAIT: &str = "switchboard_admission_wait_seconds";
 
 /// Registers help texts for every metric above with the installed recorder.
 pub fn describe() {
@@ -89,11 +100,27 @@ pub fn describe() {
         "Inbound messages left to WhatsApp because their number had too many pending"
     );
     describe_gauge!(STORE_UP, "1 while the store is up, 0 during an outage");
+    describe_counter!(FENCE_LOSSES, "Leases of numbers lost, by reason");
+    describe_counter!(HANDOFFS, "Numbers handed off to another node");
+    describe_gauge!(NODES, "Live nodes of the cluster, by state");
+    describe_gauge!(
+        ADMISSION_WAITING,
+        "Numbers waiting for their turn to connect"
+    );
+    metrics::describe_histogram!(
+        ADMISSION_WAIT,
+        metrics::Unit::Seconds,
+        "Time a number waited for its turn to connect"
+    );
 }
 
 /// The kinds of actor in the tree, used as the bounded `kind` label.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum ActorKind {
+    /// The node's root.
+    Root,
+    /// The cluster agent.
+    ClusterAgent,
     /// The fleet supervisor.
     Fleet,
     /// A number actor.
@@ -110,6 +137,8 @@ impl ActorKind {
     /// The label value.
     pub fn as_str(self) -> &'static str {
         match self {
+            Self::Root => "root",
+            Self::ClusterAgent => "cluster_agent",
             Self::Fleet => "fleet",
             Self::Number => "number",
             Self::ConversationSupervisor => "conversation_supervisor",

@@ -32,8 +32,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
+use crate::coordinator::Lease;
 use crate::ids::{Jid, PhoneNumber};
-use crate::store::Fence;
 
 /// A message id as WhatsApp carries it: chosen by the sender, unique per (chat, sender).
 /// Shared text: a clone is a reference count, not a copy.
@@ -134,8 +134,9 @@ pub struct AccountSpec {
     /// The paired device's identity; `None` starts pairing.
     pub credentials: Option<Credentials>,
     /// The ownership it connects under: what the transport writes for the number (whatsapp-rust
-    /// keeps its protocol state in the store) carries this fence.
-    pub fence: Fence,
+    /// keeps its protocol state in the store) carries its fence, and a write refused as fenced
+    /// revokes it.
+    pub lease: Lease,
 }
 
 /// An inbound chat message.

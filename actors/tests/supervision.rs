@@ -9,13 +9,14 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use switchboard_actors::conversations::{ChatStatus, ConversationsMsg};
+use switchboard_actors::coordinator::{LocalCoordinator, TokenSource};
 use switchboard_actors::dead_letter::DeadLetterReason;
 use switchboard_actors::deps::SendRate;
 use switchboard_actors::number::NumberMsg;
 use switchboard_actors::responder::{AiBackend, AiError, ChatContext, Reply, Responder};
 use switchboard_actors::store::{
-    Completion, Coordinator, Fence, Health, MemoryStore, OutageKind, Pending, Recorded, Store,
-    StoreError, Unsent,
+    Completion, Fence, Health, MemoryStore, OutageKind, Pending, Recorded, Store, StoreError,
+    Unsent,
 };
 use switchboard_actors::transport::{
     AccountSpec, AckError, Credentials, EventSink, InboundMessage, MessageId, MessageKey,
@@ -298,31 +299,22 @@ fn test_settings() -> Settings {
     }
 }
 
-/// Like [`start_on`], with ownership from `coordinator` too.
+/// Like [`start_on`], with ownership's tokens from `tokens` too.
 async fn start_with(
     net: Arc<FakeNet>,
     port: Arc<dyn Store>,
-    coordinator: Arc<dyn Coordinator>,
+    tokens: Arc<dyn TokenSource>,
     store: Arc<MemoryStore>,
     numbers: &[&PhoneNumber],
 ) -> Harness {
     let model = SlowModel(Duration::ZERO);
-    start_full(
-        net,
-        port,
-        coordinator,
-        store,
-        numbers,
-        model,
-        test_settings(),
-    )
-    .await
+    start_full(net, port, tokens, store, numbers, model, test_settings()).await
 }
 
 async fn start_full(
     net: Arc<FakeNet>,
     port: Arc<dyn Store>,
-    coordinator: Arc<dyn Coordinator>,
+    tokens: Arc<dyn TokenSource>,
     store: Arc<MemoryStore>,
     numbers: &[&PhoneNumber],
     model: SlowModel,
@@ -334,7 +326,7 @@ async fn start_full(
         responder: responder.clone(),
         ai: Arc::new(model),
         store: port,
-        coordinator,
+        coordinator: Arc::new(LocalCoordinator::new(tokens)),
         settings,
         counters: Arc::new(FleetCounters::default()),
     };
@@ -674,13 +666,13 @@ impl Store for FaultyStore {
 }
 
 #[async_trait]
-impl Coordinator for FaultyStore {
-    async fn acquire(
+impl TokenSource for FaultyStore {
+    async fn next_token(
         &self,
         number: &PhoneNumber,
     ) -> Result<switchboard_actors::store::FencingToken, StoreError> {
         self.check()?;
-        self.inner.acquire(number).await
+        self.inner.next_token(number).await
     }
 }
 
@@ -923,7 +915,7 @@ async fn committed_replies(
 ) -> Vec<OutboundText> {
     let fence = Fence {
         number: n.clone(),
-        token: store.acquire(n).await.unwrap(),
+        token: store.next_token(n).await.unwrap(),
     };
     let contact = phone("+4915100030");
     let mut replies = Vec::new();
@@ -1090,7 +1082,7 @@ async fn a_fenced_number_stops_and_is_not_restarted() {
     let n = phone("+15550021");
     let h = harness(&[&n], Duration::ZERO).await;
     // Another owner takes the number: our next write is refused.
-    h.store.acquire(&n).await.unwrap();
+    h.store.next_token(&n).await.unwrap();
     h.net
         .latest(&n)
         .inject(dm(&phone("+4915100031"), "F1", "hello"));
@@ -1115,7 +1107,7 @@ async fn a_redelivery_of_a_processed_message_is_acknowledged_and_not_answered_ag
     let store = Arc::new(MemoryStore::default());
     let fence = Fence {
         number: n.clone(),
-        token: store.acquire(&n).await.unwrap(),
+        token: store.next_token(&n).await.unwrap(),
     };
     // An earlier node processed Q1 and died before its ack reached the network.
     let contact = phone("+4915100040");

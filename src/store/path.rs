@@ -1,13 +1,13 @@
-//! The message path of the [`Store`] port, and the embedded [`Coordinator`].
+//! The message path of the [`Store`] port, and the tokens of the embedded coordinator.
 
 use async_trait::async_trait;
 use sqlx::Row;
 use sqlx::any::AnyRow;
+use switchboard_actors::coordinator::TokenSource;
 use switchboard_actors::dead_letter::DeadLetterReason;
 use switchboard_actors::responder::ChatContext;
 use switchboard_actors::store::{
-    Completion, Coordinator, Fence, FencingToken, Health, Pending, Recorded, Store, StoreError,
-    Unsent,
+    Completion, Fence, FencingToken, Health, Pending, Recorded, Store, StoreError, Unsent,
 };
 use switchboard_actors::transport::{Credentials, InboundMessage, MessageId, OutboundText};
 use switchboard_actors::{Jid, PhoneNumber};
@@ -252,11 +252,11 @@ impl Store for SqlStore {
     }
 }
 
-/// The embedded coordinator: one node owns every number it runs, and each ownership gets the
-/// next token from the store itself, so tokens keep rising across restarts of the process.
+/// The embedded coordinator's tokens: each ownership gets the next token from the store itself,
+/// so tokens keep rising across restarts of the process.
 #[async_trait]
-impl Coordinator for SqlStore {
-    async fn acquire(&self, number: &PhoneNumber) -> Result<FencingToken, StoreError> {
+impl TokenSource for SqlStore {
+    async fn next_token(&self, number: &PhoneNumber) -> Result<FencingToken, StoreError> {
         self.watch
             .write(async {
                 let token: i64 = sqlx::query_scalar(

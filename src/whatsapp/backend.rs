@@ -5,12 +5,14 @@
 //! One [`WaBackend`] per number, all of them on the store's one pool. Every method is a call on
 //! the number's [`ProtocolState`] (the SQL lives in `src/store/protocol.rs`); this file only
 //! says which space and key each method means, and how values are encoded. Writes carry the
-//! number's fence; a stale one fails the write, and the client sees a database error.
+//! number's fence; a stale one fails the write (the client sees a database error) and
+//! revokes the lease, which stops the number.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
 use async_trait::async_trait;
+use switchboard_actors::coordinator::{FenceLoss, Lease};
 use switchboard_actors::store::StoreError;
 use whatsapp_rust::bytes::Bytes;
 use whatsapp_rust::wacore::appstate::hash::HashState;
@@ -30,12 +32,22 @@ use crate::store::{Entry, Key, Merge, ProtocolState, Select, Space, StateRow};
 #[derive(Debug, Clone)]
 pub struct WaBackend {
     state: ProtocolState,
+    lease: Lease,
 }
 
 impl WaBackend {
-    /// The backend over `state` (see `SqlStore::protocol_state`).
-    pub fn new(state: ProtocolState) -> Self {
-        Self { state }
+    /// The backend over `state` (see `SqlStore::protocol_state`), written under `lease`: a write
+    /// refused as fenced revokes it, which stops the number.
+    pub fn new(state: ProtocolState, lease: Lease) -> Self {
+        Self { state, lease }
+    }
+
+    /// The store's error as the crate's (see [`wa`]); a fenced write first revokes the lease.
+    fn wa(&self, e: StoreError) -> WaStoreError {
+        if matches!(e, StoreError::Fenced { .. }) {
+            self.lease.revoke(FenceLoss::StoreRefused);
+        }
+        wa(e)
     }
 
     /// The state it writes to.
@@ -48,24 +60,31 @@ impl WaBackend {
             .state
             .get(space, key)
             .await
-            .map_err(wa)?
+            .map_err(|e| self.wa(e))?
             .map(|r| r.value))
     }
 
     async fn put_one(&self, entry: Entry<'_>) -> Result<()> {
-        self.state.put(&[entry], Merge::Replace).await.map_err(wa)
+        self.state
+            .put(&[entry], Merge::Replace)
+            .await
+            .map_err(|e| self.wa(e))
     }
 
     async fn delete(&self, space: Space, select: Select<'_>) -> Result<u32> {
-        let n = self.state.delete(space, select).await.map_err(wa)?;
+        let n = self
+            .state
+            .delete(space, select)
+            .await
+            .map_err(|e| self.wa(e))?;
         Ok(u32::try_from(n).unwrap_or(u32::MAX))
     }
 }
 
 /// The store's error as the crate's: outages are connection errors, undecodable rows
 /// serialization errors, the rest (a stale fence among them) database errors. The original is
-/// the source. (A fence loss here fails the client's write; stopping the number on it, as on
-/// the number's own fenced writes, comes with the cluster's single path for fence loss.)
+/// the source. (A fence loss here fails the client's write, and [`WaBackend::wa`] revokes the
+/// number's lease: the one path by which a number stops on losing its ownership.)
 fn wa(e: StoreError) -> WaStoreError {
     match e {
         StoreError::Unavailable(_) | StoreError::Closed => WaStoreError::Connection(Box::new(e)),
@@ -143,7 +162,10 @@ impl SignalStore for WaBackend {
                 ..Entry::new(Space::Identity, Key::one(address), key)
             })
             .collect();
-        self.state.put(&rows, Merge::Replace).await.map_err(wa)
+        self.state
+            .put(&rows, Merge::Replace)
+            .await
+            .map_err(|e| self.wa(e))
     }
 
     async fn load_identity(&self, address: &str) -> Result<Option<[u8; 32]>> {
@@ -183,7 +205,10 @@ impl SignalStore for WaBackend {
                 ..Entry::new(Space::Session, Key::one(address), record)
             })
             .collect();
-        self.state.put(&rows, Merge::Replace).await.map_err(wa)
+        self.state
+            .put(&rows, Merge::Replace)
+            .await
+            .map_err(|e| self.wa(e))
     }
 
     async fn delete_session(&self, address: &str) -> Result<()> {
@@ -198,14 +223,14 @@ impl SignalStore for WaBackend {
         self.state
             .exists(&[Space::Session], Select::Keys(&keys))
             .await
-            .map_err(wa)
+            .map_err(|e| self.wa(e))
     }
 
     async fn has_signal_state_for_user(&self, user: &str) -> Result<bool> {
         self.state
             .exists(&[Space::Session, Space::Identity], Select::Alt(user))
             .await
-            .map_err(wa)
+            .map_err(|e| self.wa(e))
     }
 
     async fn store_prekey(&self, id: u32, record: &[u8], uploaded: bool) -> Result<()> {
@@ -224,7 +249,10 @@ impl SignalStore for WaBackend {
                 ..Entry::new(Space::PreKey, Key::one(key), record)
             })
             .collect();
-        self.state.put(&rows, Merge::Replace).await.map_err(wa)
+        self.state
+            .put(&rows, Merge::Replace)
+            .await
+            .map_err(|e| self.wa(e))
     }
 
     async fn load_prekey(&self, id: u32) -> Result<Option<Bytes>> {
@@ -242,7 +270,7 @@ impl SignalStore for WaBackend {
             .state
             .select(Space::PreKey, Select::Keys(&keys))
             .await
-            .map_err(wa)?;
+            .map_err(|e| self.wa(e))?;
         let mut found: HashMap<u32, Bytes> = HashMap::with_capacity(rows.len());
         for row in rows {
             found.insert(id_of(&row)?, Bytes::from(row.value));
@@ -257,7 +285,10 @@ impl SignalStore for WaBackend {
     async fn mark_prekeys_uploaded(&self, ids: &[u32]) -> Result<()> {
         let names: Vec<String> = ids.iter().map(u32::to_string).collect();
         let keys: Vec<Key<'_>> = names.iter().map(|n| Key::one(n)).collect();
-        self.state.set_n1(Space::PreKey, &keys, 1).await.map_err(wa)
+        self.state
+            .set_n1(Space::PreKey, &keys, 1)
+            .await
+            .map_err(|e| self.wa(e))
     }
 
     async fn remove_prekey(&self, id: u32) -> Result<()> {
@@ -269,7 +300,11 @@ impl SignalStore for WaBackend {
     }
 
     async fn get_max_prekey_id(&self) -> Result<u32> {
-        let max = self.state.max_n2(Space::PreKey).await.map_err(wa)?;
+        let max = self
+            .state
+            .max_n2(Space::PreKey)
+            .await
+            .map_err(|e| self.wa(e))?;
         Ok(max.and_then(|m| u32::try_from(m).ok()).unwrap_or(0))
     }
 
@@ -292,7 +327,7 @@ impl SignalStore for WaBackend {
             .state
             .select(Space::SignedPreKey, Select::All)
             .await
-            .map_err(wa)?;
+            .map_err(|e| self.wa(e))?;
         rows.into_iter()
             .map(|row| Ok((id_of(&row)?, row.value)))
             .collect()
@@ -316,7 +351,10 @@ impl SignalStore for WaBackend {
             .iter()
             .map(|(address, record)| Entry::new(Space::SenderKey, Key::one(address), record))
             .collect();
-        self.state.put(&rows, Merge::Replace).await.map_err(wa)
+        self.state
+            .put(&rows, Merge::Replace)
+            .await
+            .map_err(|e| self.wa(e))
     }
 
     async fn get_sender_key(&self, address: &str) -> Result<Option<Vec<u8>>> {
@@ -348,7 +386,10 @@ impl AppSyncStore for WaBackend {
             Entry::new(Space::SyncKey, Key::one(&id), &json),
             Entry::new(Space::SyncKeyLatest, Key::one(""), key_id),
         ];
-        self.state.put(&rows, Merge::Replace).await.map_err(wa)
+        self.state
+            .put(&rows, Merge::Replace)
+            .await
+            .map_err(|e| self.wa(e))
     }
 
     async fn get_version(&self, name: &str) -> Result<HashState> {
@@ -386,7 +427,10 @@ impl AppSyncStore for WaBackend {
                 ..Entry::new(Space::MutationMac, Key::two(name, index), &m.value_mac)
             })
             .collect();
-        self.state.put(&rows, Merge::Replace).await.map_err(wa)
+        self.state
+            .put(&rows, Merge::Replace)
+            .await
+            .map_err(|e| self.wa(e))
     }
 
     async fn get_mutation_mac(&self, name: &str, index_mac: &[u8]) -> Result<Option<Vec<u8>>> {
@@ -405,7 +449,7 @@ impl AppSyncStore for WaBackend {
             .state
             .select(Space::MutationMac, Select::Keys(&keys))
             .await
-            .map_err(wa)?;
+            .map_err(|e| self.wa(e))?;
         let mut out = HashMap::with_capacity(rows.len());
         for row in rows {
             let index =
@@ -441,7 +485,7 @@ impl ProtocolStore for WaBackend {
             .state
             .select(Space::SenderKeyDevice, Select::First(group_jid))
             .await
-            .map_err(wa)?;
+            .map_err(|e| self.wa(e))?;
         Ok(rows
             .into_iter()
             .map(|row| {
@@ -459,7 +503,10 @@ impl ProtocolStore for WaBackend {
                 ..Entry::new(Space::SenderKeyDevice, Key::two(group_jid, device), b"")
             })
             .collect();
-        self.state.put(&rows, Merge::Replace).await.map_err(wa)
+        self.state
+            .put(&rows, Merge::Replace)
+            .await
+            .map_err(|e| self.wa(e))
     }
 
     async fn clear_sender_key_devices(&self, group_jid: &str) -> Result<()> {
@@ -484,7 +531,7 @@ impl ProtocolStore for WaBackend {
         self.state
             .get(Space::Lid, Key::one(lid))
             .await
-            .map_err(wa)?
+            .map_err(|e| self.wa(e))?
             .map(lid_entry)
             .transpose()
     }
@@ -494,7 +541,7 @@ impl ProtocolStore for WaBackend {
             .state
             .select(Space::Lid, Select::Alt(phone))
             .await
-            .map_err(wa)?;
+            .map_err(|e| self.wa(e))?;
         // The most recently updated LID of that phone.
         rows.into_iter()
             .max_by_key(|r| r.n1)
@@ -508,7 +555,10 @@ impl ProtocolStore for WaBackend {
 
     async fn put_lid_mappings(&self, entries: &[LidPnMappingEntry]) -> Result<()> {
         let rows: Vec<Entry<'_>> = entries.iter().map(lid_row).collect();
-        self.state.put(&rows, Merge::Replace).await.map_err(wa)
+        self.state
+            .put(&rows, Merge::Replace)
+            .await
+            .map_err(|e| self.wa(e))
     }
 
     async fn get_all_lid_mappings(&self) -> Result<Vec<LidPnMappingEntry>> {
@@ -516,7 +566,7 @@ impl ProtocolStore for WaBackend {
             .state
             .select(Space::Lid, Select::All)
             .await
-            .map_err(wa)?;
+            .map_err(|e| self.wa(e))?;
         rows.into_iter().map(lid_entry).collect()
     }
 
@@ -562,7 +612,10 @@ impl ProtocolStore for WaBackend {
                 ..Entry::new(Space::DeviceList, Key::one(&r.user), json)
             })
             .collect();
-        self.state.put(&rows, Merge::Replace).await.map_err(wa)
+        self.state
+            .put(&rows, Merge::Replace)
+            .await
+            .map_err(|e| self.wa(e))
     }
 
     async fn get_devices(&self, user: &str) -> Result<Option<DeviceListRecord>> {
@@ -600,7 +653,7 @@ impl ProtocolStore for WaBackend {
             .state
             .get(Space::TcToken, Key::one(jid))
             .await
-            .map_err(wa)?
+            .map_err(|e| self.wa(e))?
             .map(|row| TcTokenEntry {
                 token: row.value,
                 token_timestamp: row.n1,
@@ -629,7 +682,7 @@ impl ProtocolStore for WaBackend {
             .state
             .select(Space::TcToken, Select::All)
             .await
-            .map_err(wa)?;
+            .map_err(|e| self.wa(e))?;
         Ok(rows
             .into_iter()
             .map(|r| {
@@ -663,7 +716,7 @@ impl ProtocolStore for WaBackend {
         self.state
             .put(&[row], Merge::LaterSenderTime)
             .await
-            .map_err(wa)
+            .map_err(|e| self.wa(e))
     }
 
     async fn store_received_tc_token(
@@ -676,7 +729,10 @@ impl ProtocolStore for WaBackend {
             n1: token_timestamp,
             ..Entry::new(Space::TcToken, Key::one(jid), token)
         };
-        self.state.put(&[row], Merge::NewerToken).await.map_err(wa)
+        self.state
+            .put(&[row], Merge::NewerToken)
+            .await
+            .map_err(|e| self.wa(e))
     }
 
     async fn store_sent_message(
@@ -697,7 +753,7 @@ impl ProtocolStore for WaBackend {
             .state
             .take(Space::Sent, Key::two(chat_jid, message_id))
             .await
-            .map_err(wa)?
+            .map_err(|e| self.wa(e))?
             .map(|r| r.value))
     }
 
@@ -755,7 +811,10 @@ impl ProtocolStore for WaBackend {
                 )
             })
             .collect();
-        self.state.put(&entries, Merge::Replace).await.map_err(wa)
+        self.state
+            .put(&entries, Merge::Replace)
+            .await
+            .map_err(|e| self.wa(e))
     }
 
     async fn delete_pending_inbound_batch(&self, keys: &[PendingInboundKey<'_>]) -> Result<()> {
@@ -784,7 +843,10 @@ impl MsgSecretStore for WaBackend {
                 )
             })
             .collect();
-        self.state.put(&rows, Merge::Deadline).await.map_err(wa)?;
+        self.state
+            .put(&rows, Merge::Deadline)
+            .await
+            .map_err(|e| self.wa(e))?;
         Ok(entries.len())
     }
 
@@ -808,7 +870,7 @@ impl MsgSecretStore for WaBackend {
             .state
             .get(Space::MsgSecret, Key::three(chat, sender, msg_id))
             .await
-            .map_err(wa)?
+            .map_err(|e| self.wa(e))?
             .map(|r| (r.value, r.n2.unwrap_or(0))))
     }
 
@@ -840,7 +902,7 @@ impl DeviceStore for WaBackend {
         self.state
             .exists(&[Space::Device], Select::All)
             .await
-            .map_err(wa)
+            .map_err(|e| self.wa(e))
     }
 
     async fn create(&self) -> Result<i32> {

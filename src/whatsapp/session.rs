@@ -102,7 +102,8 @@ impl WaConnector for WhatsAppConnector {
         account: AccountSpec,
         events: EventSink,
     ) -> Result<Arc<dyn WaSession>, TransportError> {
-        let backend = WaBackend::new(self.store.protocol_state(account.fence.clone()));
+        let state = self.store.protocol_state(account.lease.fence().clone());
+        let backend = WaBackend::new(state, account.lease.clone());
         let acks = Arc::new(AckWaiters::default());
         let counts = Arc::new(Counts::default());
         let mut builder = Bot::builder()

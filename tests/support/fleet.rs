@@ -286,6 +286,33 @@ impl Rig {
         }
     }
 
+    /// Replies written to WhatsApp but not settled by a node that just died: queued in the
+    /// database (frozen: nothing writes for them now) and received by the network, over
+    /// `numbers`. A kill may resend these with their ids, and nothing else.
+    pub async fn in_flight(&self, db: &sqlx::AnyPool, numbers: &[String]) -> u64 {
+        use sqlx::Row;
+        let queued: std::collections::HashSet<(String, String)> =
+            sqlx::query("SELECT number, message_id FROM outbox WHERE status = 'queued'")
+                .fetch_all(db)
+                .await
+                .unwrap()
+                .iter()
+                .map(|r| (r.get::<String, _>(0), r.get::<String, _>(1)))
+                .collect();
+        let mut count = 0;
+        for n in numbers {
+            count += self
+                .ledger(n)
+                .await
+                .iter()
+                .filter(|e| e["event"] == "outbound_received")
+                .filter_map(|e| e["id"].as_str())
+                .filter(|id| queued.contains(&(n.clone(), (*id).to_owned())))
+                .count() as u64;
+        }
+        count
+    }
+
     /// The referee's totals.
     pub async fn summary(&self) -> Value {
         self.get_json("/ledger/summary").await
