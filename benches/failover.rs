@@ -1,4 +1,5 @@
-//! `cargo bench --bench failover [-- --nodes 3 --numbers 1000 --ttl 10s --rate 50]`: a cluster
+//! `cargo bench --bench failover [-- --nodes 3 --numbers 1000 --ttl 10s --rate 50 --admission
+//! 400]`: a cluster
 //! of real processes (`tests/support/cluster.rs`: N `switchboard serve` nodes on PostgreSQL and
 //! Redis, `switchboard sim serve` as WhatsApp and referee) under steady inbound load.
 //!
@@ -14,6 +15,9 @@
 //!    `resent_same_id` from the referee's ledger.
 //! 5. The ceiling: this process sends the same command mix (renewals of as many leases in
 //!    chunks of 500, heartbeats, owner reads) as fast as Redis answers, `redis_ceiling_ops_per_s`.
+//!
+//! `--admission` is the cluster's connect rate (each node's is half of it): the failover of a
+//! third of the numbers takes at least that third divided by it.
 //!
 //! Prints one JSON line.
 
@@ -45,10 +49,11 @@ fn main() -> anyhow::Result<()> {
     let numbers: usize = arg(&args, "--numbers", 1000);
     let ttl: humantime::Duration = arg(&args, "--ttl", "10s".parse()?);
     let rate: f64 = arg(&args, "--rate", 50.0);
+    let admission: f64 = arg(&args, "--admission", 400.0);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    let line = runtime.block_on(bench(nodes, numbers, ttl.into(), rate))?;
+    let line = runtime.block_on(bench(nodes, numbers, ttl.into(), rate, admission))?;
     println!("{line}");
     Ok(())
 }
@@ -67,9 +72,24 @@ async fn bench(
     numbers: usize,
     ttl: Duration,
     rate: f64,
+    admission: f64,
 ) -> anyhow::Result<serde_json::Value> {
     let started = Instant::now();
-    let mut c = Cluster::start(nodes, numbers, ttl, &[]).await;
+    let (cluster_rate, node_rate) = (admission.to_string(), (admission / 2.0).to_string());
+    let burst = (admission as u64).max(1).to_string();
+    let settings = [
+        (
+            "SWITCHBOARD__ADMISSION__CLUSTER_PER_SECOND",
+            cluster_rate.as_str(),
+        ),
+        ("SWITCHBOARD__ADMISSION__CLUSTER_BURST", burst.as_str()),
+        (
+            "SWITCHBOARD__ADMISSION__NODE_PER_SECOND",
+            node_rate.as_str(),
+        ),
+        ("SWITCHBOARD__ADMISSION__NODE_BURST", burst.as_str()),
+    ];
+    let mut c = Cluster::start(nodes, numbers, ttl, &settings).await;
     eprintln!(
         "{numbers} numbers online on {nodes} nodes after {:?}",
         started.elapsed()
@@ -167,6 +187,8 @@ async fn bench(
         "nodes": nodes,
         "numbers": numbers,
         "ttl_s": ttl.as_secs_f64(),
+        "admission_per_s": admission,
+        "inbound_per_s": rate,
         "killed_numbers": lost_numbers.len(),
         "failover_p50_s": secs(quantile(&failover_ms, 0.50)),
         "failover_p99_s": secs(quantile(&failover_ms, 0.99)),

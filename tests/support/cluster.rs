@@ -123,7 +123,18 @@ impl Cluster {
         };
         let deadline = Instant::now() + Duration::from_secs(60 + numbers as u64 / 10);
         while cluster.online(&cluster.ids()).await < numbers as f64 {
-            assert!(Instant::now() < deadline, "not all online");
+            if Instant::now() >= deadline {
+                let mut per_node = Vec::new();
+                for id in cluster.ids() {
+                    per_node.push((id.clone(), cluster.online(&[id]).await));
+                }
+                let owners = cluster.owners().await;
+                panic!(
+                    "not all online: {per_node:?}; {} of {numbers} leased: {owners:?}\n{}",
+                    owners.len(),
+                    cluster.rig.node.log_tail(30)
+                );
+            }
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
         cluster
