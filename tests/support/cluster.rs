@@ -122,7 +122,17 @@ impl Cluster {
             _lock: lock,
         };
         let deadline = Instant::now() + Duration::from_secs(60 + numbers as u64 / 10);
+        let mut rescan = Instant::now();
         while cluster.online(&cluster.ids()).await < numbers as f64 {
+            // A number handed to another node before its pairing was saved shows a new QR
+            // code there: its phone scans again, as a person would (a known gap, see README).
+            if rescan.elapsed() > Duration::from_secs(2) {
+                rescan = Instant::now();
+                for n in &cluster.numbers {
+                    let url = format!("{}/accounts/{n}/pair", cluster.rig.sim);
+                    let _ = cluster.rig.http.post(url).send().await;
+                }
+            }
             if Instant::now() >= deadline {
                 let mut per_node = Vec::new();
                 for id in cluster.ids() {
