@@ -28,6 +28,7 @@ pub fn prometheus() -> PrometheusHandle {
                     PrometheusBuilder::new().build_recorder().handle()
                 });
             switchboard_actors::telemetry::describe();
+            crate::cluster::metrics::describe();
             metrics::describe_histogram!(
                 crate::store::BATCH_ROWS,
                 "Writes per group-committed store batch"
