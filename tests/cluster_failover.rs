@@ -154,12 +154,16 @@ async fn a_node_paused_for_two_ttls_loses_its_numbers_and_after_it_resumes_sends
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_paused_for_half_a_ttl_keeps_its_numbers() {
-    let trio = trio().await;
-    let load = trio.load(80, EVERY);
+    // At the default TTL: a lease renewed every TTL/3 and revoked by its watchdog at 0.9 × TTL
+    // survives a pause of 0.5 × TTL with 0.067 × TTL to spare, which at 3 s (200 ms) a busy
+    // two-core machine can eat in waking the paused process up.
+    let ttl = Duration::from_secs(10);
+    let trio = Cluster::start(3, NUMBERS, ttl, &[]).await;
+    let load = trio.load(120, EVERY);
     tokio::time::sleep(Duration::from_secs(3)).await;
     let (victim, held) = trio.busiest().await;
     trio.signal(&victim, "-STOP");
-    tokio::time::sleep(TTL / 2).await;
+    tokio::time::sleep(ttl / 2).await;
     trio.signal(&victim, "-CONT");
     load.await.unwrap();
     let totals = trio.rig.drained(Duration::from_secs(120)).await;
@@ -291,20 +295,22 @@ async fn admins_pin_and_drain_and_a_number_added_to_a_running_cluster_comes_onli
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_cold_start_connects_at_the_cluster_s_admission_rate() {
-    const RATE: f64 = 6.0;
-    const BURST: usize = 3;
+async fn a_cold_start_of_a_thousand_numbers_connects_at_the_cluster_s_admission_rate() {
+    const COLD: usize = 1000;
+    const RATE: f64 = 25.0;
     let trio = Cluster::start(
         3,
-        NUMBERS,
+        COLD,
         TTL,
         &[
-            ("SWITCHBOARD__ADMISSION__CLUSTER_PER_SECOND", "6"),
-            ("SWITCHBOARD__ADMISSION__CLUSTER_BURST", "3"),
+            ("SWITCHBOARD__ADMISSION__CLUSTER_PER_SECOND", "25"),
+            ("SWITCHBOARD__ADMISSION__CLUSTER_BURST", "25"),
+            // The nodes start one after another; let the later ones take their share quickly.
+            ("SWITCHBOARD__CLUSTER__MOVES_PER_SECOND", "100"),
         ],
     )
     .await;
-    // Each number's first connection (later ones are the session's own reconnects).
+    // Each number's first connection (later ones are the session's own reconnects and moves).
     let mut first: Vec<u64> = Vec::new();
     for n in &trio.numbers {
         let events = trio.rig.ledger(n).await;
@@ -317,11 +323,16 @@ async fn a_cold_start_connects_at_the_cluster_s_admission_rate() {
         }
     }
     first.sort_unstable();
-    assert_eq!(first.len(), NUMBERS);
-    let span_s = (first[NUMBERS - 1] - first[0]) as f64 / 1000.0;
-    let measured = (NUMBERS - BURST) as f64 / span_s;
+    assert_eq!(first.len(), COLD);
+    // The rate between the 5th and the 95th percentile: past the initial burst, and not
+    // stretched by the last straggler.
+    let (lo, hi) = (COLD / 20, COLD - COLD / 20);
+    let span_s = (first[hi] - first[lo]) as f64 / 1000.0;
+    let measured = (hi - lo) as f64 / span_s;
+    let total_s = (first[COLD - 1] - first[0]) as f64 / 1000.0;
     println!(
-        "{NUMBERS} cold connects over {span_s:.2} s: {measured:.2}/s (admission {RATE}/s, burst {BURST})"
+        "{COLD} cold connects over {total_s:.2} s; {measured:.2}/s between the 5th and 95th \
+         percentile (admission {RATE}/s)"
     );
     assert!(
         (measured / RATE - 1.0).abs() <= 0.10,

@@ -7,8 +7,9 @@
 //! - a number it should own and does not run: the fleet starts it (taking its lease; one still
 //!   held elsewhere is left for the next pass);
 //! - a number it runs that another node should own: handed off (the fleet stops it and releases
-//!   its lease, which tells the cluster). Rebalancing moves are paced by a [`MoveBudget`]; moves
-//!   to a pinned node and everything a draining node holds go at once;
+//!   its lease, which tells the cluster). Rebalancing moves are paced by a [`MoveBudget`] and
+//!   wait for the number to be online (not halfway through pairing); moves to a pinned node and
+//!   everything a draining node holds go at once;
 //! - a number whose ownership it lost, or that was deleted: forgotten (stopped).
 //!
 //! While draining (asked by an admin, or on shutdown) it takes nothing and gives everything
@@ -231,13 +232,13 @@ async fn reconcile(state: &mut AgentState) {
     let pins: HashMap<&PhoneNumber, Option<&String>> =
         registered.iter().map(|(n, p)| (n, p.as_ref())).collect();
     let registered_set: HashSet<&PhoneNumber> = numbers.iter().collect();
-    let mut runs: HashSet<PhoneNumber> = HashSet::new();
+    let mut runs: HashMap<PhoneNumber, bool> = HashMap::new();
     let mut stop = Vec::new();
-    for (number, lost) in running {
-        if !registered_set.contains(&number) || (lost && a.forget_lost) {
-            stop.push(number);
+    for held in running {
+        if !registered_set.contains(&held.number) || (held.lost && a.forget_lost) {
+            stop.push(held.number);
         } else {
-            runs.insert(number);
+            runs.insert(held.number, held.online);
         }
     }
     let now = Instant::now();
@@ -246,17 +247,22 @@ async fn reconcile(state: &mut AgentState) {
         let desired = plan.get(&v.number);
         let mine = desired == Some(&a.node.id);
         if mine && !a.node.draining {
-            if !runs.contains(&v.number) {
+            if !runs.contains_key(&v.number) {
                 let _ = a.fleet.cast(FleetMsg::Start(v.number.clone()));
             }
             continue;
         }
         let held_here = v.owner.as_deref() == Some(a.node.id.as_str());
-        if desired.is_none() || !runs.contains(&v.number) || !held_here {
+        let Some(&online) = runs.get(&v.number) else {
+            continue;
+        };
+        if desired.is_none() || !held_here {
             continue;
         }
         let pinned_away = pins.get(&v.number).copied().flatten() == desired;
-        if a.node.draining || pinned_away || state.budget.take(now) {
+        // A rebalance waits for the number to be online: moved while it pairs or connects, it
+        // would start over on the new node (a new QR code for a phone halfway through a scan).
+        if a.node.draining || pinned_away || (online && state.budget.take(now)) {
             stop.push(v.number.clone());
             handoffs += 1;
         }

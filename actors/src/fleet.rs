@@ -54,11 +54,22 @@ pub enum FleetMsg {
     Get(PhoneNumber, RpcReplyPort<Option<Addr<NumberMsg>>>),
     /// Report the fleet.
     Status(RpcReplyPort<FleetStatus>),
-    /// The numbers the fleet holds a slot for, each with whether its lease was lost to another
-    /// owner (a replaced stream does not count: that number waits for an operator).
-    Numbers(RpcReplyPort<Vec<(PhoneNumber, bool)>>),
+    /// The numbers the fleet holds a slot for.
+    Numbers(RpcReplyPort<Vec<Held>>),
     /// Shutting down: stop every number for good (none is restarted, none starts).
     Drain(RpcReplyPort<()>),
+}
+
+/// A number the fleet holds a slot for, as the cluster agent sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Held {
+    /// The number.
+    pub number: PhoneNumber,
+    /// Its lease was lost to another owner and its actor is stopped (a replaced stream does not
+    /// count: that number waits for an operator).
+    pub lost: bool,
+    /// It is online: moving it now costs a reconnect, not a pairing.
+    pub online: bool,
 }
 
 /// The fleet at a glance.
@@ -202,7 +213,11 @@ impl Actor for FleetActor {
                     .map(|(n, s)| {
                         let loss = s.lease.as_ref().and_then(Lease::loss);
                         let lost = loss.is_some_and(|l| l != FenceLoss::StreamReplaced);
-                        (n.clone(), lost && s.addr.is_none())
+                        Held {
+                            number: n.clone(),
+                            lost: lost && s.addr.is_none(),
+                            online: s.resources.state() == NumberPhase::Online,
+                        }
                     })
                     .collect();
                 let _ = reply.send(numbers);

@@ -9,8 +9,8 @@
 //! 3. else rendezvous hashing over the live active nodes, weighted by capacity.
 //!
 //! Then, when asked or when a node holds more than `1 + imbalance` times its fair share (by
-//! capacity), the plan moves unpinned numbers off overloaded nodes to their rendezvous choice if
-//! that node is under its share. The lease alone says who owns; the plan only says who should,
+//! capacity), the plan moves unpinned numbers off overloaded nodes (unowned ones first) to their
+//! rendezvous choice if that node is under its share, else to the least loaded node. The lease alone says who owns; the plan only says who should,
 //! and the owner hands off at most as fast as its [`MoveBudget`] allows.
 
 use std::collections::HashMap;
@@ -99,7 +99,10 @@ pub fn plan(
                 movable.push(n);
                 Some(owner.to_owned())
             }
-            (None, None) => rendezvous(&n.number, nodes).map(|v| v.id.clone()),
+            (None, None) => {
+                movable.push(n);
+                rendezvous(&n.number, nodes).map(|v| v.id.clone())
+            }
         };
         if let Some(choice) = choice {
             desired.insert(n.number.clone(), choice);
@@ -140,8 +143,10 @@ fn shed(
     if !load.keys().any(|id| overloaded(&load, id, trigger)) {
         return;
     }
+    // Unowned numbers first: placing one costs no handoff. Counting them also keeps a number
+    // released on its way to an underloaded node from bouncing back to the node it left.
     let mut candidates: Vec<&&NumberView> = movable.iter().collect();
-    candidates.sort_by(|a, b| a.number.cmp(&b.number));
+    candidates.sort_by(|a, b| (a.owner.is_some(), &a.number).cmp(&(b.owner.is_some(), &b.number)));
     // First to the numbers' rendezvous choices (where they would go anyway), then, if a node is
     // still over its share, to the least loaded node under its own.
     for to_rendezvous in [true, false] {
@@ -371,6 +376,44 @@ mod tests {
             })
             .collect();
         assert_eq!(plan(&again, &nodes, &PlacementConfig::default(), true), p);
+    }
+
+    #[test]
+    fn a_number_released_on_its_way_to_an_underloaded_node_does_not_bounce_back() {
+        // a holds 30 numbers, all of whose rendezvous choice is a or c; b holds none.
+        let all = numbers(400);
+        let nodes = vec![node("a", 1), node("b", 1), node("c", 1)];
+        let not_b: Vec<&PhoneNumber> = all
+            .iter()
+            .filter(|n| rendezvous(n, &nodes).is_some_and(|v| v.id != "b"))
+            .take(45)
+            .collect();
+        let mut view: Vec<NumberView> = not_b
+            .iter()
+            .enumerate()
+            .map(|(i, n)| NumberView {
+                number: (*n).clone(),
+                owner: Some(if i < 30 { "a" } else { "c" }.into()),
+                pin: None,
+            })
+            .collect();
+        let p = plan(&view, &nodes, &PlacementConfig::default(), false);
+        let to_b: Vec<PhoneNumber> = p
+            .iter()
+            .filter(|(_, o)| *o == "b")
+            .map(|(n, _)| n.clone())
+            .collect();
+        assert_eq!(counts(&p)["b"], 15, "b takes its share");
+        // a releases what it was told to move: unowned now, they still go to b.
+        for v in &mut view {
+            if to_b.contains(&v.number) {
+                v.owner = None;
+            }
+        }
+        let q = plan(&view, &nodes, &PlacementConfig::default(), false);
+        for n in &to_b {
+            assert_eq!(q[n], "b", "{n} bounced back");
+        }
     }
 
     #[test]

@@ -147,7 +147,33 @@ impl Cluster {
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
+        cluster.settle(deadline).await;
         cluster
+    }
+
+    /// Waits until placement has settled: every number leased, online, and no lease changing
+    /// hands for a few of the agents' passes (the nodes started one after another, so the
+    /// later ones take their share by rebalancing).
+    async fn settle(&self, deadline: Instant) {
+        let quiet = Duration::from_secs(3);
+        let mut last = self.owners().await;
+        let mut since = Instant::now();
+        loop {
+            tokio::time::sleep(Duration::from_millis(250)).await;
+            let now = self.owners().await;
+            if now != last || now.len() < self.numbers.len() {
+                last = now;
+                since = Instant::now();
+            } else if since.elapsed() >= quiet
+                && self.online(&self.ids()).await >= self.numbers.len() as f64
+            {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline + quiet,
+                "placement did not settle: {last:?}"
+            );
+        }
     }
 
     pub fn ids(&self) -> Vec<String> {

@@ -265,7 +265,7 @@ impl Rig {
     }
 
     async fn pair_all(&self) {
-        let deadline = Instant::now() + Duration::from_secs(60);
+        let deadline = Instant::now() + Duration::from_secs(60 + self.numbers.len() as u64 / 10);
         let mut left = self.numbers.clone();
         while !left.is_empty() {
             assert!(Instant::now() < deadline, "unpaired: {left:?}");
