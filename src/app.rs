@@ -1,7 +1,9 @@
 //! The node's wiring, in one place: [`App::build`] opens the store, takes the coordinator (the
 //! embedded one, or leases on Redis when `cluster.redis_url` is set), starts the HTTP surface
 //! and the fleet; [`App::run_until`] runs the numbers until a shutdown trigger, then stops
-//! everything in order. `switchboard serve` is `App::build(config)?.run_until(signal)`.
+//! everything in order. `switchboard serve` is `App::build(config)?.run_until(signal)`; the
+//! demo is the same node on the default configuration with the in-process simulator as its
+//! connector ([`App::build_with`]).
 //!
 //! ```text
 //! App
@@ -11,6 +13,7 @@
 //! ├── node (actors: Root)        the cluster agent (heartbeat + placement reconciler) and the
 //! │                              fleet (one number actor per lease held); embedded, the agent
 //! │                              is the only member and runs every registered number
+//! ├── commands (cluster)          operator commands for this node's numbers (Redis Streams)
 //! └── http                       /metrics, /healthz, /readyz
 //! ```
 //!
@@ -69,6 +72,8 @@ pub struct App {
     store: SqlStore,
     node: Node,
     ownership: Ownership,
+    /// Clustered: serves the operator commands the cluster sends this node.
+    commands: Option<JoinHandle<()>>,
     ready: Arc<AtomicBool>,
     stop: CancellationToken,
     http: JoinHandle<std::io::Result<()>>,
@@ -86,9 +91,21 @@ enum Ownership {
     },
 }
 
+/// Parts a caller puts in place of the configured ones.
+#[derive(Default)]
+pub struct Parts {
+    /// WhatsApp: the demo's in-process simulator instead of `transport`.
+    pub connector: Option<Arc<dyn WaConnector>>,
+}
+
 impl App {
     /// Wires a node from `config` (see the module doc).
     pub async fn build(config: Config) -> anyhow::Result<Self> {
+        Self::build_with(config, Parts::default()).await
+    }
+
+    /// Like [`App::build`], with `parts` in place of the configured ones.
+    pub async fn build_with(config: Config, parts: Parts) -> anyhow::Result<Self> {
         let ready = Arc::new(AtomicBool::new(false));
         let stop = CancellationToken::new();
         let store = open_store(&config.store).await?;
@@ -148,7 +165,9 @@ impl App {
             Arc::new(KeywordBot)
         };
         let deps = Deps {
-            connector: connector(&config.transport, &store),
+            connector: parts
+                .connector
+                .unwrap_or_else(|| connector(&config.transport, &store)),
             responder,
             ai: Arc::new(CannedModel),
             store: store_port,
@@ -157,7 +176,17 @@ impl App {
             counters: Arc::new(FleetCounters::default()),
         };
         let node = Node::start(deps, spec).await.context("starting the node")?;
+        let commands = match (&config.cluster, &ownership) {
+            (Some(cluster), Ownership::Cluster { stop, .. }) => Some(serve_commands(
+                cluster,
+                &config.node_id,
+                node.fleet(),
+                stop.clone(),
+            )?),
+            _ => None,
+        };
         Ok(Self {
+            commands,
             config,
             store,
             node,
@@ -226,6 +255,9 @@ impl App {
             stop.cancel();
             let _ = renewals.await;
         }
+        if let Some(commands) = self.commands {
+            let _ = commands.await;
+        }
         let _ = retention.await;
         self.store.close().await;
         self.http.await??;
@@ -252,6 +284,31 @@ fn leases(
         cluster.lease_ttl,
         Arc::new(StoreFloor(store.clone())),
         rates,
+    ))
+}
+
+/// Serves the operator commands the cluster sends this node, through `fleet`, until `stop`.
+fn serve_commands(
+    cluster: &ClusterConfig,
+    node_id: &str,
+    fleet: &Fleet,
+    stop: CancellationToken,
+) -> anyhow::Result<JoinHandle<()>> {
+    let url = cluster.redis_url.expose_secret();
+    let timeout = cluster.lease_ttl / 3;
+    let reader = cluster::client(url, timeout).context("cluster.redis_url")?;
+    let writer = cluster::client(url, timeout).context("cluster.redis_url")?;
+    let commands = fleet.commands();
+    Ok(cluster::commands::serve(
+        reader,
+        writer,
+        Keys::new(&cluster.key_prefix),
+        node_id.to_owned(),
+        move |number, command| {
+            let commands = commands.clone();
+            async move { commands.run(number, command).await }
+        },
+        stop,
     ))
 }
 

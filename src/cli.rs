@@ -114,6 +114,24 @@ pub enum NumbersCommand {
         /// The number.
         number: String,
     },
+    /// Restart a number on the node that runs it: a fresh session, its restart budget and any
+    /// parking forgotten (clustered nodes only).
+    Restart {
+        /// The number.
+        number: String,
+        /// How long to wait for the node's answer.
+        #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+        timeout: Duration,
+    },
+    /// Unlink a number's device on the node that runs it: it must be paired again (clustered
+    /// nodes only).
+    Logout {
+        /// The number.
+        number: String,
+        /// How long to wait for the node's answer.
+        #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+        timeout: Duration,
+    },
     /// Remove numbers and everything stored for them.
     Remove {
         /// The numbers.

@@ -7,11 +7,14 @@
 //! - `membership`: [`RedisMembership`], the
 //!   [`Membership`](switchboard_actors::coordinator::Membership) the cluster agent reads:
 //!   heartbeats, lease owners, release notices, drain requests.
+//! - `commands`: [`CommandBus`], operator commands (restart, logout) to the node that owns the
+//!   number, on Redis Streams, and the loop by which each node serves its own.
 //!
 //! Every key lives under `{<prefix>}:` (one hash slot, so each script's keys are in one slot on
 //! a Redis Cluster too); each test gives itself a prefix of its own. Lease traffic has a client
 //! of its own, with a command timeout: a renewal never waits longer than a third of a TTL.
 
+pub mod commands;
 pub mod lease;
 pub mod membership;
 
@@ -21,6 +24,7 @@ use fred::clients::SubscriberClient;
 use fred::prelude::*;
 use switchboard_actors::PhoneNumber;
 
+pub use commands::CommandBus;
 pub use lease::{AdmissionRates, RedisLeases, TokenFloor};
 pub use membership::{Announcement, RedisMembership};
 
@@ -32,6 +36,9 @@ pub mod metrics {
     pub const LEASES_ACQUIRED: &str = "switchboard_leases_acquired_total";
     /// Histogram: seconds one renewal call took.
     pub const RENEW_SECONDS: &str = "switchboard_lease_renew_seconds";
+    /// Histogram: seconds from a lease running out (its owner died or was cut off) to this
+    /// node taking the number.
+    pub const FAILOVER_SECONDS: &str = "switchboard_lease_failover_seconds";
 
     /// Registers the help texts.
     pub fn describe() {
@@ -41,6 +48,11 @@ pub mod metrics {
             RENEW_SECONDS,
             metrics::Unit::Seconds,
             "Duration of one lease renewal call to Redis"
+        );
+        metrics::describe_histogram!(
+            FAILOVER_SECONDS,
+            metrics::Unit::Seconds,
+            "Time from a lease expiring unreleased to this node acquiring the number"
         );
     }
 }
@@ -62,6 +74,12 @@ impl Keys {
     /// A number's lease.
     pub fn lease(&self, number: &PhoneNumber) -> String {
         format!("{}:lease:{number}", self.prefix)
+    }
+
+    /// The last owner of a number's lease, kept a while after the lease (see
+    /// [`RedisLeases`]): when it expired, for the failover time.
+    pub fn shadow(&self, number: &PhoneNumber) -> String {
+        format!("{}:shadow:{number}", self.prefix)
     }
 
     /// A number's fencing counter.
@@ -102,6 +120,16 @@ impl Keys {
     /// The channel lease releases are published on.
     pub fn released(&self) -> String {
         format!("{}:released", self.prefix)
+    }
+
+    /// The stream of commands for the numbers node `id` runs.
+    pub fn commands(&self, id: &str) -> String {
+        format!("{}:commands:{id}", self.prefix)
+    }
+
+    /// The reply to command `id`.
+    pub fn reply(&self, id: &str) -> String {
+        format!("{}:reply:{id}", self.prefix)
     }
 }
 
@@ -186,17 +214,36 @@ pub async fn request_drain(
     Ok(())
 }
 
+/// `switchboard numbers restart|logout NUMBER`: carries `command` out on the node that owns
+/// `number`, waiting at most `timeout`; returns that node's id.
+pub async fn command(
+    cluster: &crate::config::ClusterConfig,
+    number: &PhoneNumber,
+    command: switchboard_actors::command::NumberCommand,
+    timeout: Duration,
+) -> anyhow::Result<String> {
+    let client = connected(cluster).await?;
+    let bus = CommandBus::new(client, Keys::new(&cluster.key_prefix));
+    Ok(bus.send(number, command, timeout).await?)
+}
+
 /// Membership for a command-line tool: connected now, or an error.
 async fn admin(cluster: &crate::config::ClusterConfig) -> anyhow::Result<RedisMembership> {
-    use secrecy::ExposeSecret;
-    let client = client(cluster.redis_url.expose_secret(), Duration::from_secs(5))?;
-    tokio::time::timeout(Duration::from_secs(5), client.wait_for_connect())
-        .await
-        .map_err(|_| anyhow::anyhow!("Redis at cluster.redis_url does not answer"))??;
+    let client = connected(cluster).await?;
     Ok(RedisMembership::new(
         client,
         Keys::new(&cluster.key_prefix),
         cluster.lease_ttl,
         None,
     ))
+}
+
+/// A client for a command-line tool: connected now, or an error.
+async fn connected(cluster: &crate::config::ClusterConfig) -> anyhow::Result<Client> {
+    use secrecy::ExposeSecret;
+    let client = client(cluster.redis_url.expose_secret(), Duration::from_secs(5))?;
+    tokio::time::timeout(Duration::from_secs(5), client.wait_for_connect())
+        .await
+        .map_err(|_| anyhow::anyhow!("Redis at cluster.redis_url does not answer"))??;
+    Ok(client)
 }

@@ -138,6 +138,11 @@ impl Config {
         Self::load_from(file, Env::prefixed("SWITCHBOARD__").split("__"))
     }
 
+    /// The defaults alone (`config/default.toml`: no file, no environment), as the demo runs.
+    pub fn defaults() -> Result<Self, ConfigErrors> {
+        Self::load_from(None, Env::raw().filter(|_| false))
+    }
+
     /// Like [`Config::load`], with the environment layer given (tests).
     pub fn load_from(file: Option<&Path>, env: Env) -> Result<Self, ConfigErrors> {
         let mut figment = Figment::new().merge(Toml::string(DEFAULT_TOML));

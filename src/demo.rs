@@ -1,10 +1,10 @@
 //! `switchboard demo`: a simulated fleet on the embedded defaults.
 //!
-//! It starts the in-process simulator with N unpaired accounts, a fleet of N numbers whose
-//! simulated phones scan the QR codes, and scripted contacts chatting with the keyword/echo bot.
-//! The fleet runs on the embedded store (SQLite, in a scratch directory removed afterwards), so
-//! every message takes the durable path of `switchboard serve`.
-//! It prints a progress line every second, serves `/metrics` and `/healthz`, and ends with one
+//! It starts the in-process simulator with N unpaired accounts, the node of `switchboard
+//! serve` ([`App`], on the embedded defaults: SQLite in a scratch directory removed afterwards)
+//! running N numbers whose simulated phones scan the QR codes, and scripted contacts chatting
+//! with the keyword/echo bot: every message takes the durable path of `serve`.
+//! It prints a progress line every second, serves `/metrics`, `/healthz` and `/readyz`, and ends with one
 //! JSON line. With `--chaos` it makes conversations panic, drops connections and crashes number
 //! actors while it runs, and still expects every number online at the end.
 
@@ -12,23 +12,22 @@ use std::future::Future;
 use std::io::Write;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use anyhow::Context;
-use axum::Router;
-use axum::routing::get;
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use serde::Serialize;
-use switchboard_actors::responder::Responder;
-use switchboard_actors::{Deps, Fleet, FleetCounters, NumberPhase, PhoneNumber, Settings};
+use switchboard_actors::{FleetCounters, NumberPhase, PhoneNumber};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::bot::{CannedModel, ChaosResponder, KeywordBot};
+use crate::app::{App, Parts};
+use crate::config::Config;
 use crate::sim::ledger::Summary;
 use crate::sim::{Dialer, Fault, FaultKind, Network, SimConfig, SimConnector, TrafficSpec};
-use crate::store::{NumberRecord, SessionCipher, SqlStore, StoreOptions, TenantRecord};
+use crate::store::{NumberRecord, SqlStore, TenantRecord};
 
 /// What to run.
 #[derive(Debug, Clone)]
@@ -80,24 +79,6 @@ pub async fn run(
     opts: DemoOptions,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<DemoReport> {
-    let metrics = crate::telemetry::prometheus();
-    let listener = tokio::net::TcpListener::bind(opts.listen)
-        .await
-        .with_context(|| format!("cannot listen on {}", opts.listen))?;
-    let stop = CancellationToken::new();
-    let app = Router::new()
-        .route(
-            "/metrics",
-            get(move || std::future::ready(metrics.render())),
-        )
-        .route("/healthz", get(|| async { "ok" }));
-    let server_stop = stop.clone();
-    let server = tokio::spawn(async move {
-        axum::serve(listener, app)
-            .with_graceful_shutdown(server_stop.cancelled_owned())
-            .await
-    });
-
     let network = Network::new(SimConfig {
         seed: opts.seed,
         ..SimConfig::default()
@@ -108,29 +89,29 @@ pub async fn run(
     for n in &numbers {
         network.create_account(n);
     }
+    let stop = CancellationToken::new();
     tokio::spawn(phones(network.clone(), stop.clone()));
 
-    let responder: Arc<dyn Responder> = if opts.chaos {
-        Arc::new(ChaosResponder::new(KeywordBot, 50))
-    } else {
-        Arc::new(KeywordBot)
-    };
+    // The node itself is `switchboard serve`'s, on the embedded defaults in a scratch
+    // directory, with the in-process simulator as WhatsApp.
     let scratch = Scratch::new()?;
-    let store = scratch.store(&numbers).await?;
-    let (store_port, coordinator) = store.ports();
-    let deps = Deps {
-        connector: Arc::new(SimConnector::new(Dialer::Local(network.clone()))),
-        responder,
-        ai: Arc::new(CannedModel),
-        store: store_port,
-        coordinator,
-        settings: Settings::default(),
-        counters: Arc::new(FleetCounters::default()),
+    let mut config = Config::defaults()?;
+    config.node_id = "demo".into();
+    config.store.url = format!("sqlite://{}/demo.db?mode=rwc", scratch.dir.display()).into();
+    config.store.session_key_file = scratch.dir.join("session.key").display().to_string();
+    config.http_listen = opts.listen;
+    config.chaos.panic_every = if opts.chaos { CHAOS_PANIC_EVERY } else { 0 };
+    let parts = Parts {
+        connector: Some(Arc::new(SimConnector::new(Dialer::Local(network.clone())))),
     };
-    let fleet = Fleet::start(deps).await?;
+    let app = App::build_with(config, parts)
+        .await
+        .with_context(|| format!("starting the demo node (listening on {})", opts.listen))?;
+    register(app.store(), &numbers).await?;
     for n in &numbers {
-        fleet.add(n.clone())?;
+        app.fleet().add(n.clone())?;
     }
+    let counters = app.fleet().counters().clone();
     network.start_traffic(TrafficSpec {
         numbers: None,
         contacts_per_number: 20,
@@ -142,45 +123,67 @@ pub async fn run(
         tokio::spawn(chaos(
             network.clone(),
             numbers.clone(),
-            fleet.addr().clone(),
+            app.fleet().addr().clone(),
             opts.seed,
             stop.clone(),
         ));
     }
 
     let started = Instant::now();
-    tokio::select! {
-        () = shutdown => {}
-        () = progress(&fleet, opts.numbers, opts.duration, opts.progress) => {}
-    }
-    let duration_s = started.elapsed().as_secs_f64();
-    network.stop_traffic();
-    stop.cancel();
-    settle(&fleet, opts.numbers, &network).await;
-    if opts.progress {
-        eprintln!();
-    }
-
-    let c = fleet.counters().clone();
-    let status = fleet.status().await?;
-    let report = DemoReport {
-        numbers: opts.numbers,
-        numbers_online: c.numbers(NumberPhase::Online),
-        messages_in: c.messages_in.load(std::sync::atomic::Ordering::Relaxed),
-        messages_out: c.messages_out.load(std::sync::atomic::Ordering::Relaxed),
-        restarts: c.restarts.load(std::sync::atomic::Ordering::Relaxed),
-        failed: i64::try_from(status.parked.len()).unwrap_or(i64::MAX),
-        dead_letters: c.dead_letters.load(std::sync::atomic::Ordering::Relaxed),
-        duration_s,
-        ledger: network.summary(),
+    let (report_tx, report_rx) = tokio::sync::oneshot::channel();
+    let run = async {
+        tokio::select! {
+            () = shutdown => {}
+            () = progress(&counters, opts.numbers, opts.duration, opts.progress) => {}
+        }
+        let duration_s = started.elapsed().as_secs_f64();
+        network.stop_traffic();
+        stop.cancel();
+        settle(&counters, opts.numbers, &network).await;
+        if opts.progress {
+            eprintln!();
+        }
+        let c = &counters;
+        let _ = report_tx.send(DemoReport {
+            numbers: opts.numbers,
+            numbers_online: c.numbers(NumberPhase::Online),
+            messages_in: c.messages_in.load(Ordering::Relaxed),
+            messages_out: c.messages_out.load(Ordering::Relaxed),
+            restarts: c.restarts.load(Ordering::Relaxed),
+            failed: c.numbers(NumberPhase::Failed),
+            dead_letters: c.dead_letters.load(Ordering::Relaxed),
+            duration_s,
+            ledger: network.summary(),
+        });
     };
-    fleet.shutdown(Duration::from_secs(10)).await;
-    store.close().await;
-    server.await??;
-    Ok(report)
+    app.run_until(run).await?;
+    Ok(report_rx.await?)
 }
 
-/// The demo's embedded store: a SQLite file in a directory of its own, removed on drop.
+/// Conversations panic on one message in this many with `--chaos`.
+const CHAOS_PANIC_EVERY: u64 = 50;
+
+/// Registers the demo's tenant and numbers.
+async fn register(store: &SqlStore, numbers: &[PhoneNumber]) -> anyhow::Result<()> {
+    let tenant = TenantRecord {
+        id: "demo".into(),
+        name: "Demo".into(),
+        full_transcripts: false,
+    };
+    store.create_tenant(&tenant).await?;
+    for n in numbers {
+        let record = NumberRecord {
+            number: n.clone(),
+            tenant: tenant.id.clone(),
+            pinned_node: None,
+            settings: serde_json::json!({}),
+        };
+        store.add_number(&record).await?;
+    }
+    Ok(())
+}
+
+/// The demo's scratch directory, removed on drop.
 struct Scratch {
     dir: std::path::PathBuf,
 }
@@ -194,34 +197,6 @@ impl Scratch {
         ));
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
         Ok(Self { dir })
-    }
-
-    /// Opens the store and registers the demo's numbers.
-    async fn store(&self, numbers: &[PhoneNumber]) -> anyhow::Result<SqlStore> {
-        let store = SqlStore::connect(StoreOptions {
-            url: format!("sqlite://{}/demo.db?mode=rwc", self.dir.display()),
-            max_connections: 1,
-            batch_max: 2048,
-            batch_wait: Duration::from_millis(1),
-            cipher: Arc::new(SessionCipher::parse(&SessionCipher::generate("demo"))?),
-        })
-        .await?;
-        let tenant = TenantRecord {
-            id: "demo".into(),
-            name: "Demo".into(),
-            full_transcripts: false,
-        };
-        store.create_tenant(&tenant).await?;
-        for n in numbers {
-            let record = NumberRecord {
-                number: n.clone(),
-                tenant: tenant.id.clone(),
-                pinned_node: None,
-                settings: serde_json::json!({}),
-            };
-            store.add_number(&record).await?;
-        }
-        Ok(store)
     }
 }
 
@@ -272,22 +247,21 @@ async fn chaos(
 }
 
 /// Prints the live line every second until `duration` has passed.
-async fn progress(fleet: &Fleet, numbers: usize, duration: Duration, print: bool) {
-    let c = fleet.counters();
+async fn progress(c: &FleetCounters, numbers: usize, duration: Duration, print: bool) {
     let end = Instant::now() + duration;
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     let (mut last_in, mut last_out) = (0, 0);
     while Instant::now() < end {
         tick.tick().await;
-        let msgs_in = c.messages_in.load(std::sync::atomic::Ordering::Relaxed);
-        let msgs_out = c.messages_out.load(std::sync::atomic::Ordering::Relaxed);
+        let msgs_in = c.messages_in.load(Ordering::Relaxed);
+        let msgs_out = c.messages_out.load(Ordering::Relaxed);
         if print {
             eprint!(
                 "\rnumbers online {:>6}/{numbers}  in {:>6}/s  out {:>6}/s  restarts {:>6}  failed {:>4}   ",
                 c.numbers(NumberPhase::Online),
                 msgs_in - last_in,
                 msgs_out - last_out,
-                c.restarts.load(std::sync::atomic::Ordering::Relaxed),
+                c.restarts.load(Ordering::Relaxed),
                 c.numbers(NumberPhase::Failed),
             );
             let _ = std::io::stderr().flush();
@@ -297,11 +271,11 @@ async fn progress(fleet: &Fleet, numbers: usize, duration: Duration, print: bool
 }
 
 /// Waits (bounded) until every number is online and every inbound message has been answered.
-async fn settle(fleet: &Fleet, numbers: usize, network: &Network) {
+async fn settle(counters: &FleetCounters, numbers: usize, network: &Network) {
     let deadline = Instant::now() + SETTLE;
     let target = i64::try_from(numbers).unwrap_or(i64::MAX);
     while Instant::now() < deadline {
-        let all_online = fleet.counters().numbers(NumberPhase::Online) == target;
+        let all_online = counters.numbers(NumberPhase::Online) == target;
         if all_online && network.summary().inbound_unanswered == 0 {
             return;
         }

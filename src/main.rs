@@ -133,6 +133,26 @@ async fn numbers(config: &Config, command: NumbersCommand) -> anyhow::Result<()>
         let mut out = std::io::stdout();
         return switchboard::login::run(config, number, pair_code, &mut out).await;
     }
+    if let NumbersCommand::Restart { number, timeout }
+    | NumbersCommand::Logout { number, timeout } = &command
+    {
+        use switchboard_actors::command::NumberCommand;
+        let which = match command {
+            NumbersCommand::Restart { .. } => NumberCommand::Restart,
+            _ => NumberCommand::Logout,
+        };
+        let Some(cluster) = &config.cluster else {
+            eprintln!(
+                "switchboard: numbers {which} reaches the node running the number through the \
+                 cluster, and cluster.redis_url is not set"
+            );
+            std::process::exit(64);
+        };
+        let parsed = PhoneNumber::parse(number).with_context(|| format!("{number:?}"))?;
+        let node = switchboard::cluster::command(cluster, &parsed, which, *timeout).await?;
+        println!("{number}: {which} done on {node}");
+        return Ok(());
+    }
     // A bad proxy is a usage error, told before anything is opened.
     if let NumbersCommand::Add {
         proxy: Some(url), ..
@@ -178,7 +198,9 @@ async fn numbers(config: &Config, command: NumbersCommand) -> anyhow::Result<()>
                 }
             }
         }
-        NumbersCommand::Login { .. } => unreachable!("handled above"),
+        NumbersCommand::Login { .. }
+        | NumbersCommand::Restart { .. }
+        | NumbersCommand::Logout { .. } => unreachable!("handled above"),
         NumbersCommand::List => {
             for n in store.numbers().await? {
                 println!("{}\t{}", n.number, n.tenant);

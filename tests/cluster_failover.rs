@@ -10,7 +10,8 @@
 //! twice, none shown twice; a reply may be sent again with its id only if it was in flight on a
 //! killed node. Admins pin a number, drain a node and add a number while the cluster runs; a
 //! cold start follows the cluster's admission rate; a Redis restarted without its data (a
-//! server of the test's own) never makes two owners, and service goes on.
+//! server of the test's own) never makes two owners, and service goes on. Operator commands
+//! (restart, logout) reach the node that runs the number from any node, or fail saying why.
 #![allow(clippy::unwrap_used, clippy::panic)]
 
 #[path = "support/cluster.rs"]
@@ -77,6 +78,19 @@ async fn a_killed_node_s_numbers_are_online_on_the_survivors_within_the_ttl_and_
     assert!(
         failover <= TTL + Duration::from_secs(2),
         "failover took {failover:?}, more than TTL + 2 s"
+    );
+    // The survivors timed each takeover from the moment the dead node's lease ran out.
+    let taken = trio
+        .metric(&survivors, "switchboard_lease_failover_seconds_count")
+        .await;
+    let waited = trio
+        .metric(&survivors, "switchboard_lease_failover_seconds_sum")
+        .await;
+    assert_eq!(taken, lost.len() as f64, "failovers timed");
+    assert!(
+        waited / taken <= 2.0,
+        "{:.2} s on average from a lease's expiry to its takeover",
+        waited / taken
     );
     assert_eq!(totals["inbound"], 200);
     assert_eq!(totals["inbound_unanswered"], 0, "{totals}");
@@ -216,6 +230,10 @@ async fn a_rolling_restart_loses_nothing_and_hands_each_number_over_within_a_sec
         totals["stream_replaced"], 0,
         "never two connections at once: {totals}"
     );
+    assert_eq!(
+        totals["resent_same_id"], 0,
+        "each node settled its sends before handing off: {totals}"
+    );
     assert!(p99 <= 1000, "lease gap p99 {p99} ms");
     trio.stop_all().await;
 }
@@ -338,6 +356,99 @@ async fn a_cold_start_of_a_thousand_numbers_connects_at_the_cluster_s_admission_
         (measured / RATE - 1.0).abs() <= 0.10,
         "{measured:.2} connects/s against an admission rate of {RATE}/s"
     );
+    trio.stop_all().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operator_commands_reach_the_node_that_runs_the_number_or_say_why_not() {
+    let trio = trio().await;
+    let owners = trio.owners().await;
+    let cli = |from: &str, args: &[&str]| {
+        let out = trio.node(from).command(args).output().unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let connections = |events: &[serde_json::Value]| {
+        events
+            .iter()
+            .filter(|e| e["event"] == "connection_opened")
+            .count()
+    };
+
+    // Restart, asked from a node that does not run the number.
+    let n = &trio.numbers[0];
+    let owner = &owners[n];
+    let elsewhere = trio.others(owner)[0].clone();
+    let before = connections(&trio.rig.ledger(n).await);
+    let (ok, out, err) = cli(&elsewhere, &["numbers", "restart", n]);
+    assert!(ok, "restart failed: {err}");
+    assert!(out.contains(&format!("restart done on {owner}")), "{out}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while connections(&trio.rig.ledger(n).await) <= before
+        || trio.online(&trio.ids()).await < NUMBERS as f64
+    {
+        assert!(
+            Instant::now() < deadline,
+            "{n} did not come back after its restart"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        trio.owners().await.get(n),
+        Some(owner),
+        "a restart keeps the owner"
+    );
+
+    // Logout: the device is unlinked and the number waits to be paired again.
+    let m = &trio.numbers[1];
+    let (ok, out, err) = cli(&elsewhere, &["numbers", "logout", m]);
+    assert!(ok, "logout failed: {err}");
+    assert!(out.contains("logout done on"), "{out}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !trio
+        .rig
+        .ledger(m)
+        .await
+        .iter()
+        .any(|e| e["event"] == "connection_closed" && e["reason"] == "logged_out")
+    {
+        assert!(Instant::now() < deadline, "{m} was not logged out");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // No node runs it: a clear error at once.
+    let (ok, _, err) = cli(&elsewhere, &["numbers", "restart", "+15559999999"]);
+    assert!(!ok);
+    assert!(err.contains("no node runs +15559999999"), "{err}");
+
+    // Its owner does not answer: the caller is told after its timeout, and the command is
+    // dropped once the owner resumes (its caller gave up).
+    let k = &trio.numbers[2];
+    let k_owner = owners[k].clone();
+    let asker = trio.others(&k_owner)[0].clone();
+    let before = connections(&trio.rig.ledger(k).await);
+    trio.signal(&k_owner, "-STOP");
+    let started = Instant::now();
+    let (ok, _, err) = cli(&asker, &["numbers", "restart", k, "--timeout", "1s"]);
+    let waited = started.elapsed();
+    trio.signal(&k_owner, "-CONT");
+    assert!(!ok);
+    assert!(
+        err.contains(&format!("{k_owner} did not answer within 1s")),
+        "{err}"
+    );
+    assert!(waited < Duration::from_secs(3), "waited {waited:?}");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    if trio.owners().await.get(k) == Some(&k_owner) {
+        assert_eq!(
+            connections(&trio.rig.ledger(k).await),
+            before,
+            "a command its caller gave up on was carried out"
+        );
+    }
     trio.stop_all().await;
 }
 

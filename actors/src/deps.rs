@@ -10,7 +10,7 @@ use crate::coordinator::{Coordinator, FenceLoss, Lease};
 use crate::responder::{AiBackend, Responder};
 use crate::restart::RestartPolicy;
 use crate::store::Store;
-use crate::telemetry::NUMBERS;
+use crate::telemetry::{FENCING_REFUSALS, NUMBERS};
 use crate::transport::{WaConnector, WaSession};
 
 /// Outbound pacing for one number.
@@ -281,6 +281,9 @@ impl NumberResources {
     /// renewal, a replaced stream): the lease is revoked, and the number's watch on it closes
     /// the session and stops the number at once.
     pub fn lose_fence(&self, loss: FenceLoss) {
+        if loss == FenceLoss::StoreRefused {
+            metrics::counter!(FENCING_REFUSALS).increment(1);
+        }
         match self.lease() {
             Some(lease) => {
                 lease.revoke(loss);

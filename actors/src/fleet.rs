@@ -22,10 +22,11 @@ use tokio::task::{JoinHandle, JoinSet};
 use tokio::time::Instant;
 
 use crate::addr::{Addr, CallError};
+use crate::command::{CommandError, NumberCommand};
 use crate::coordinator::{Coordinator, CoordinatorError, FenceLoss, Lease};
 use crate::deps::{Deps, FleetCounters, NumberPhase, NumberResources};
 use crate::ids::PhoneNumber;
-use crate::number::{NumberActor, NumberArgs, NumberMsg};
+use crate::number::{HANDOFF_SETTLE, NumberActor, NumberArgs, NumberMsg};
 use crate::restart::{Decision, Exit, RestartTracker};
 use crate::store::OUTAGE_RETRY;
 use crate::telemetry::{ActorKind, Mailbox, PARKED, RESTARTS};
@@ -56,6 +57,12 @@ pub enum FleetMsg {
     Status(RpcReplyPort<FleetStatus>),
     /// The numbers the fleet holds a slot for.
     Numbers(RpcReplyPort<Vec<Held>>),
+    /// An operator's command to a number this node runs.
+    Command(
+        PhoneNumber,
+        NumberCommand,
+        RpcReplyPort<Result<(), CommandError>>,
+    ),
     /// Shutting down: stop every number for good (none is restarted, none starts).
     Drain(RpcReplyPort<()>),
 }
@@ -91,6 +98,8 @@ struct Slot {
     tracker: RestartTracker,
     parked: Option<String>,
     stopping: bool,
+    /// An operator asked for a fresh start: the actor's exit starts it again at once.
+    restart: bool,
 }
 
 /// The fleet's state.
@@ -178,6 +187,7 @@ impl Actor for FleetActor {
                         ),
                         parked: None,
                         stopping: false,
+                        restart: false,
                     };
                     let resources = slot.resources.clone();
                     state.slots.insert(number.clone(), slot);
@@ -221,6 +231,9 @@ impl Actor for FleetActor {
                     })
                     .collect();
                 let _ = reply.send(numbers);
+            }
+            FleetMsg::Command(number, command, reply) => {
+                command_number(state, number, command, reply).await;
             }
             FleetMsg::Drain(reply) => {
                 state.draining = true;
@@ -302,7 +315,18 @@ async fn stop_number(state: &mut FleetState, number: &PhoneNumber) -> bool {
     };
     slot.stopping = true;
     match &slot.addr {
-        Some(addr) => addr.actor().stop(Some("removed".to_owned())),
+        Some(addr) => {
+            // It settles its sends first; one too busy to take the message is stopped anyway.
+            let actor = addr.actor().clone();
+            if addr.cast(NumberMsg::HandOff).is_err() {
+                actor.stop(Some("removed".to_owned()));
+            } else {
+                tokio::spawn(async move {
+                    tokio::time::sleep(HANDOFF_SETTLE + Duration::from_secs(1)).await;
+                    actor.stop(Some("handoff deadline".to_owned()));
+                });
+            }
+        }
         None => {
             if let Some(slot) = state.slots.remove(number) {
                 slot.resources.release().await;
@@ -455,7 +479,72 @@ async fn child_exited(state: &mut FleetState, id: ActorId, exit: Exit) {
         }
         return;
     }
+    if std::mem::take(&mut slot.restart) {
+        tracing::info!(%number, "number restarted on request");
+        Box::pin(spawn_number(state, &number)).await;
+        return;
+    }
     after_exit(state, &number, exit).await;
+}
+
+/// An operator's `command` to `number`, answered on `reply`.
+async fn command_number(
+    state: &mut FleetState,
+    number: PhoneNumber,
+    command: NumberCommand,
+    reply: RpcReplyPort<Result<(), CommandError>>,
+) {
+    let lost = |s: &Slot| s.lease.as_ref().is_some_and(|l| l.loss().is_some());
+    let Some(slot) = state
+        .slots
+        .get_mut(&number)
+        .filter(|s| !s.stopping && !lost(s) && !state.draining)
+    else {
+        let _ = reply.send(Err(CommandError::NotHere(number)));
+        return;
+    };
+    tracing::info!(%number, %command, "operator command");
+    match command {
+        NumberCommand::Restart => {
+            let was_parked = slot.parked.take().is_some();
+            slot.tracker = RestartTracker::new(
+                state.deps.settings.number_policy,
+                Instant::now(),
+                seed_of(&number),
+            );
+            let leased = slot.lease.is_some();
+            if let Some(addr) = slot.addr.clone() {
+                slot.restart = true;
+                addr.actor().stop(Some("restart requested".to_owned()));
+            } else if leased {
+                // Waiting out a restart delay (or the store): now.
+                spawn_number(state, &number).await;
+            } else if was_parked {
+                // Parked, its lease given up: take it again from the start.
+                if let Some(slot) = state.slots.remove(&number) {
+                    slot.resources.retire();
+                }
+                let _ = state.myself.cast(FleetMsg::Start(number));
+            }
+            // Otherwise it is still taking its lease, and starts fresh anyway.
+            let _ = reply.send(Ok(()));
+        }
+        NumberCommand::Logout => {
+            let Some(addr) = slot.addr.clone() else {
+                let state = slot.resources.state().as_str();
+                let _ = reply.send(Err(CommandError::Failed(format!(
+                    "{number} is {state}, not running: restart it first"
+                ))));
+                return;
+            };
+            let timeout = state.deps.settings.call_timeout;
+            tokio::spawn(async move {
+                let done = addr.call(NumberMsg::Logout, timeout).await;
+                let _ =
+                    reply.send(done.unwrap_or_else(|e| Err(CommandError::Failed(e.to_string()))));
+            });
+        }
+    }
 }
 
 async fn after_exit(state: &mut FleetState, number: &PhoneNumber, exit: Exit) {
@@ -526,6 +615,27 @@ fn seed_of(number: &PhoneNumber) -> u64 {
     number.digits().parse().unwrap_or(0)
 }
 
+/// Operator commands to the numbers a fleet runs; cheap to clone (the command bus holds one).
+#[derive(Clone)]
+pub struct Commands {
+    addr: Addr<FleetMsg>,
+    call_timeout: Duration,
+}
+
+impl Commands {
+    /// Carries out `command` to `number`, which must run on this node.
+    pub async fn run(
+        &self,
+        number: PhoneNumber,
+        command: NumberCommand,
+    ) -> Result<(), CommandError> {
+        self.addr
+            .call(|r| FleetMsg::Command(number, command, r), self.call_timeout)
+            .await
+            .unwrap_or_else(|e| Err(CommandError::Failed(e.to_string())))
+    }
+}
+
 /// A running fleet: the handle the rest of the program holds.
 pub struct Fleet {
     addr: Addr<FleetMsg>,
@@ -572,6 +682,14 @@ impl Fleet {
             .await
     }
 
+    /// A handle for operator commands to the numbers this fleet runs.
+    pub fn commands(&self) -> Commands {
+        Commands {
+            addr: self.addr.clone(),
+            call_timeout: self.call_timeout,
+        }
+    }
+
     /// The fleet at a glance.
     pub async fn status(&self) -> Result<FleetStatus, CallError> {
         self.addr.call(FleetMsg::Status, self.call_timeout).await
@@ -589,10 +707,20 @@ impl Fleet {
 
     /// Stops every number and the fleet, waiting at most `deadline`.
     pub async fn shutdown(self, deadline: Duration) {
-        // First the fleet marks every number stopping, so that their exits are not restarts.
-        if let Err(e) = self.addr.call(FleetMsg::Drain, self.call_timeout).await {
-            tracing::warn!(error = %e, "fleet did not take the shutdown; stopping it anyway");
+        let until = Instant::now() + deadline;
+        // First the fleet marks every number stopping, so that their exits are not restarts,
+        // and hands each off (its sends settled); past `deadline` whatever is left is stopped.
+        match self.addr.call(FleetMsg::Drain, self.call_timeout).await {
+            Ok(()) => {
+                while Instant::now() < until && self.status().await.is_ok_and(|s| s.running > 0) {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "fleet did not take the shutdown; stopping it anyway");
+            }
         }
+        let deadline = until.saturating_duration_since(Instant::now());
         let actor = self.addr.actor();
         actor
             .stop_children_and_wait(Some("shutdown".to_owned()), Some(deadline))

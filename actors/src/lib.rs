@@ -28,6 +28,8 @@
 //!   durable message path: inbound log, outbox, checkpoints, sessions, dead letters, fencing),
 //!   [`coordinator`] (leases: who owns a number, under which fencing token; the one path by
 //!   which ownership ends; membership and the directory of numbers the cluster agent reads).
+//! - [`command`]: operator commands to one number (restart, logout), applied by the fleet that
+//!   runs it; in a cluster the service routes them to the lease holder.
 //! - [`telemetry`]: metric names and mailbox-depth counting; [`addr`]: counted actor addresses.
 //!
 //! ractor facts that shape the tree: its default `handle_supervisor_evt` stops the supervisor
@@ -43,6 +45,7 @@ pub mod addr;
 pub mod admission;
 pub mod ai_job;
 pub mod cluster_agent;
+pub mod command;
 pub mod conversation;
 pub mod conversations;
 pub mod coordinator;

@@ -13,10 +13,12 @@
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::time::Duration;
 
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
 
 use crate::addr::Addr;
+use crate::command::CommandError;
 use crate::conversations::{ConversationsActor, ConversationsArgs, ConversationsMsg};
 use crate::coordinator::{FenceLoss, Lease};
 use crate::deps::{Deps, FleetCounters, NumberPhase, NumberResources};
@@ -45,7 +47,15 @@ pub enum NumberMsg {
     Crash(String),
     /// The number's lease was revoked (its session is closed already): stop.
     FenceLost(FenceLoss),
+    /// Stop for a handoff (moved, drained, removed): settle the sends in flight first, for at
+    /// most [`HANDOFF_SETTLE`], so that the next owner has nothing to send again.
+    HandOff,
+    /// An operator asks to unlink the device; answers once the logout is under way.
+    Logout(RpcReplyPort<Result<(), CommandError>>),
 }
+
+/// How long a number handed off waits for the acks of its sends in flight.
+pub const HANDOFF_SETTLE: Duration = Duration::from_secs(2);
 
 /// A number as its actor sees it.
 #[derive(Debug, Clone)]
@@ -162,6 +172,15 @@ impl Actor for NumberActor {
                 }
             }
             NumberMsg::Crash(reason) => return Err(reason.into()),
+            NumberMsg::HandOff => {
+                if let Some(pacer) = &state.pacer {
+                    let _ = tokio::time::timeout(HANDOFF_SETTLE, pacer.settle()).await;
+                }
+                myself.stop(Some("handed off".to_owned()));
+            }
+            NumberMsg::Logout(reply) => {
+                let _ = reply.send(logout(state).await);
+            }
             NumberMsg::FenceLost(loss) => {
                 // Never restarted: the fleet sees the revoked lease and keeps it stopped.
                 myself.stop(Some(format!("ownership lost: {loss}")));
@@ -433,6 +452,20 @@ impl Intake {
 /// A terminal event: close the session (it does not reconnect) and record the state.
 /// The least a banned number waits before it logs in again.
 const MIN_BAN_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Unlinks the device: through the session ([`WaEvent::LoggedOut`] follows), or, with none
+/// open, by clearing the stored credentials here.
+async fn logout(state: &mut NumberState) -> Result<(), CommandError> {
+    if let Some(session) = state.args.resources.session() {
+        return session
+            .logout()
+            .await
+            .map_err(|e| CommandError::Failed(format!("logout refused: {e}")));
+    }
+    on_event(state, WaEvent::LoggedOut)
+        .await
+        .map_err(|e| CommandError::Failed(format!("logout failed: {e}")))
+}
 
 fn end_session(state: &NumberState, reason: &'static str, to: NumberPhase) {
     metrics::counter!(DISCONNECTS, "reason" => reason).increment(1);

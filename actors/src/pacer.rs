@@ -36,7 +36,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use backon::{BackoffBuilder, ExponentialBackoff, ExponentialBuilder};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
 use crate::coordinator::FenceLoss;
@@ -70,6 +70,9 @@ enum Command {
     Marked(MessageId),
     /// The sent mark of this id failed; commit it again later.
     MarkFailed(MessageId),
+    /// The number is handed off: send nothing more, and answer once nothing written awaits
+    /// its ack or its sent mark.
+    Settle(oneshot::Sender<()>),
 }
 
 /// Talks to a number's pacer.
@@ -111,6 +114,15 @@ impl PacerHandle {
     pub fn disconnected(&self) {
         let _ = self.tx.send(Command::Disconnected);
     }
+
+    /// Stops sending and resolves once nothing written awaits its ack or its sent mark (or the
+    /// pacer has stopped): a number handed off now leaves its next owner nothing to resend.
+    pub async fn settle(&self) {
+        let (tx, rx) = oneshot::channel();
+        if self.tx.send(Command::Settle(tx)).is_ok() {
+            let _ = rx.await;
+        }
+    }
 }
 
 /// Starts the pacer of a number; it first loads the number's unsent outbox.
@@ -135,6 +147,7 @@ pub fn spawn(resources: Arc<NumberResources>, deps: &Deps, fence: Fence) -> Pace
         failed_marks: Vec::new(),
         retry_marks_at: None,
         gauge: 0,
+        settling: None,
         tx: tx.clone(),
     };
     tokio::spawn(pacer.run(rx));
@@ -167,6 +180,8 @@ struct Pacer {
     retry_marks_at: Option<Instant>,
     /// What this pacer adds to the queue-depth gauge now.
     gauge: usize,
+    /// Set by [`Command::Settle`]: nothing more is sent; these wait for the book to be at rest.
+    settling: Option<Vec<oneshot::Sender<()>>>,
     /// Its own commands, for the answers of the store.
     tx: mpsc::UnboundedSender<Command>,
 }
@@ -181,6 +196,13 @@ impl Pacer {
         loop {
             while let Ok(cmd) = rx.try_recv() {
                 self.apply(cmd);
+            }
+            if self.book.at_rest()
+                && let Some(waiters) = self.settling.as_mut()
+            {
+                for w in waiters.drain(..) {
+                    let _ = w.send(());
+                }
             }
             self.expire();
             self.report();
@@ -230,7 +252,10 @@ impl Pacer {
 
     fn may_send(&self) -> bool {
         let now = Instant::now();
-        self.online && self.resend_at.is_none() && self.paused_until.is_none_or(|t| t <= now)
+        self.online
+            && self.settling.is_none()
+            && self.resend_at.is_none()
+            && self.paused_until.is_none_or(|t| t <= now)
     }
 
     fn next_timer(&self) -> Option<Instant> {
@@ -320,6 +345,7 @@ impl Pacer {
                 self.book.connection_lost();
             }
             Command::Marked(id) => self.book.marked(id),
+            Command::Settle(done) => self.settling.get_or_insert_with(Vec::new).push(done),
             Command::MarkFailed(id) => {
                 self.failed_marks.push(id);
                 self.retry_marks_at

@@ -51,6 +51,9 @@ pub const STORE_UP: &str = "switchboard_store_up";
 /// Counter: leases lost, by `reason` (renew_refused, expired, store_refused, stream_replaced,
 /// superseded).
 pub const FENCE_LOSSES: &str = "switchboard_leases_lost_total";
+/// Counter: writes the store refused because a newer owner of the number has written (each
+/// one; the first also revokes the lease, counted in [`FENCE_LOSSES`] as `store_refused`).
+pub const FENCING_REFUSALS: &str = "switchboard_fencing_refusals_total";
 /// Counter: numbers this node handed off to another (placement moves, drains).
 pub const HANDOFFS: &str = "switchboard_handoffs_total";
 /// Gauge: live nodes of the cluster as this node sees them, by `state` (active, draining).
@@ -101,6 +104,10 @@ pub fn describe() {
     );
     describe_gauge!(STORE_UP, "1 while the store is up, 0 during an outage");
     describe_counter!(FENCE_LOSSES, "Leases of numbers lost, by reason");
+    describe_counter!(
+        FENCING_REFUSALS,
+        "Writes the store refused as fenced: a newer owner of the number has written"
+    );
     describe_counter!(HANDOFFS, "Numbers handed off to another node");
     describe_gauge!(NODES, "Live nodes of the cluster, by state");
     describe_gauge!(

@@ -8,11 +8,12 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
+use switchboard_actors::command::{CommandError, NumberCommand};
 use switchboard_actors::conversations::{ChatStatus, ConversationsMsg};
 use switchboard_actors::coordinator::{LocalCoordinator, TokenSource};
 use switchboard_actors::dead_letter::DeadLetterReason;
 use switchboard_actors::deps::SendRate;
-use switchboard_actors::number::NumberMsg;
+use switchboard_actors::number::{HANDOFF_SETTLE, NumberMsg};
 use switchboard_actors::responder::{AiBackend, AiError, ChatContext, Reply, Responder};
 use switchboard_actors::store::{
     Completion, Fence, Health, MemoryStore, OutageKind, Pending, Recorded, Store, StoreError,
@@ -188,6 +189,7 @@ impl WaSession for FakeSession {
         Ok(())
     }
     async fn logout(&self) -> Result<(), TransportError> {
+        (self.sink)(WaEvent::LoggedOut);
         Ok(())
     }
     async fn shutdown(&self) {
@@ -801,14 +803,12 @@ async fn a_number_crash_restarts_only_that_numbers_subtree() {
     eventually("a answered", || replies_to(&h.net.sent(&a), "A1") == 1).await;
 }
 
-#[tokio::test(start_paused = true)]
-async fn a_number_that_spends_its_budget_is_parked_and_the_fleet_survives() {
-    let (a, b) = (phone("+15550006"), phone("+15550007"));
-    let h = harness(&[&a, &b], Duration::ZERO).await;
+/// Crashes `n` (now in its `starts`th start) eleven times in a row: one more than its budget.
+async fn crash_until_parked(h: &Harness, n: &PhoneNumber, starts: usize) {
     for i in 1..=11 {
-        eventually("a running", || h.net.starts(&a) == i).await;
+        eventually("running", || h.net.starts(n) == starts + i - 1).await;
         let addr = loop {
-            if let Some(addr) = h.fleet.number(a.clone()).await.unwrap() {
+            if let Some(addr) = h.fleet.number(n.clone()).await.unwrap() {
                 break addr;
             }
             tokio::time::sleep(Duration::from_millis(5)).await;
@@ -816,6 +816,13 @@ async fn a_number_that_spends_its_budget_is_parked_and_the_fleet_survives() {
         addr.cast(NumberMsg::Crash(format!("crash {i}"))).unwrap();
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_number_that_spends_its_budget_is_parked_and_the_fleet_survives() {
+    let (a, b) = (phone("+15550006"), phone("+15550007"));
+    let h = harness(&[&a, &b], Duration::ZERO).await;
+    crash_until_parked(&h, &a, 1).await;
     let mut status = h.fleet.status().await.unwrap();
     while status.parked.is_empty() {
         tokio::time::sleep(Duration::from_millis(10)).await;
@@ -1300,4 +1307,107 @@ async fn shutdown_stops_every_number_once_without_restarting_it() {
             "{n}'s session was closed"
         );
     }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_number_handed_off_settles_its_sends_in_flight_before_it_stops() {
+    let (a, b) = (phone("+15550031"), phone("+15550032"));
+    let h = harness(&[&a, &b], Duration::ZERO).await;
+    *h.net.acks.lock().unwrap() = Acks::Withheld;
+    for (n, id) in [(&a, "H1"), (&b, "H2")] {
+        h.net
+            .latest(n)
+            .inject(dm(&phone("+4915100070"), id, "hello"));
+        eventually("sent", || h.net.sent(n).len() == 1).await;
+    }
+    assert!(h.fleet.remove(a.clone()).await.unwrap());
+    assert!(h.fleet.remove(b.clone()).await.unwrap());
+    // a's ack comes late but within the settle time: a stops once its sent mark commits, and
+    // no later owner has anything to send again.
+    tokio::time::sleep(HANDOFF_SETTLE / 4).await;
+    let session_a = h.net.latest(&a);
+    assert!(
+        !session_a.closed.load(Ordering::SeqCst),
+        "a waits for its ack"
+    );
+    session_a.ack_now(&h.net.sent(&a)[0].id);
+    eventually("a stopped", || session_a.closed.load(Ordering::SeqCst)).await;
+    assert!(
+        h.store.unsent(&a).await.unwrap().is_empty(),
+        "a's reply is settled"
+    );
+    // b's ack never comes: b stops at the settle deadline anyway, its reply left unsent.
+    let session_b = h.net.latest(&b);
+    tokio::time::sleep(HANDOFF_SETTLE).await;
+    eventually("b stopped", || session_b.closed.load(Ordering::SeqCst)).await;
+    assert_eq!(h.store.unsent(&b).await.unwrap().len(), 1);
+    assert_eq!(
+        h.net.sent(&a).len() + h.net.sent(&b).len(),
+        2,
+        "nothing more was sent"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn operator_commands_restart_a_number_even_parked_and_log_it_out() {
+    let (a, b) = (phone("+15550033"), phone("+15550034"));
+    let h = harness(&[&a, &b], Duration::ZERO).await;
+    let commands = h.fleet.commands();
+    eventually("both running", || {
+        h.net.starts(&a) == 1 && h.net.starts(&b) == 1
+    })
+    .await;
+
+    commands
+        .run(a.clone(), NumberCommand::Restart)
+        .await
+        .unwrap();
+    eventually("a restarted", || h.net.starts(&a) == 2).await;
+    eventually("a online", || {
+        h.fleet.counters().numbers(NumberPhase::Online) == 2
+    })
+    .await;
+    assert_eq!(
+        h.fleet.counters().restarts.load(Ordering::Relaxed),
+        0,
+        "not a crash"
+    );
+
+    // Parked after spending its budget: a restart brings it back.
+    crash_until_parked(&h, &a, 2).await;
+    eventually("a parked", || {
+        h.fleet.counters().numbers(NumberPhase::Failed) == 1
+    })
+    .await;
+    commands
+        .run(a.clone(), NumberCommand::Restart)
+        .await
+        .unwrap();
+    eventually("a back online", || {
+        h.fleet.counters().numbers(NumberPhase::Online) == 2
+    })
+    .await;
+    assert!(h.fleet.status().await.unwrap().parked.is_empty());
+
+    // Logout: the session unlinks and the number waits to be paired again.
+    commands
+        .run(b.clone(), NumberCommand::Logout)
+        .await
+        .unwrap();
+    eventually("b logged out", || {
+        h.fleet.counters().numbers(NumberPhase::LoggedOut) == 1
+    })
+    .await;
+    // A logged-out number can be started again (to pair anew).
+    commands
+        .run(b.clone(), NumberCommand::Restart)
+        .await
+        .unwrap();
+    eventually("b started again", || h.net.starts(&b) == 2).await;
+
+    let stranger = phone("+15550039");
+    assert_eq!(
+        commands.run(stranger.clone(), NumberCommand::Restart).await,
+        Err(CommandError::NotHere(stranger))
+    );
 }

@@ -4,7 +4,11 @@
 //! - `lease:<number>` = `<owner>|<token>`, with the TTL as its expiry;
 //! - `token:<number>`: the number's fencing counter (`INCR`);
 //! - `epoch`: present while Redis holds the cluster's data; `quiet`: set for one TTL when a
-//!   node finds `epoch` missing (a Redis restarted without persistence lost every lease).
+//!   node finds `epoch` missing (a Redis restarted without persistence lost every lease);
+//! - `shadow:<number>`: the lease's value again, expiring `SHADOW_TTLS` × TTL after the lease
+//!   does (renewed with it, deleted with a release): a new owner that finds it knows the lease
+//!   ran out unreleased, and when, and records the failover time
+//!   (`switchboard_lease_failover_seconds`).
 //!
 //! Three Lua scripts, each idempotent under fred's replay of a command after a reconnect:
 //! - acquire: the number's lease for `owner`, re-entrant (the same owner gets its lease back,
@@ -41,53 +45,66 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::Keys;
-use super::metrics::{LEASES_ACQUIRED, LEASES_HELD, RENEW_SECONDS};
+use super::metrics::{FAILOVER_SECONDS, LEASES_ACQUIRED, LEASES_HELD, RENEW_SECONDS};
 
 const ACQUIRE: &str = r#"
--- KEYS: lease, token, epoch, quiet. ARGV: owner, ttl_ms, floor ('-': not fetched yet).
+-- KEYS: lease, token, epoch, quiet, shadow. ARGV: owner, ttl_ms, floor ('-': not fetched
+-- yet), shadow_ms. Answers {token or code, detail, ms since the previous owner's lease
+-- expired unreleased (-1: it was released, or never held)}.
 if redis.call('EXISTS', KEYS[3]) == 0 then
   redis.call('SET', KEYS[3], '1')
   redis.call('SET', KEYS[4], '1', 'PX', ARGV[2])
 end
 local quiet = redis.call('PTTL', KEYS[4])
-if quiet > 0 then return {-1, tostring(quiet)} end
+if quiet > 0 then return {-1, tostring(quiet), -1} end
 local held = redis.call('GET', KEYS[1])
 if held then
   local sep = string.find(held, '|', 1, true)
   if string.sub(held, 1, sep - 1) == ARGV[1] then
     redis.call('PEXPIRE', KEYS[1], ARGV[2])
-    return {tonumber(string.sub(held, sep + 1)), ''}
+    redis.call('PEXPIRE', KEYS[5], ARGV[2] + ARGV[4])
+    return {tonumber(string.sub(held, sep + 1)), '', -1}
   end
-  return {0, held}
+  return {0, held, -1}
 end
-if ARGV[3] == '-' then return {-2, ''} end
+if ARGV[3] == '-' then return {-2, '', -1} end
 local token = redis.call('INCR', KEYS[2])
 local floor = tonumber(ARGV[3])
 if token <= floor then
   token = floor + 1
   redis.call('SET', KEYS[2], token)
 end
-redis.call('SET', KEYS[1], ARGV[1] .. '|' .. token, 'PX', ARGV[2])
-return {token, ''}
+-- The shadow outlives its lease by shadow_ms: still there, it says when the lease expired.
+local since = -1
+local left = redis.call('PTTL', KEYS[5])
+if left > 0 then since = tonumber(ARGV[4]) - left end
+local mine = ARGV[1] .. '|' .. token
+redis.call('SET', KEYS[1], mine, 'PX', ARGV[2])
+redis.call('SET', KEYS[5], mine, 'PX', ARGV[2] + ARGV[4])
+return {token, '', since}
 "#;
 
 const RENEW: &str = r#"
--- KEYS: epoch, quiet, then (lease, token) per number. ARGV: owner, ttl_ms, then a token per number.
+-- KEYS: epoch, quiet, then (lease, token, shadow) per number. ARGV: owner, ttl_ms,
+-- shadow_ms, then a token per number.
 if redis.call('EXISTS', KEYS[1]) == 0 then
   redis.call('SET', KEYS[1], '1')
   redis.call('SET', KEYS[2], '1', 'PX', ARGV[2])
 end
 local quiet = redis.call('PTTL', KEYS[2]) > 0
+local shadow_px = ARGV[2] + ARGV[3]
 local kept = {}
-for i = 3, #KEYS, 2 do
-  local mine = ARGV[1] .. '|' .. ARGV[(i - 3) / 2 + 3]
+for i = 3, #KEYS, 3 do
+  local mine = ARGV[1] .. '|' .. ARGV[(i - 3) / 3 + 4]
   local held = redis.call('GET', KEYS[i])
   if held == mine then
     redis.call('PEXPIRE', KEYS[i], ARGV[2])
+    redis.call('SET', KEYS[i + 2], mine, 'PX', shadow_px)
     kept[#kept + 1] = 1
   elseif (not held) and quiet then
     redis.call('SET', KEYS[i], mine, 'PX', ARGV[2])
-    local token = tonumber(ARGV[(i - 3) / 2 + 3])
+    redis.call('SET', KEYS[i + 2], mine, 'PX', shadow_px)
+    local token = tonumber(ARGV[(i - 3) / 3 + 4])
     if tonumber(redis.call('GET', KEYS[i + 1]) or '0') < token then
       redis.call('SET', KEYS[i + 1], token)
     end
@@ -100,9 +117,9 @@ return kept
 "#;
 
 const RELEASE: &str = r#"
--- KEYS: lease. ARGV: owner|token, the channel releases are published on, the number.
+-- KEYS: lease, shadow. ARGV: owner|token, the channel releases are published on, the number.
 if redis.call('GET', KEYS[1]) == ARGV[1] then
-  redis.call('DEL', KEYS[1])
+  redis.call('DEL', KEYS[1], KEYS[2])
   redis.call('PUBLISH', ARGV[2], ARGV[3])
   return 1
 end
@@ -124,6 +141,9 @@ redis.call('HSET', KEYS[1], 'tokens', tostring(tokens), 'at', now)
 redis.call('PEXPIRE', KEYS[1], 600000)
 return wait
 "#;
+
+/// How many TTLs a lease's shadow outlives it: failovers slower than that are not timed.
+const SHADOW_TTLS: u32 = 10;
 
 /// Numbers renewed per script call (a call's keys stay in one slot; this bounds its run time).
 const RENEW_CHUNK: usize = 500;
@@ -271,10 +291,11 @@ impl RedisLeases {
         for chunk in batch.chunks(RENEW_CHUNK) {
             let sent = Instant::now();
             let mut keys = vec![self.keys.epoch(), self.keys.quiet()];
-            let mut args = vec![self.owner.clone(), millis(self.ttl)];
+            let mut args = vec![self.owner.clone(), millis(self.ttl), millis(self.shadow())];
             for (number, token) in chunk {
                 keys.push(self.keys.lease(number));
                 keys.push(self.keys.token(number));
+                keys.push(self.keys.shadow(number));
                 args.push(token.to_string());
             }
             let result: Result<Vec<i64>, Error> = self
@@ -362,17 +383,23 @@ impl RedisLeases {
         // The store's floor is read only for a number that is free: a number held elsewhere
         // costs one Redis call and no query.
         let mut floor = None;
-        let (sent, token, detail) = loop {
+        let (sent, token, detail, since_expiry) = loop {
             let sent = Instant::now();
             let keys = vec![
                 self.keys.lease(number),
                 self.keys.token(number),
                 self.keys.epoch(),
                 self.keys.quiet(),
+                self.keys.shadow(number),
             ];
             let arg = floor.map_or_else(|| "-".to_owned(), |f: u64| f.to_string());
-            let args = vec![self.owner.clone(), millis(self.ttl), arg];
-            let (token, detail): (i64, String) = self
+            let args = vec![
+                self.owner.clone(),
+                millis(self.ttl),
+                arg,
+                millis(self.shadow()),
+            ];
+            let (token, detail, since_expiry): (i64, String, i64) = self
                 .scripts
                 .acquire
                 .evalsha_with_reload(&self.client, keys, args)
@@ -382,7 +409,7 @@ impl RedisLeases {
                 floor = Some(self.floor.floor(number).await?);
                 continue;
             }
-            break (sent, token, detail);
+            break (sent, token, detail, since_expiry);
         };
         match token {
             -1 => Err(CoordinatorError::Unavailable(format!(
@@ -415,6 +442,13 @@ impl RedisLeases {
                 let lease = h.lease.clone();
                 metrics::gauge!(LEASES_HELD).set(held.len() as f64);
                 metrics::counter!(LEASES_ACQUIRED).increment(1);
+                if let Ok(ms) = u64::try_from(since_expiry) {
+                    // Taken over from an owner whose lease ran out: a failover, this long
+                    // after the lease expired.
+                    let after = Duration::from_millis(ms);
+                    metrics::histogram!(FAILOVER_SECONDS).record(after.as_secs_f64());
+                    tracing::info!(%number, ?after, "failed over: taken after its lease expired");
+                }
                 Ok(lease)
             }
         }
@@ -448,7 +482,10 @@ impl Coordinator for RedisLeases {
             .release
             .evalsha_with_reload(
                 &self.client,
-                vec![self.keys.lease(lease.number())],
+                vec![
+                    self.keys.lease(lease.number()),
+                    self.keys.shadow(lease.number()),
+                ],
                 vec![
                     value,
                     self.keys.released(),
@@ -494,6 +531,13 @@ impl RedisLeases {
             let wait = Duration::from_millis(u64::try_from(wait).unwrap_or(1));
             tokio::time::sleep(wait).await;
         }
+    }
+}
+
+impl RedisLeases {
+    /// How long a shadow outlives its lease.
+    fn shadow(&self) -> Duration {
+        self.ttl * SHADOW_TTLS
     }
 }
 

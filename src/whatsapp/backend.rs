@@ -14,6 +14,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use switchboard_actors::coordinator::{FenceLoss, Lease};
 use switchboard_actors::store::StoreError;
+use switchboard_actors::telemetry::FENCING_REFUSALS;
 use whatsapp_rust::bytes::Bytes;
 use whatsapp_rust::wacore::appstate::hash::HashState;
 use whatsapp_rust::wacore::appstate::processor::AppStateMutationMAC;
@@ -45,6 +46,7 @@ impl WaBackend {
     /// The store's error as the crate's (see [`wa`]); a fenced write first revokes the lease.
     fn wa(&self, e: StoreError) -> WaStoreError {
         if matches!(e, StoreError::Fenced { .. }) {
+            metrics::counter!(FENCING_REFUSALS).increment(1);
             self.lease.revoke(FenceLoss::StoreRefused);
         }
         wa(e)

@@ -124,8 +124,9 @@ impl Cluster {
         let deadline = Instant::now() + Duration::from_secs(60 + numbers as u64 / 10);
         let mut rescan = Instant::now();
         while cluster.online(&cluster.ids()).await < numbers as f64 {
-            // A number handed to another node before its pairing was saved shows a new QR
-            // code there: its phone scans again, as a person would (a known gap, see README).
+            // A number whose lease is lost while it pairs (a node too slow to renew in time)
+            // starts over on its next owner with a new QR code: its phone scans again, as a
+            // person would.
             if rescan.elapsed() > Duration::from_secs(2) {
                 rescan = Instant::now();
                 for n in &cluster.numbers {
@@ -189,7 +190,15 @@ impl Cluster {
 
     /// Numbers online on the nodes `ids` (a node not answering has none).
     pub async fn online(&self, ids: &[String]) -> f64 {
+        self.metric(ids, "switchboard_numbers{state=\"online\"}")
+            .await
+    }
+
+    /// The sum over the nodes `ids` of the series `series` (name and labels, exactly as
+    /// `/metrics` shows them; a node not answering adds nothing).
+    pub async fn metric(&self, ids: &[String], series: &str) -> f64 {
         let mut sum = 0.0;
+        let prefix = format!("{series} ");
         for id in ids {
             let url = format!("{}/metrics", self.node(id).http);
             let Ok(r) = self.rig.http.get(url).send().await else {
@@ -198,7 +207,7 @@ impl Cluster {
             let text = r.text().await.unwrap_or_default();
             sum += text
                 .lines()
-                .filter_map(|l| l.strip_prefix("switchboard_numbers{state=\"online\"} "))
+                .filter_map(|l| l.strip_prefix(prefix.as_str()))
                 .filter_map(|v| v.parse::<f64>().ok())
                 .sum::<f64>();
         }

@@ -267,6 +267,12 @@ impl Book {
         self.queue.len()
     }
 
+    /// Nothing written awaits its ack or its sent mark: a handoff now leaves the next owner
+    /// nothing of unknown outcome (beyond what was unknown already).
+    pub fn at_rest(&self) -> bool {
+        self.in_flight.is_empty() && self.settling.is_empty()
+    }
+
     /// Replies written and not yet settled (in flight or unknown).
     pub fn unsettled(&self) -> usize {
         self.in_flight.len() + self.unknown.len()
