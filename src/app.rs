@@ -60,8 +60,12 @@ use crate::sim::{Dialer, SimConnector};
 use crate::store::{Claim, Dialect, SessionCipher, SqlStore, StoreOptions};
 use crate::whatsapp::WhatsAppConnector;
 
-/// How long numbers get to stop on shutdown.
+/// How long numbers get to stop on shutdown (the embedded node; a cluster's node takes
+/// `cluster.drain_deadline`).
 const SHUTDOWN_DEADLINE: Duration = Duration::from_secs(10);
+
+/// The part of a drain deadline kept for the last numbers handed off to settle their sends.
+const SETTLE_GRACE: Duration = Duration::from_secs(3);
 
 /// How often the embedded node's agent looks for numbers added or removed while it runs.
 const EMBEDDED_RECONCILE: Duration = Duration::from_secs(2);
@@ -241,16 +245,25 @@ impl App {
         shutdown.await;
         tracing::info!("shutting down");
         self.ready.store(false, Ordering::Relaxed);
+        let deadline = self
+            .config
+            .cluster
+            .as_ref()
+            .map_or(SHUTDOWN_DEADLINE, |c| c.drain_deadline);
+        let until = tokio::time::Instant::now() + deadline;
         if let Ownership::Cluster { leases, .. } = &self.ownership {
             // The cluster learns first that this node drains, so that nobody hands it a number
-            // while it gives its own away.
-            if let Err(e) = self.node.drain().await {
+            // while it gives its own away, in waves the other nodes can admit.
+            let started = tokio::time::Instant::now();
+            if let Err(e) = self.node.drain(until - SETTLE_GRACE).await {
                 tracing::warn!(error = %e, "the agent did not take the drain");
             }
+            tracing::info!(took = ?started.elapsed(), "numbers handed off");
             leases.stop_acquiring();
         }
         self.stop.cancel();
-        self.node.shutdown(SHUTDOWN_DEADLINE).await;
+        let left = until.saturating_duration_since(tokio::time::Instant::now());
+        self.node.shutdown(left.max(SETTLE_GRACE)).await;
         if let Ownership::Cluster { renewals, stop, .. } = self.ownership {
             stop.cancel();
             let _ = renewals.await;

@@ -109,6 +109,9 @@ pub struct ClusterConfig {
     pub capacity: u32,
     /// Placement: imbalance past which numbers move, and how fast a node hands them off.
     pub placement: switchboard_actors::placement::PlacementConfig,
+    /// How long a node may take on shutdown to hand its numbers over; past it, the rest are
+    /// stopped and their leases released anyway.
+    pub drain_deadline: Duration,
 }
 
 /// The typed configuration.
@@ -265,13 +268,18 @@ fn read(r: &mut Reader<'_>) -> Config {
         groups_enabled: r.bool("runtime.groups_enabled"),
         ..Settings::default()
     };
-    let cluster = cluster(r, dialect);
+    let mut cluster = cluster(r, dialect);
     let admission = crate::cluster::AdmissionRates {
         node_per_second: r.float("admission.node_per_second", 0.01, 100_000.0),
         node_burst: r.int("admission.node_burst", 1, 100_000) as u32,
         cluster_per_second: r.float("admission.cluster_per_second", 0.01, 100_000.0),
         cluster_burst: r.int("admission.cluster_burst", 1, 100_000) as u32,
     };
+    if let Some(c) = &mut cluster {
+        // A drain hands numbers over as fast as the other nodes admit them.
+        c.placement.node_admission_per_second = admission.node_per_second;
+        c.placement.cluster_admission_per_second = admission.cluster_per_second;
+    }
     let chaos = ChaosConfig {
         panic_every: r.int("chaos.panic_every", 0, u64::MAX),
         crash_number_every: r.duration("chaos.crash_number_every"),
@@ -298,7 +306,9 @@ fn cluster(r: &mut Reader<'_>, dialect: Dialect) -> Option<ClusterConfig> {
         imbalance: r.float("cluster.rebalance_imbalance", 0.0, 1_000_000.0),
         moves_per_second: r.float("cluster.moves_per_second", 0.01, 10_000.0),
         moves_burst: r.int("cluster.moves_burst", 1, 100_000) as u32,
+        ..Default::default()
     };
+    let drain_deadline = r.duration("cluster.drain_deadline");
     if url.trim().is_empty() {
         return None;
     }
@@ -314,6 +324,9 @@ fn cluster(r: &mut Reader<'_>, dialect: Dialect) -> Option<ClusterConfig> {
     if lease_ttl < Duration::from_secs(1) {
         r.error("cluster.lease_ttl", "at least 1s");
     }
+    if drain_deadline < Duration::from_secs(5) {
+        r.error("cluster.drain_deadline", "at least 5s");
+    }
     if key_prefix.is_empty() || key_prefix.contains(['{', '}']) {
         r.error("cluster.key_prefix", "non-empty, without braces");
     }
@@ -323,6 +336,7 @@ fn cluster(r: &mut Reader<'_>, dialect: Dialect) -> Option<ClusterConfig> {
         lease_ttl,
         capacity,
         placement,
+        drain_deadline,
     })
 }
 

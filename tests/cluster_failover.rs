@@ -8,7 +8,8 @@
 //! (nothing moves); all three are restarted one by one with SIGTERM (each number handed over
 //! within a second). The referee's ledger must show every message answered, none answered
 //! twice, none shown twice; a reply may be sent again with its id only if it was in flight on a
-//! killed node. Admins pin a number, drain a node and add a number while the cluster runs; a
+//! killed node. A node holding more numbers than its peers admit at once hands them over in
+//! waves, each number within a second. Admins pin a number, drain a node and add a number while the cluster runs; a
 //! cold start follows the cluster's admission rate; a Redis restarted without its data (a
 //! server of the test's own) never makes two owners, and service goes on. Operator commands
 //! (restart, logout) reach the node that runs the number from any node, or fail saying why.
@@ -310,6 +311,80 @@ async fn admins_pin_and_drain_and_a_number_added_to_a_running_cluster_comes_onli
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     trio.stop_all().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_holding_more_than_its_peers_admit_at_once_hands_over_in_waves_each_within_a_second()
+{
+    // One receiver admitting 15 connects a second: a node draining 60 numbers at once would
+    // leave the last ones offline in the receiver's admission queue for three seconds.
+    const MANY: usize = 120;
+    const RATE: f64 = 15.0;
+    let mut pair = Cluster::start(
+        2,
+        MANY,
+        TTL,
+        &[
+            ("SWITCHBOARD__ADMISSION__NODE_PER_SECOND", "15"),
+            ("SWITCHBOARD__ADMISSION__NODE_BURST", "15"),
+            ("SWITCHBOARD__ADMISSION__CLUSTER_PER_SECOND", "30"),
+            ("SWITCHBOARD__ADMISSION__CLUSTER_BURST", "30"),
+            ("SWITCHBOARD__CLUSTER__MOVES_PER_SECOND", "100"),
+        ],
+    )
+    .await;
+    let load = pair.load(80, EVERY);
+    let (leaving, held) = pair.busiest().await;
+    let term_ms = pair.sim_now_ms().await;
+    let mut proc = pair.procs.remove(&leaving).unwrap();
+    assert_eq!(proc.terminate(Duration::from_secs(30)), Some(0));
+    let stayed = pair.others(&leaving);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while pair.online(&stayed).await < MANY as f64 {
+        assert!(Instant::now() < deadline, "not all online on {stayed:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    load.await.unwrap();
+    let totals = pair.rig.drained(Duration::from_secs(120)).await;
+    let gaps = pair.gaps_since(term_ms).await;
+    let mut closes = Vec::new();
+    for n in &held {
+        closes.extend(
+            pair.rig
+                .ledger(n)
+                .await
+                .iter()
+                .filter(|e| e["event"] == "connection_closed")
+                .filter_map(|e| e["at_ms"].as_u64())
+                .filter(|at| *at >= term_ms),
+        );
+    }
+    closes.sort_unstable();
+    let spread_s = (closes[closes.len() - 1] - closes[0]) as f64 / 1000.0;
+    let p99 = quantile(&gaps, 0.99);
+    println!(
+        "{} numbers handed over in {spread_s:.2} s (receiver admits {RATE}/s); {} gaps, p99 \
+         {p99} ms, max {} ms; ledger: {totals}",
+        held.len(),
+        gaps.len(),
+        gaps.last().unwrap()
+    );
+    assert!(
+        gaps.len() >= held.len(),
+        "every number reconnected: {gaps:?}"
+    );
+    // Paced at the receiver's rate (one wave of a tenth of a second at once), not all at once.
+    let paced_s = (held.len() as f64 - RATE / 10.0) / RATE;
+    assert!(
+        spread_s >= 0.8 * paced_s,
+        "{} numbers handed over in {spread_s:.2} s: not paced at {RATE}/s",
+        held.len()
+    );
+    assert!(p99 <= 1000, "handoff gap p99 {p99} ms");
+    assert_eq!(totals["inbound_unanswered"], 0, "{totals}");
+    assert_eq!(totals["shown_twice"], 0, "{totals}");
+    assert_eq!(totals["stream_replaced"], 0, "{totals}");
+    pair.stop_all().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

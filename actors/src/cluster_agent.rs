@@ -8,13 +8,17 @@
 //!   held elsewhere is left for the next pass);
 //! - a number it runs that another node should own: handed off (the fleet stops it and releases
 //!   its lease, which tells the cluster). Rebalancing moves are paced by a [`MoveBudget`] and
-//!   wait for the number to be online (not halfway through pairing); moves to a pinned node and
-//!   everything a draining node holds go at once;
+//!   wait for the number to be online (not halfway through pairing); moves to a pinned node go
+//!   at once;
+//! - a number it should own but another live node still holds: left alone until that node
+//!   releases it (the release wakes this agent), rather than tried and refused every pass;
 //! - a number whose ownership it lost, or that was deleted: forgotten (stopped).
 //!
 //! While draining (asked by an admin, or on shutdown) it takes nothing and gives everything
-//! away. It reports to the node through [`AgentMsg`] replies only; it knows the fleet by its
-//! address.
+//! away, as fast as the receivers admit connects ([`DrainBudget`]): in waves a tenth of a second
+//! apart, each number serving here until its turn, so that none waits disconnected in a
+//! receiver's admission queue. [`AgentStatus::to_hand_off`] says how many are left. It reports
+//! to the node through [`AgentMsg`] replies only; it knows the fleet by its address.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -28,7 +32,7 @@ use crate::addr::Addr;
 use crate::coordinator::{Directory, Membership, NodeAnnouncement};
 use crate::fleet::FleetMsg;
 use crate::ids::PhoneNumber;
-use crate::placement::{self, MoveBudget, NodeView, NumberView, PlacementConfig};
+use crate::placement::{self, DrainBudget, MoveBudget, NodeView, NumberView, PlacementConfig};
 use crate::telemetry::{HANDOFFS, Mailbox, NODES};
 
 /// The agent.
@@ -38,7 +42,8 @@ pub struct ClusterAgent;
 pub enum AgentMsg {
     /// Reconcile now.
     Tick,
-    /// Stop taking numbers and give every one away; answers once the cluster has been told.
+    /// Stop taking numbers and give every one away; answers once the cluster has been told
+    /// and the first wave is handed off.
     Drain(RpcReplyPort<()>),
     /// The agent's last view.
     Status(RpcReplyPort<AgentStatus>),
@@ -55,6 +60,8 @@ pub struct AgentStatus {
     pub passes: u64,
     /// Handoffs started.
     pub handoffs: u64,
+    /// Numbers a drain still has to hand off (waiting for their wave).
+    pub to_hand_off: usize,
 }
 
 /// What the agent is started with.
@@ -83,8 +90,11 @@ pub struct AgentArgs {
 pub struct AgentState {
     args: AgentArgs,
     budget: MoveBudget,
+    drain: DrainBudget,
     status: AgentStatus,
     ticker: CancellationToken,
+    /// This agent's own address, to schedule a drain's next wave.
+    me: Option<Addr<AgentMsg>>,
 }
 
 impl Actor for ClusterAgent {
@@ -99,12 +109,14 @@ impl Actor for ClusterAgent {
     ) -> Result<Self::State, ActorProcessingErr> {
         Ok(AgentState {
             budget: MoveBudget::new(&args.placement, Instant::now()),
+            drain: DrainBudget::new(None, Instant::now()),
             status: AgentStatus {
                 draining: args.node.draining,
                 ..AgentStatus::default()
             },
             args,
             ticker: CancellationToken::new(),
+            me: None,
         })
     }
 
@@ -114,6 +126,7 @@ impl Actor for ClusterAgent {
         state: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
         let me = Addr::new(myself, state.args.mailbox.clone());
+        state.me = Some(me.clone());
         let membership = state.args.membership.clone();
         let every = state.args.every;
         let stop = state.ticker.clone();
@@ -156,6 +169,7 @@ impl Actor for ClusterAgent {
                 // Coalesce ticks queued while a pass ran.
                 if state.args.mailbox.depth() == 0 {
                     reconcile(state).await;
+                    next_wave(state);
                 }
             }
             AgentMsg::Drain(reply) => {
@@ -164,6 +178,8 @@ impl Actor for ClusterAgent {
                 if let Err(e) = state.args.membership.heartbeat(&state.args.node).await {
                     tracing::warn!(error = %e, "could not announce the drain");
                 }
+                reconcile(state).await;
+                next_wave(state);
                 let _ = reply.send(());
             }
             AgentMsg::Status(reply) => {
@@ -172,6 +188,24 @@ impl Actor for ClusterAgent {
         }
         Ok(())
     }
+}
+
+/// While a drain has numbers left, the next pass comes with the next wave, not the next period.
+fn next_wave(state: &AgentState) {
+    if state.status.to_hand_off == 0 {
+        return;
+    }
+    let Some(me) = state.me.clone() else {
+        return;
+    };
+    let wait = state
+        .drain
+        .wait(Instant::now())
+        .max(Duration::from_millis(20));
+    tokio::spawn(async move {
+        tokio::time::sleep(wait).await;
+        let _ = me.cast(AgentMsg::Tick);
+    });
 }
 
 /// One reconcile pass (see the module doc). Any dependency that fails ends the pass: the next
@@ -229,25 +263,43 @@ async fn reconcile(state: &mut AgentState) {
         }),
     }
     let plan = placement::plan(&views, &nodes, &a.placement, false);
+    let receivers = nodes
+        .iter()
+        .filter(|n| n.active && n.id != a.node.id)
+        .count();
+    let now = Instant::now();
+    state
+        .drain
+        .set_rate(placement::drain_rate(receivers, &a.placement), now);
     let pins: HashMap<&PhoneNumber, Option<&String>> =
         registered.iter().map(|(n, p)| (n, p.as_ref())).collect();
     let registered_set: HashSet<&PhoneNumber> = numbers.iter().collect();
     let mut runs: HashMap<PhoneNumber, bool> = HashMap::new();
+    let mut leaving = HashSet::new();
     let mut stop = Vec::new();
     for held in running {
+        if held.stopping {
+            // On its way out (its release will tell the cluster): neither started nor stopped.
+            leaving.insert(held.number);
+            continue;
+        }
         if !registered_set.contains(&held.number) || (held.lost && a.forget_lost) {
             stop.push(held.number);
         } else {
             runs.insert(held.number, held.online);
         }
     }
-    let now = Instant::now();
+
     let mut handoffs = 0;
+    let mut to_hand_off = 0;
     for v in &views {
         let desired = plan.get(&v.number);
         let mine = desired == Some(&a.node.id);
         if mine && !a.node.draining {
-            if !runs.contains_key(&v.number) {
+            // Held by another live node: its release wakes this agent (an acquire now would
+            // only be refused). Held under this node's id: a previous process's, soon expired.
+            let free = v.owner.as_deref().is_none_or(|o| o == a.node.id);
+            if free && !runs.contains_key(&v.number) && !leaving.contains(&v.number) {
                 let _ = a.fleet.cast(FleetMsg::Start(v.number.clone()));
             }
             continue;
@@ -262,9 +314,16 @@ async fn reconcile(state: &mut AgentState) {
         let pinned_away = pins.get(&v.number).copied().flatten() == desired;
         // A rebalance waits for the number to be online: moved while it pairs or connects, it
         // would start over on the new node (a new QR code for a phone halfway through a scan).
-        if a.node.draining || pinned_away || (online && state.budget.take(now)) {
+        let go = if a.node.draining {
+            state.drain.take(now)
+        } else {
+            pinned_away || (online && state.budget.take(now))
+        };
+        if go {
             stop.push(v.number.clone());
             handoffs += 1;
+        } else if a.node.draining {
+            to_hand_off += 1;
         }
     }
     for number in stop {
@@ -280,4 +339,5 @@ async fn reconcile(state: &mut AgentState) {
     state.status.nodes = nodes;
     state.status.passes += 1;
     state.status.handoffs += handoffs;
+    state.status.to_hand_off = to_hand_off;
 }

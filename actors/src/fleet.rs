@@ -77,6 +77,8 @@ pub struct Held {
     pub lost: bool,
     /// It is online: moving it now costs a reconnect, not a pairing.
     pub online: bool,
+    /// It is being stopped (handed off, removed): nothing more to do with it.
+    pub stopping: bool,
 }
 
 /// The fleet at a glance.
@@ -227,6 +229,7 @@ impl Actor for FleetActor {
                             number: n.clone(),
                             lost: lost && s.addr.is_none(),
                             online: s.resources.state() == NumberPhase::Online,
+                            stopping: s.stopping,
                         }
                     })
                     .collect();

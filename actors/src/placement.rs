@@ -52,6 +52,10 @@ pub struct PlacementConfig {
     pub moves_per_second: f64,
     /// Handoffs a node may start back to back.
     pub moves_burst: u32,
+    /// Connects each node admits per second (see [`drain_rate`]).
+    pub node_admission_per_second: f64,
+    /// Connects the whole cluster admits per second (see [`drain_rate`]).
+    pub cluster_admission_per_second: f64,
 }
 
 impl Default for PlacementConfig {
@@ -60,6 +64,8 @@ impl Default for PlacementConfig {
             imbalance: 0.25,
             moves_per_second: 10.0,
             moves_burst: 20,
+            node_admission_per_second: 50.0,
+            cluster_admission_per_second: 100.0,
         }
     }
 }
@@ -202,6 +208,55 @@ impl MoveBudget {
     /// How long until one move is allowed, from `now` (zero if one is).
     pub fn wait(&self, now: Instant) -> Duration {
         self.0.wait(now)
+    }
+}
+
+/// How many numbers per second a draining node hands over: as many as the nodes taking them
+/// admit connects (each node's rate times the `receivers`, at most the cluster's); `None` (no
+/// limit) when nobody takes them. A number handed over faster would wait its turn disconnected
+/// in a receiver's admission queue; paced, it waits still serving on the draining node.
+pub fn drain_rate(receivers: usize, config: &PlacementConfig) -> Option<f64> {
+    (receivers > 0).then(|| {
+        (config.node_admission_per_second * receivers as f64)
+            .min(config.cluster_admission_per_second)
+    })
+}
+
+/// Paces a drain at [`drain_rate`], in waves a tenth of a second apart.
+#[derive(Debug, Clone)]
+pub struct DrainBudget {
+    rate: Option<f64>,
+    bucket: Option<TokenBucket>,
+}
+
+/// The time between two waves of a paced drain.
+pub const DRAIN_WAVE: Duration = Duration::from_millis(100);
+
+impl DrainBudget {
+    /// A budget of `rate` numbers per second (`None`: unlimited), its first wave ready at `now`.
+    pub fn new(rate: Option<f64>, now: Instant) -> Self {
+        let bucket = rate.map(|r| {
+            let wave = (r * DRAIN_WAVE.as_secs_f64()).ceil().max(1.0);
+            TokenBucket::new(r, wave as u32, now)
+        });
+        Self { rate, bucket }
+    }
+
+    /// Follows a new rate (receivers joined or left), keeping the budget when it is the same.
+    pub fn set_rate(&mut self, rate: Option<f64>, now: Instant) {
+        if rate != self.rate {
+            *self = Self::new(rate, now);
+        }
+    }
+
+    /// Takes one handoff if the budget allows it at `now`.
+    pub fn take(&mut self, now: Instant) -> bool {
+        self.bucket.as_mut().is_none_or(|b| b.take(now))
+    }
+
+    /// How long from `now` until the next handoff is allowed (zero if one is).
+    pub fn wait(&self, now: Instant) -> Duration {
+        self.bucket.as_ref().map_or(Duration::ZERO, |b| b.wait(now))
     }
 }
 
@@ -434,5 +489,37 @@ mod tests {
         // Idle time refills up to the burst, not beyond.
         let t2 = t1 + Duration::from_secs(60);
         assert_eq!((0..10).filter(|_| budget.take(t2)).count(), 3);
+    }
+
+    #[test]
+    fn a_drain_goes_as_fast_as_its_receivers_admit_in_tenth_of_a_second_waves() {
+        let config = PlacementConfig {
+            node_admission_per_second: 50.0,
+            cluster_admission_per_second: 120.0,
+            ..PlacementConfig::default()
+        };
+        assert_eq!(drain_rate(0, &config), None, "nobody takes them: no pace");
+        assert_eq!(drain_rate(1, &config), Some(50.0));
+        assert_eq!(drain_rate(2, &config), Some(100.0));
+        assert_eq!(
+            drain_rate(5, &config),
+            Some(120.0),
+            "the cluster's bucket caps it"
+        );
+
+        let t0 = Instant::now();
+        let mut budget = DrainBudget::new(drain_rate(2, &config), t0);
+        assert_eq!((0..100).filter(|_| budget.take(t0)).count(), 10);
+        assert_eq!(budget.wait(t0), Duration::from_millis(10));
+        let t1 = t0 + DRAIN_WAVE;
+        assert_eq!((0..100).filter(|_| budget.take(t1)).count(), 10);
+        // The same rate keeps the budget; a receiver more makes a new one.
+        budget.set_rate(drain_rate(2, &config), t1);
+        assert!(!budget.take(t1));
+        budget.set_rate(drain_rate(3, &config), t1);
+        assert_eq!((0..100).filter(|_| budget.take(t1)).count(), 12);
+        budget.set_rate(None, t1);
+        assert!((0..1000).all(|_| budget.take(t1)), "unlimited");
+        assert_eq!(budget.wait(t1), Duration::ZERO);
     }
 }

@@ -256,11 +256,21 @@ impl Node {
         }
     }
 
-    /// Drains: the agent takes no more numbers and tells the cluster this node is draining.
-    pub async fn drain(&self) -> Result<(), CallError> {
+    /// Drains: the agent takes no more numbers, tells the cluster this node is draining and
+    /// hands every number off as fast as the other nodes admit them. Returns once none is left
+    /// to hand off, or at `until` (what is left then is stopped by [`Node::shutdown`]).
+    pub async fn drain(&self, until: Instant) -> Result<(), CallError> {
         let agent = self.root.call(RootMsg::Agent, self.call_timeout).await?;
-        if let Some(agent) = agent {
-            agent.call(AgentMsg::Drain, self.call_timeout).await?;
+        let Some(agent) = agent else {
+            return Ok(());
+        };
+        agent.call(AgentMsg::Drain, self.call_timeout).await?;
+        while Instant::now() < until {
+            let status = agent.call(AgentMsg::Status, self.call_timeout).await?;
+            if status.to_hand_off == 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
         Ok(())
     }
