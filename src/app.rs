@@ -285,8 +285,7 @@ fn leases(
     store: &SqlStore,
     rates: AdmissionRates,
 ) -> anyhow::Result<Arc<RedisLeases>> {
-    let client = cluster::client(cluster.redis_url.expose_secret(), cluster.lease_ttl / 3)
-        .context("cluster.redis_url")?;
+    let client = redis_client(cluster)?;
     let incarnation: u64 = rand::rng().random();
     let owner = format!("{node_id}#{incarnation:016x}");
     tracing::info!(%owner, ttl = ?cluster.lease_ttl, "joining the cluster");
@@ -307,10 +306,7 @@ fn serve_commands(
     fleet: &Fleet,
     stop: CancellationToken,
 ) -> anyhow::Result<JoinHandle<()>> {
-    let url = cluster.redis_url.expose_secret();
-    let timeout = cluster.lease_ttl / 3;
-    let reader = cluster::client(url, timeout).context("cluster.redis_url")?;
-    let writer = cluster::client(url, timeout).context("cluster.redis_url")?;
+    let (reader, writer) = (redis_client(cluster)?, redis_client(cluster)?);
     let commands = fleet.commands();
     Ok(cluster::commands::serve(
         reader,
@@ -328,10 +324,9 @@ fn serve_commands(
 /// The cluster's membership for this node: a client of its own, and one for release notices.
 /// A drain requested for this node id before it started is cleared: it starts serving.
 async fn membership(cluster: &ClusterConfig, node_id: &str) -> anyhow::Result<RedisMembership> {
-    let url = cluster.redis_url.expose_secret();
-    let timeout = cluster.lease_ttl / 3;
-    let client = cluster::client(url, timeout).context("cluster.redis_url")?;
-    let subscriber = cluster::subscriber(url, timeout).context("cluster.redis_url")?;
+    let client = redis_client(cluster)?;
+    let subscriber = cluster::subscriber(cluster.redis_url.expose_secret(), cluster.lease_ttl / 3)
+        .context("cluster.redis_url")?;
     let membership = RedisMembership::new(
         client,
         Keys::new(&cluster.key_prefix),
@@ -342,6 +337,13 @@ async fn membership(cluster: &ClusterConfig, node_id: &str) -> anyhow::Result<Re
         tracing::warn!(error = %e, "could not clear an old drain request (Redis unreachable?)");
     }
     Ok(membership)
+}
+
+/// A Redis client of its own for one part of a node (leases, membership, the command bus's
+/// reader and writer): a command waits at most a third of the lease TTL.
+fn redis_client(cluster: &ClusterConfig) -> anyhow::Result<fred::prelude::Client> {
+    cluster::client(cluster.redis_url.expose_secret(), cluster.lease_ttl / 3)
+        .context("cluster.redis_url")
 }
 
 /// The registered numbers and their pins, from the store.

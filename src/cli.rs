@@ -132,6 +132,24 @@ pub enum NumbersCommand {
         #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
         timeout: Duration,
     },
+    /// Send a message as the business from a number, on the node that runs it, through its
+    /// outbox and pacing (clustered nodes only). The same --key sends it once, however often.
+    Send {
+        /// The number that sends.
+        number: String,
+        /// The chat: `DIGITS@s.whatsapp.net`, `ID@lid` or `ID@g.us`.
+        #[arg(long)]
+        to: String,
+        /// The text.
+        #[arg(long)]
+        text: String,
+        /// The idempotency key (default: a new one, printed).
+        #[arg(long)]
+        key: Option<String>,
+        /// How long to wait for the node's answer.
+        #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+        timeout: Duration,
+    },
     /// Remove numbers and everything stored for them.
     Remove {
         /// The numbers.

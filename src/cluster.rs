@@ -214,14 +214,14 @@ pub async fn request_drain(
     Ok(())
 }
 
-/// `switchboard numbers restart|logout NUMBER`: carries `command` out on the node that owns
-/// `number`, waiting at most `timeout`; returns that node's id.
+/// `switchboard numbers restart|logout|send NUMBER`: carries `command` out on the node that
+/// owns `number`, waiting at most `timeout`; returns that node's id and what it did.
 pub async fn command(
     cluster: &crate::config::ClusterConfig,
     number: &PhoneNumber,
-    command: switchboard_actors::command::NumberCommand,
+    command: &switchboard_actors::command::NumberCommand,
     timeout: Duration,
-) -> anyhow::Result<String> {
+) -> anyhow::Result<(String, switchboard_actors::command::Done)> {
     let client = connected(cluster).await?;
     let bus = CommandBus::new(client, Keys::new(&cluster.key_prefix));
     Ok(bus.send(number, command, timeout).await?)

@@ -134,11 +134,26 @@ async fn numbers(config: &Config, command: NumbersCommand) -> anyhow::Result<()>
         return switchboard::login::run(config, number, pair_code, &mut out).await;
     }
     if let NumbersCommand::Restart { number, timeout }
-    | NumbersCommand::Logout { number, timeout } = &command
+    | NumbersCommand::Logout { number, timeout }
+    | NumbersCommand::Send {
+        number, timeout, ..
+    } = &command
     {
-        use switchboard_actors::command::NumberCommand;
-        let which = match command {
+        use switchboard_actors::command::{BusinessSend, NumberCommand};
+        let which = match &command {
             NumbersCommand::Restart { .. } => NumberCommand::Restart,
+            NumbersCommand::Send { to, text, key, .. } => {
+                let key = key
+                    .clone()
+                    .unwrap_or_else(|| format!("cli-{:016x}", rand::random::<u64>()));
+                match BusinessSend::new(to, text, &key) {
+                    Ok(send) => NumberCommand::Send(send),
+                    Err(e) => {
+                        eprintln!("switchboard: --{e}");
+                        std::process::exit(64);
+                    }
+                }
+            }
             _ => NumberCommand::Logout,
         };
         let Some(cluster) = &config.cluster else {
@@ -149,8 +164,14 @@ async fn numbers(config: &Config, command: NumbersCommand) -> anyhow::Result<()>
             std::process::exit(64);
         };
         let parsed = PhoneNumber::parse(number).with_context(|| format!("{number:?}"))?;
-        let node = switchboard::cluster::command(cluster, &parsed, which, *timeout).await?;
-        println!("{number}: {which} done on {node}");
+        let (node, done) =
+            switchboard::cluster::command(cluster, &parsed, &which, *timeout).await?;
+        match &which {
+            NumberCommand::Send(send) => {
+                println!("{number}: {done} on {node} (key {})", send.key);
+            }
+            _ => println!("{number}: {which} done on {node}"),
+        }
         return Ok(());
     }
     // A bad proxy is a usage error, told before anything is opened.
@@ -200,7 +221,8 @@ async fn numbers(config: &Config, command: NumbersCommand) -> anyhow::Result<()>
         }
         NumbersCommand::Login { .. }
         | NumbersCommand::Restart { .. }
-        | NumbersCommand::Logout { .. } => unreachable!("handled above"),
+        | NumbersCommand::Logout { .. }
+        | NumbersCommand::Send { .. } => unreachable!("handled above"),
         NumbersCommand::List => {
             for n in store.numbers().await? {
                 println!("{}\t{}", n.number, n.tenant);

@@ -12,7 +12,8 @@
 //! waves, each number within a second. Admins pin a number, drain a node and add a number while the cluster runs; a
 //! cold start follows the cluster's admission rate; a Redis restarted without its data (a
 //! server of the test's own) never makes two owners, and service goes on. Operator commands
-//! (restart, logout) reach the node that runs the number from any node, or fail saying why.
+//! (restart, logout, a send as the business) reach the node that runs the number from any node,
+//! or fail saying why.
 #![allow(clippy::unwrap_used, clippy::panic)]
 
 #[path = "support/cluster.rs"]
@@ -493,6 +494,52 @@ async fn operator_commands_reach_the_node_that_runs_the_number_or_say_why_not() 
         assert!(Instant::now() < deadline, "{m} was not logged out");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+
+    // A send as the business, asked from a node that does not run the number: queued on its
+    // owner and sent once, however often it is asked with the same key.
+    let s = &trio.numbers[3];
+    let s_owner = &owners[s];
+    let s_asker = trio.others(s_owner)[0].clone();
+    let to = "491700000001@s.whatsapp.net";
+    let send = |text: &str| {
+        cli(
+            &s_asker,
+            &[
+                "numbers", "send", s, "--to", to, "--text", text, "--key", "order-1",
+            ],
+        )
+    };
+    let (ok, out, err) = send("your order shipped");
+    assert!(ok, "send failed: {err}");
+    assert!(
+        out.contains("queued as 3EB0") && out.contains(&format!("on {s_owner}")),
+        "{out}"
+    );
+    let (ok, out, err) = send("your order shipped");
+    assert!(ok && out.contains("already queued as 3EB0"), "{out} {err}");
+    let (ok, _, err) = send("your order was cancelled");
+    assert!(
+        !ok && err.contains("used before for a different message"),
+        "{err}"
+    );
+    let (ok, _, err) = cli(
+        &s_asker,
+        &["numbers", "send", s, "--to", "12345", "--text", "x"],
+    );
+    assert!(!ok && err.contains("--to:"), "{err}");
+    let sent = |events: &[serde_json::Value]| {
+        events
+            .iter()
+            .filter(|e| e["event"] == "outbound_received" && e["text"] == "your order shipped")
+            .count()
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while sent(&trio.rig.ledger(s).await) == 0 {
+        assert!(Instant::now() < deadline, "the send never reached {to}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(sent(&trio.rig.ledger(s).await), 1, "sent once");
 
     // No node runs it: a clear error at once.
     let (ok, _, err) = cli(&elsewhere, &["numbers", "restart", "+15559999999"]);

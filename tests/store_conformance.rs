@@ -18,7 +18,9 @@ use switchboard::store::{
 use switchboard_actors::coordinator::TokenSource;
 use switchboard_actors::dead_letter::DeadLetterReason;
 use switchboard_actors::responder::ChatContext;
-use switchboard_actors::store::{Completion, Fence, FencingToken, Recorded, Store, StoreError};
+use switchboard_actors::store::{
+    Completion, Fence, FencingToken, Queued, Recorded, Store, StoreError,
+};
 use switchboard_actors::transport::{Credentials, InboundMessage, MessageId, OutboundText};
 use switchboard_actors::{Jid, PhoneNumber};
 
@@ -122,6 +124,7 @@ async fn raw_inbound(store: &SqlStore, id: &str) -> (Option<String>, String, Str
 
 on_both_stores!(
     migrations_apply_once,
+    business_sends_are_queued_once_per_id_and_a_reused_key_is_told_apart,
     tenants_and_numbers,
     inbound_is_deduplicated_and_resumable,
     replies_are_queued_once_and_marked_sent_once,
@@ -1179,6 +1182,60 @@ async fn expired_replies_leave_the_outbox_with_their_reason(db: &TestDb) {
         store.expire(&stale, &reply, "x").await,
         Err(StoreError::Fenced { .. })
     ));
+}
+
+async fn business_sends_are_queued_once_per_id_and_a_reused_key_is_told_apart(db: &TestDb) {
+    let store = seeded(db).await;
+    let fence = own(&store, N1).await;
+    let send = |id: &str, text: &str| OutboundText {
+        id: MessageId::parse(id).unwrap(),
+        to: phone("+4915100001").jid(),
+        text: text.to_owned(),
+        reply_to: None,
+        reply_to_sender: None,
+    };
+    let first = send("3EB0AAAA", "your order shipped \u{0}\u{FFFF}");
+    assert_eq!(store.queue_send(&fence, &first).await, Ok(Queued::New));
+    assert_eq!(
+        store.queue_send(&fence, &first).await,
+        Ok(Queued::Repeat { unsent: true })
+    );
+    let unsent = store.unsent(&phone(N1)).await.unwrap();
+    assert_eq!(
+        unsent.iter().map(|u| &u.reply).collect::<Vec<_>>(),
+        vec![&first],
+        "queued once, text intact"
+    );
+    assert_eq!(
+        store
+            .queue_send(&fence, &send("3EB0AAAA", "another text"))
+            .await,
+        Ok(Queued::KeyReused)
+    );
+    let elsewhere = OutboundText {
+        to: phone("+4915100002").jid(),
+        ..first.clone()
+    };
+    assert_eq!(
+        store.queue_send(&fence, &elsewhere).await,
+        Ok(Queued::KeyReused)
+    );
+    // Sent, it is still a repeat, no longer unsent.
+    assert!(store.mark_sent(&fence, &first.id).await.unwrap());
+    assert_eq!(
+        store.queue_send(&fence, &first).await,
+        Ok(Queued::Repeat { unsent: false })
+    );
+    // The same id on another number is another message; an old owner cannot queue.
+    let other = own(&store, N2).await;
+    assert_eq!(store.queue_send(&other, &first).await, Ok(Queued::New));
+    let stale = fence.clone();
+    own(&store, N1).await;
+    assert!(matches!(
+        store.queue_send(&stale, &send("3EB0BBBB", "late")).await,
+        Err(StoreError::Fenced { .. })
+    ));
+    assert_eq!(store.unsent(&phone(N1)).await.unwrap().len(), 0);
 }
 
 async fn retention_prunes_old_processed_and_sent_rows_in_batches_and_keeps_the_rest(db: &TestDb) {

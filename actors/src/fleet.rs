@@ -22,7 +22,7 @@ use tokio::task::{JoinHandle, JoinSet};
 use tokio::time::Instant;
 
 use crate::addr::{Addr, CallError};
-use crate::command::{CommandError, NumberCommand};
+use crate::command::{CommandError, Done, NumberCommand};
 use crate::coordinator::{Coordinator, CoordinatorError, FenceLoss, Lease};
 use crate::deps::{Deps, FleetCounters, NumberPhase, NumberResources};
 use crate::ids::PhoneNumber;
@@ -61,7 +61,7 @@ pub enum FleetMsg {
     Command(
         PhoneNumber,
         NumberCommand,
-        RpcReplyPort<Result<(), CommandError>>,
+        RpcReplyPort<Result<Done, CommandError>>,
     ),
     /// Shutting down: stop every number for good (none is restarted, none starts).
     Drain(RpcReplyPort<()>),
@@ -495,7 +495,7 @@ async fn command_number(
     state: &mut FleetState,
     number: PhoneNumber,
     command: NumberCommand,
-    reply: RpcReplyPort<Result<(), CommandError>>,
+    reply: RpcReplyPort<Result<Done, CommandError>>,
 ) {
     let lost = |s: &Slot| s.lease.as_ref().is_some_and(|l| l.loss().is_some());
     let Some(slot) = state
@@ -530,9 +530,9 @@ async fn command_number(
                 let _ = state.myself.cast(FleetMsg::Start(number));
             }
             // Otherwise it is still taking its lease, and starts fresh anyway.
-            let _ = reply.send(Ok(()));
+            let _ = reply.send(Ok(Done::Done));
         }
-        NumberCommand::Logout => {
+        NumberCommand::Logout | NumberCommand::Send(_) => {
             let Some(addr) = slot.addr.clone() else {
                 let state = slot.resources.state().as_str();
                 let _ = reply.send(Err(CommandError::Failed(format!(
@@ -542,7 +542,16 @@ async fn command_number(
             };
             let timeout = state.deps.settings.call_timeout;
             tokio::spawn(async move {
-                let done = addr.call(NumberMsg::Logout, timeout).await;
+                let done = match command {
+                    NumberCommand::Send(send) => {
+                        let msg = send.outbound(&number);
+                        addr.call(|r| NumberMsg::Send(msg, r), timeout).await
+                    }
+                    _ => addr
+                        .call(NumberMsg::Logout, timeout)
+                        .await
+                        .map(|r| r.map(|()| Done::Done)),
+                };
                 let _ =
                     reply.send(done.unwrap_or_else(|e| Err(CommandError::Failed(e.to_string()))));
             });
@@ -631,7 +640,7 @@ impl Commands {
         &self,
         number: PhoneNumber,
         command: NumberCommand,
-    ) -> Result<(), CommandError> {
+    ) -> Result<Done, CommandError> {
         self.addr
             .call(|r| FleetMsg::Command(number, command, r), self.call_timeout)
             .await

@@ -18,17 +18,19 @@ use std::time::Duration;
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
 
 use crate::addr::Addr;
-use crate::command::CommandError;
+use crate::command::{CommandError, Done};
 use crate::conversations::{ConversationsActor, ConversationsArgs, ConversationsMsg};
 use crate::coordinator::{FenceLoss, Lease};
 use crate::deps::{Deps, FleetCounters, NumberPhase, NumberResources};
 use crate::ids::PhoneNumber;
 use crate::pacer::{self, PacerHandle};
-use crate::store::Fence;
+use crate::store::{Fence, Queued, StoreError, Unsent, unix_ms};
 use crate::telemetry::{
     ActorKind, DISCONNECTS, FENCE_LOSSES, INTAKE_DEFERRED, MESSAGES_RECEIVED, Mailbox,
 };
-use crate::transport::{AccountSpec, EventSink, InboundMessage, SessionStats, WaEvent};
+use crate::transport::{
+    AccountSpec, EventSink, InboundMessage, OutboundText, SessionStats, WaEvent,
+};
 
 /// The number actor.
 pub struct NumberActor;
@@ -52,6 +54,9 @@ pub enum NumberMsg {
     HandOff,
     /// An operator asks to unlink the device; answers once the logout is under way.
     Logout(RpcReplyPort<Result<(), CommandError>>),
+    /// Send this message as the business: queued in the outbox (once per id), then paced like
+    /// every reply. Answers once it is committed.
+    Send(OutboundText, RpcReplyPort<Result<Done, CommandError>>),
 }
 
 /// How long a number handed off waits for the acks of its sends in flight.
@@ -180,6 +185,9 @@ impl Actor for NumberActor {
             }
             NumberMsg::Logout(reply) => {
                 let _ = reply.send(logout(state).await);
+            }
+            NumberMsg::Send(msg, reply) => {
+                let _ = reply.send(send(state, msg).await);
             }
             NumberMsg::FenceLost(loss) => {
                 // Never restarted: the fleet sees the revoked lease and keeps it stopped.
@@ -465,6 +473,44 @@ async fn logout(state: &mut NumberState) -> Result<(), CommandError> {
     on_event(state, WaEvent::LoggedOut)
         .await
         .map_err(|e| CommandError::Failed(format!("logout failed: {e}")))
+}
+
+/// Queues `msg` in the outbox and hands it to the pacer if it is new (or was queued before but
+/// may never have reached the pacer: its commit's answer was lost).
+async fn send(state: &NumberState, msg: OutboundText) -> Result<Done, CommandError> {
+    let Some(pacer) = &state.pacer else {
+        return Err(CommandError::NotHere(state.args.number.clone()));
+    };
+    let id = msg.id.clone();
+    match state
+        .args
+        .deps
+        .store
+        .queue_send(state.args.lease.fence(), &msg)
+        .await
+    {
+        Ok(Queued::New) => {
+            tracing::info!(number = %state.args.number, message_id = %id, "business send queued");
+            pacer.enqueue(msg);
+            Ok(Done::Queued { id, repeat: false })
+        }
+        Ok(Queued::Repeat { unsent }) => {
+            if unsent {
+                pacer.recover(Unsent {
+                    reply: msg,
+                    queued_at_ms: unix_ms(),
+                });
+            }
+            Ok(Done::Queued { id, repeat: true })
+        }
+        Ok(Queued::KeyReused) => Err(CommandError::KeyReused),
+        Err(StoreError::Fenced { .. }) => {
+            state.args.resources.lose_fence(FenceLoss::StoreRefused);
+            Err(CommandError::NotHere(state.args.number.clone()))
+        }
+        Err(e) if e.is_retryable() => Err(CommandError::Unavailable(e.to_string())),
+        Err(e) => Err(CommandError::Failed(format!("the store refused it: {e}"))),
+    }
 }
 
 fn end_session(state: &NumberState, reason: &'static str, to: NumberPhase) {

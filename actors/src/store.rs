@@ -290,6 +290,21 @@ pub struct Completion {
     pub checkpoint: ChatContext,
 }
 
+/// What queueing a message sent as the business found ([`Store::queue_send`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Queued {
+    /// Committed to the outbox now: hand it to the pacer.
+    New,
+    /// The outbox has it already (the same id, chat and text): nothing new was queued.
+    /// `unsent`: still waiting to be sent.
+    Repeat {
+        /// Not sent, given up or expired yet.
+        unsent: bool,
+    },
+    /// The outbox has that id for a different chat or text: the key was reused.
+    KeyReused,
+}
+
 /// A reply in the outbox that the network has not acknowledged.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Unsent {
@@ -335,6 +350,10 @@ pub trait Store: Send + Sync + 'static {
 
     /// Records that the network has `id`; resolves to whether it is one of our outbox rows.
     fn mark_sent(&self, fence: &Fence, id: &MessageId) -> Pending<bool>;
+
+    /// Queues `msg`, sent as the business (no inbound message behind it), unless the outbox
+    /// has its id already; then says whether it is the same message.
+    async fn queue_send(&self, fence: &Fence, msg: &OutboundText) -> Result<Queued, StoreError>;
 
     /// Sets an inbound message aside, unprocessed, with the reason.
     async fn dead_letter(
@@ -548,6 +567,27 @@ impl Store for MemoryStore {
                 .and_then(|rows| rows.iter_mut().find(|o| o.msg.id == *id));
             row.map(|r| r.sent = true).is_some()
         }))
+    }
+
+    async fn queue_send(&self, fence: &Fence, msg: &OutboundText) -> Result<Queued, StoreError> {
+        self.with(fence, |st| {
+            let outbox = st.outbox.entry(fence.number.clone()).or_default();
+            match outbox.iter().find(|o| o.msg.id == msg.id) {
+                Some(o) if o.msg.to == msg.to && o.msg.text == msg.text => Queued::Repeat {
+                    unsent: !o.sent && !o.failed,
+                },
+                Some(_) => Queued::KeyReused,
+                None => {
+                    outbox.push(MemOutbox {
+                        msg: msg.clone(),
+                        queued_at_ms: unix_ms(),
+                        sent: false,
+                        failed: false,
+                    });
+                    Queued::New
+                }
+            }
+        })
     }
 
     async fn dead_letter(

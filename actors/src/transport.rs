@@ -71,6 +71,18 @@ impl MessageId {
         Self(format!("3EB0{:016X}", h.0).into())
     }
 
+    /// The outbound id of a message `number` sends as the business under the caller's
+    /// idempotency `key`: the same key is the same message, whoever asks and however often.
+    /// Shaped like WhatsApp web ids; kept apart from [`MessageId::derived`] ids by a tag.
+    pub fn for_key(number: &PhoneNumber, key: &str) -> Self {
+        let mut h = Fnv::new();
+        h.write(b"business-send\0");
+        h.write(number.as_str().as_bytes());
+        h.write(&[0]);
+        h.write(key.as_bytes());
+        Self(format!("3EB0{:016X}", h.0).into())
+    }
+
     /// The id text.
     pub fn as_str(&self) -> &str {
         &self.0

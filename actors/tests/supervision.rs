@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use switchboard_actors::command::{CommandError, NumberCommand};
+use switchboard_actors::command::{BusinessSend, CommandError, Done, NumberCommand};
 use switchboard_actors::conversations::{ChatStatus, ConversationsMsg};
 use switchboard_actors::coordinator::{LocalCoordinator, TokenSource};
 use switchboard_actors::dead_letter::DeadLetterReason;
@@ -16,8 +16,8 @@ use switchboard_actors::deps::SendRate;
 use switchboard_actors::number::{HANDOFF_SETTLE, NumberMsg};
 use switchboard_actors::responder::{AiBackend, AiError, ChatContext, Reply, Responder};
 use switchboard_actors::store::{
-    Completion, Fence, Health, MemoryStore, OutageKind, Pending, Recorded, Store, StoreError,
-    Unsent,
+    Completion, Fence, Health, MemoryStore, OutageKind, Pending, Queued, Recorded, Store,
+    StoreError, Unsent,
 };
 use switchboard_actors::transport::{
     AccountSpec, AckError, Credentials, EventSink, InboundMessage, MessageId, MessageKey,
@@ -613,6 +613,10 @@ impl Store for FaultyStore {
     }
     fn mark_sent(&self, fence: &Fence, id: &MessageId) -> Pending<bool> {
         self.gate(|| self.inner.mark_sent(fence, id))
+    }
+    async fn queue_send(&self, fence: &Fence, msg: &OutboundText) -> Result<Queued, StoreError> {
+        self.check()?;
+        self.inner.queue_send(fence, msg).await
     }
     async fn dead_letter(
         &self,
@@ -1408,6 +1412,66 @@ async fn operator_commands_restart_a_number_even_parked_and_log_it_out() {
     let stranger = phone("+15550039");
     assert_eq!(
         commands.run(stranger.clone(), NumberCommand::Restart).await,
+        Err(CommandError::NotHere(stranger))
+    );
+}
+
+#[tokio::test]
+async fn a_business_send_is_queued_once_per_key_and_sent_once() {
+    let n = phone("+15550041");
+    let h = harness(&[&n], Duration::ZERO).await;
+    let commands = h.fleet.commands();
+    eventually("online", || {
+        h.fleet.counters().numbers(NumberPhase::Online) == 1
+    })
+    .await;
+    let to = "15557770001@s.whatsapp.net";
+    let send = |text: &str, key: &str| {
+        NumberCommand::Send(BusinessSend::new(to, text, key).expect("valid"))
+    };
+    let first = commands
+        .run(n.clone(), send("your order shipped", "order-7"))
+        .await;
+    let Ok(Done::Queued { id, repeat: false }) = first else {
+        panic!("{first:?}");
+    };
+    eventually("sent", || h.net.sent(&n).len() == 1).await;
+    // The same key again (a caller retrying after a lost answer): the same id, nothing new.
+    assert_eq!(
+        commands
+            .run(n.clone(), send("your order shipped", "order-7"))
+            .await,
+        Ok(Done::Queued {
+            id: id.clone(),
+            repeat: true
+        })
+    );
+    // The same key for another message is refused; another key is another message.
+    assert_eq!(
+        commands
+            .run(n.clone(), send("your order was cancelled", "order-7"))
+            .await,
+        Err(CommandError::KeyReused)
+    );
+    let other = commands
+        .run(n.clone(), send("your order shipped", "order-8"))
+        .await;
+    assert!(
+        matches!(other, Ok(Done::Queued { repeat: false, .. })),
+        "{other:?}"
+    );
+    eventually("the second sent", || h.net.sent(&n).len() == 2).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let sent = h.net.sent(&n);
+    assert_eq!(sent.len(), 2, "each key sent once: {sent:?}");
+    assert_eq!(sent[0].id, id);
+    assert_eq!(sent[0].to.as_str(), to);
+    assert_eq!(sent[0].text, "your order shipped");
+    assert!(sent[0].reply_to.is_none());
+
+    let stranger = phone("+15550049");
+    assert_eq!(
+        commands.run(stranger.clone(), send("hi", "k")).await,
         Err(CommandError::NotHere(stranger))
     );
 }

@@ -2,12 +2,14 @@
 //!
 //! Keys under the cluster's prefix:
 //! - `commands:<node>`: a stream per node of commands for the numbers it runs, each with an
-//!   `id`, the `number`, the `command` and a `deadline_ms` (the caller's clock: past it the
-//!   caller has given up, and the command is dropped);
-//! - `reply:<id>`: the outcome of one command (`outcome` `ok`, `not_here` or `failed`, and a
+//!   `id`, the `number`, the `command` (`restart`, `logout`, `send` with its `to`, `text` and
+//!   `key`) and a `deadline_ms` (the caller's clock: past it the caller has given up, and the
+//!   command is dropped);
+//! - `reply:<id>`: the outcome of one command (`outcome` `ok` — with the `message_id` and
+//!   `repeat` of a send —, `not_here`, `key_reused`, `invalid`, `unavailable` or `failed`, and a
 //!   `message`), expiring a minute after it is written.
 //!
-//! A caller (a node, or `switchboard numbers restart|logout`) finds the owner in the number's
+//! A caller (a node, or `switchboard numbers restart|logout|send`) finds the owner in the number's
 //! lease, checks that its announcement is live, adds the command to the owner's stream and
 //! waits for the reply up to its timeout. A number that moved meanwhile is looked up again.
 //! Each node reads its own stream on a client of its own (a blocking read holds the
@@ -21,8 +23,9 @@ use std::time::Duration;
 
 use fred::prelude::*;
 use switchboard_actors::PhoneNumber;
-use switchboard_actors::command::{CommandError, NumberCommand};
+use switchboard_actors::command::{BusinessSend, CommandError, Done, NumberCommand};
 use switchboard_actors::store::unix_ms;
+use switchboard_actors::transport::MessageId;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -55,18 +58,18 @@ impl CommandBus {
     }
 
     /// Carries out `command` on the node that owns `number`, waiting at most `timeout` for
-    /// its answer; returns that node's id.
+    /// its answer; returns that node's id and what it did.
     pub async fn send(
         &self,
         number: &PhoneNumber,
-        command: NumberCommand,
+        command: &NumberCommand,
         timeout: Duration,
-    ) -> Result<String, CommandError> {
+    ) -> Result<(String, Done), CommandError> {
         let mut last = CommandError::NoOwner(number.clone());
         for _ in 0..ATTEMPTS {
             let node = self.owner(number).await?;
             match self.send_to(&node, number, command, timeout).await {
-                Ok(()) => return Ok(node),
+                Ok(done) => return Ok((node, done)),
                 // It moved while the command travelled: ask its new owner.
                 Err(CommandError::NotHere(_)) => {
                     last = CommandError::NotHere(number.clone());
@@ -107,17 +110,22 @@ impl CommandBus {
         &self,
         node: &str,
         number: &PhoneNumber,
-        command: NumberCommand,
+        command: &NumberCommand,
         timeout: Duration,
-    ) -> Result<(), CommandError> {
+    ) -> Result<Done, CommandError> {
         let id = format!("{:032x}", rand::random::<u128>());
         let deadline = unix_ms() + u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX);
-        let fields = vec![
+        let mut fields = vec![
             ("id", id.clone()),
             ("number", number.to_string()),
             ("command", command.as_str().to_owned()),
             ("deadline_ms", deadline.to_string()),
         ];
+        if let NumberCommand::Send(send) = command {
+            fields.push(("to", send.to.to_string()));
+            fields.push(("text", send.text.clone()));
+            fields.push(("key", send.key.clone()));
+        }
         let _: String = self
             .client
             .xadd(
@@ -155,12 +163,66 @@ impl CommandBus {
                 after: timeout,
             });
         };
-        let message = fields.get("message").cloned().unwrap_or_default();
-        match fields.get("outcome").map(String::as_str) {
-            Some("ok") => Ok(()),
-            Some("not_here") => Err(CommandError::NotHere(number.clone())),
-            _ => Err(CommandError::Failed(message)),
+        outcome_of(number, &fields)
+    }
+}
+
+/// The command an entry carries; `None` for a malformed one.
+fn command_of(fields: &HashMap<String, String>) -> Result<NumberCommand, CommandError> {
+    let field = |name: &str| {
+        fields
+            .get(name)
+            .ok_or_else(|| CommandError::Invalid(format!("{name}: missing")))
+    };
+    match field("command")?.as_str() {
+        "restart" => Ok(NumberCommand::Restart),
+        "logout" => Ok(NumberCommand::Logout),
+        "send" => {
+            BusinessSend::new(field("to")?, field("text")?, field("key")?).map(NumberCommand::Send)
         }
+        other => Err(CommandError::Invalid(format!(
+            "command: {other:?} is not one this node knows"
+        ))),
+    }
+}
+
+/// A reply entry's fields for `outcome`.
+fn reply_fields(outcome: &Result<Done, CommandError>) -> Vec<(&'static str, String)> {
+    let (kind, message) = match outcome {
+        Ok(_) => ("ok", String::new()),
+        Err(CommandError::NotHere(_)) => ("not_here", String::new()),
+        Err(CommandError::KeyReused) => ("key_reused", String::new()),
+        Err(e @ CommandError::Invalid(_)) => ("invalid", e.to_string()),
+        Err(e @ CommandError::Unavailable(_)) => ("unavailable", e.to_string()),
+        Err(e) => ("failed", e.to_string()),
+    };
+    let mut fields = vec![("outcome", kind.to_owned()), ("message", message)];
+    if let Ok(Done::Queued { id, repeat }) = outcome {
+        fields.push(("message_id", id.to_string()));
+        fields.push(("repeat", repeat.to_string()));
+    }
+    fields
+}
+
+/// What a reply entry says, for a command to `number`.
+fn outcome_of(
+    number: &PhoneNumber,
+    fields: &HashMap<String, String>,
+) -> Result<Done, CommandError> {
+    let message = fields.get("message").cloned().unwrap_or_default();
+    match fields.get("outcome").map(String::as_str) {
+        Some("ok") => match fields.get("message_id").and_then(|i| MessageId::parse(i)) {
+            Some(id) => Ok(Done::Queued {
+                id,
+                repeat: fields.get("repeat").is_some_and(|r| r == "true"),
+            }),
+            None => Ok(Done::Done),
+        },
+        Some("not_here") => Err(CommandError::NotHere(number.clone())),
+        Some("key_reused") => Err(CommandError::KeyReused),
+        Some("invalid") => Err(CommandError::Invalid(message)),
+        Some("unavailable") => Err(CommandError::Unavailable(message)),
+        _ => Err(CommandError::Failed(message)),
     }
 }
 
@@ -176,7 +238,7 @@ pub fn serve<F, Fut>(
 ) -> JoinHandle<()>
 where
     F: Fn(PhoneNumber, NumberCommand) -> Fut + Send + Sync + 'static,
-    Fut: Future<Output = Result<(), CommandError>> + Send + 'static,
+    Fut: Future<Output = Result<Done, CommandError>> + Send + 'static,
 {
     let apply = Arc::new(apply);
     tokio::spawn(async move {
@@ -225,10 +287,10 @@ where
 async fn carry_out<F, Fut>(
     fields: &HashMap<String, String>,
     apply: &F,
-) -> Option<(String, Result<(), CommandError>)>
+) -> Option<(String, Result<Done, CommandError>)>
 where
     F: Fn(PhoneNumber, NumberCommand) -> Fut,
-    Fut: Future<Output = Result<(), CommandError>>,
+    Fut: Future<Output = Result<Done, CommandError>>,
 {
     let id = fields.get("id")?.clone();
     let deadline: u64 = fields.get("deadline_ms")?.parse().ok()?;
@@ -236,26 +298,20 @@ where
         tracing::info!(%id, "command arrived after its caller gave up; dropped");
         return None;
     }
-    let outcome = match (
-        fields
-            .get("number")
-            .and_then(|n| PhoneNumber::parse(n).ok()),
-        fields.get("command").and_then(|c| NumberCommand::parse(c)),
-    ) {
-        (Some(number), Some(command)) => apply(number, command).await,
-        _ => Err(CommandError::Failed("malformed command".to_owned())),
+    let number = fields
+        .get("number")
+        .and_then(|n| PhoneNumber::parse(n).ok())
+        .ok_or_else(|| CommandError::Invalid("number: missing or not E.164".to_owned()));
+    let outcome = match (number, command_of(fields)) {
+        (Ok(number), Ok(command)) => apply(number, command).await,
+        (Err(e), _) | (_, Err(e)) => Err(e),
     };
     Some((id, outcome))
 }
 
-async fn answer(writer: &Client, keys: &Keys, id: &str, outcome: Result<(), CommandError>) {
-    let (kind, message) = match &outcome {
-        Ok(()) => ("ok", String::new()),
-        Err(CommandError::NotHere(_)) => ("not_here", String::new()),
-        Err(e) => ("failed", e.to_string()),
-    };
+async fn answer(writer: &Client, keys: &Keys, id: &str, outcome: Result<Done, CommandError>) {
     let key = keys.reply(id);
-    let fields = vec![("outcome", kind.to_owned()), ("message", message)];
+    let fields = reply_fields(&outcome);
     let written: Result<String, _> = writer.xadd(&key, false, None::<()>, "*", fields).await;
     let kept = i64::try_from(REPLY_KEPT.as_millis()).unwrap_or(i64::MAX);
     let expired: Result<i64, _> = writer.pexpire(&key, kept, None).await;
@@ -296,4 +352,57 @@ fn entries(reply: Value) -> Vec<(String, HashMap<String, String>)> {
 
 fn unavailable(e: Error) -> CommandError {
     CommandError::Unavailable(e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn map(fields: &[(&str, String)]) -> HashMap<String, String> {
+        fields
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), v.clone()))
+            .collect()
+    }
+
+    #[test]
+    fn commands_and_outcomes_survive_the_wire_and_bad_entries_say_which_field() {
+        let send =
+            BusinessSend::new("15550002@s.whatsapp.net", "hello\nthere", "k-1").expect("valid");
+        let entry = map(&[
+            ("command", "send".to_owned()),
+            ("to", send.to.to_string()),
+            ("text", send.text.clone()),
+            ("key", send.key.clone()),
+        ]);
+        assert_eq!(command_of(&entry), Ok(NumberCommand::Send(send)));
+        let restart = map(&[("command", "restart".to_owned())]);
+        assert_eq!(command_of(&restart), Ok(NumberCommand::Restart));
+        let missing = map(&[("command", "send".to_owned()), ("to", "1@lid".to_owned())]);
+        assert!(
+            matches!(command_of(&missing), Err(CommandError::Invalid(m)) if m.starts_with("text"))
+        );
+        let unknown = map(&[("command", "reboot".to_owned())]);
+        assert!(
+            matches!(command_of(&unknown), Err(CommandError::Invalid(m)) if m.starts_with("command"))
+        );
+
+        let number = PhoneNumber::parse("+15550001").expect("valid");
+        let id = MessageId::for_key(&number, "k-1");
+        for outcome in [
+            Ok(Done::Done),
+            Ok(Done::Queued {
+                id: id.clone(),
+                repeat: false,
+            }),
+            Ok(Done::Queued { id, repeat: true }),
+            Err(CommandError::NotHere(number.clone())),
+            Err(CommandError::KeyReused),
+        ] {
+            let back = outcome_of(&number, &map(&reply_fields(&outcome)));
+            assert_eq!(back, outcome);
+        }
+        let invalid = Err(CommandError::Invalid("to: bad".to_owned()));
+        assert_eq!(outcome_of(&number, &map(&reply_fields(&invalid))), invalid);
+    }
 }

@@ -7,7 +7,7 @@ use switchboard_actors::coordinator::TokenSource;
 use switchboard_actors::dead_letter::DeadLetterReason;
 use switchboard_actors::responder::ChatContext;
 use switchboard_actors::store::{
-    Completion, Fence, FencingToken, Health, Pending, Recorded, Store, StoreError, Unsent,
+    Completion, Fence, FencingToken, Health, Pending, Queued, Recorded, Store, StoreError, Unsent,
 };
 use switchboard_actors::transport::{Credentials, InboundMessage, MessageId, OutboundText};
 use switchboard_actors::{Jid, PhoneNumber};
@@ -74,6 +74,52 @@ impl Store for SqlStore {
     fn mark_sent(&self, fence: &Fence, id: &MessageId) -> Pending<bool> {
         let (fence, id) = (fence.clone(), id.clone());
         queued(self, |reply| Op::Sent { fence, id, reply })
+    }
+
+    async fn queue_send(&self, fence: &Fence, msg: &OutboundText) -> Result<Queued, StoreError> {
+        self.watch
+            .write(async {
+                let mut tx = self.fenced(fence).await?;
+                let inserted = sqlx::query(
+                    "INSERT INTO outbox (number, message_id, chat, body, created_at) \
+                     VALUES ($1, $2, $3, $4, $5) ON CONFLICT (number, message_id) DO NOTHING",
+                )
+                .bind(fence.number.as_str())
+                .bind(msg.id.as_str())
+                .bind(msg.to.as_str())
+                .bind(text::encode(&msg.text).into_owned())
+                .bind(now_ms())
+                .execute(&mut *tx)
+                .await
+                .map_err(db)?
+                .rows_affected();
+                let queued = if inserted == 1 {
+                    Queued::New
+                } else {
+                    let row = sqlx::query(
+                        "SELECT chat, body, status FROM outbox \
+                         WHERE number = $1 AND message_id = $2",
+                    )
+                    .bind(fence.number.as_str())
+                    .bind(msg.id.as_str())
+                    .fetch_one(&mut *tx)
+                    .await
+                    .map_err(db)?;
+                    let chat: String = row.try_get("chat").map_err(db)?;
+                    let body = text::decode(row.try_get("body").map_err(db)?);
+                    let status: String = row.try_get("status").map_err(db)?;
+                    if chat == msg.to.as_str() && body == msg.text {
+                        Queued::Repeat {
+                            unsent: status == "queued",
+                        }
+                    } else {
+                        Queued::KeyReused
+                    }
+                };
+                tx.commit().await.map_err(db)?;
+                Ok(queued)
+            })
+            .await
     }
 
     async fn dead_letter(
