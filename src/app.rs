@@ -33,9 +33,6 @@ use std::time::Duration;
 
 use anyhow::Context;
 use async_trait::async_trait;
-use axum::Router;
-use axum::http::StatusCode;
-use axum::routing::get;
 use rand::Rng;
 use secrecy::ExposeSecret;
 use switchboard_actors::admission::NodeAdmission;
@@ -47,7 +44,7 @@ use switchboard_actors::number::NumberMsg;
 use switchboard_actors::placement::PlacementConfig;
 use switchboard_actors::responder::Responder;
 use switchboard_actors::root::{AgentSpec, Node};
-use switchboard_actors::store::{Health, Store, StoreError};
+use switchboard_actors::store::{Store, StoreError};
 use switchboard_actors::transport::WaConnector;
 use switchboard_actors::{Addr, Deps, Fleet, FleetCounters, PhoneNumber};
 use tokio::task::JoinHandle;
@@ -162,7 +159,7 @@ impl App {
                     (ownership, leases, spec)
                 }
             };
-        let http = serve_http(&config, ready.clone(), store.health(), stop.clone()).await?;
+        let listener = bind_http(&config).await?;
         let responder: Arc<dyn Responder> = if config.chaos.panic_every > 0 {
             Arc::new(ChaosResponder::new(KeywordBot, config.chaos.panic_every))
         } else {
@@ -189,6 +186,25 @@ impl App {
             )?),
             _ => None,
         };
+        let bus = match &config.cluster {
+            Some(cluster) => Some(cluster::CommandBus::new(
+                redis_client(cluster)?,
+                Keys::new(&cluster.key_prefix),
+            )),
+            None => None,
+        };
+        let api = crate::http::ApiParts {
+            store: store.clone(),
+            fleet: node.fleet().commands(),
+            bus,
+            reconcile: node.reconciler(),
+            admin_token: config.admin_token.clone(),
+            node_id: config.node_id.clone(),
+            ready: ready.clone(),
+            store_health: store.health(),
+            metrics: crate::telemetry::prometheus(),
+        };
+        let http = serve_http(listener, api, stop.clone());
         Ok(Self {
             commands,
             config,
@@ -433,39 +449,25 @@ fn key_file(path: &Path) -> anyhow::Result<String> {
     Ok(key)
 }
 
-async fn serve_http(
-    config: &Config,
-    ready: Arc<AtomicBool>,
-    store: Health,
-    stop: CancellationToken,
-) -> anyhow::Result<JoinHandle<std::io::Result<()>>> {
-    let metrics = crate::telemetry::prometheus();
-    let listener = tokio::net::TcpListener::bind(config.http_listen)
+/// Binds the HTTP listener first thing, so that a taken port fails the start at once.
+async fn bind_http(config: &Config) -> anyhow::Result<tokio::net::TcpListener> {
+    tokio::net::TcpListener::bind(config.http_listen)
         .await
-        .with_context(|| format!("cannot listen on {}", config.http_listen))?;
-    let app = Router::new()
-        .route(
-            "/metrics",
-            get(move || std::future::ready(metrics.render())),
-        )
-        .route("/healthz", get(|| async { "ok" }))
-        .route(
-            "/readyz",
-            get(move || {
-                // Not ready while starting, stopping, or while the store is down.
-                let status = if ready.load(Ordering::Relaxed) && store.is_up() {
-                    StatusCode::OK
-                } else {
-                    StatusCode::SERVICE_UNAVAILABLE
-                };
-                std::future::ready(status)
-            }),
-        );
-    Ok(tokio::spawn(async move {
+        .with_context(|| format!("cannot listen on {}", config.http_listen))
+}
+
+/// Serves the admin API, health and metrics ([`crate::http`]) on `listener` until `stop`.
+fn serve_http(
+    listener: tokio::net::TcpListener,
+    parts: crate::http::ApiParts,
+    stop: CancellationToken,
+) -> JoinHandle<std::io::Result<()>> {
+    let app = crate::http::router(parts);
+    tokio::spawn(async move {
         axum::serve(listener, app)
             .with_graceful_shutdown(stop.cancelled_owned())
             .await
-    }))
+    })
 }
 
 /// Chaos: crash a random number actor every `crash_number_every`.

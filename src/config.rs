@@ -123,8 +123,11 @@ pub struct Config {
     pub store: StoreConfig,
     /// The transport.
     pub transport: TransportConfig,
-    /// Where `/metrics`, `/healthz` and `/readyz` are served.
+    /// Where the admin API, `/metrics`, `/livez` and `/readyz` are served.
     pub http_listen: SocketAddr,
+    /// The admin API's bootstrap super-admin token (`http.admin_token`, or
+    /// `SWITCHBOARD_ADMIN_TOKEN`).
+    pub admin_token: Option<SecretString>,
     /// Tunables of the supervision tree.
     pub runtime: Settings,
     /// Fault injection.
@@ -138,7 +141,14 @@ pub struct Config {
 impl Config {
     /// Loads the layers (the optional `file`, then the process environment) and validates.
     pub fn load(file: Option<&Path>) -> Result<Self, ConfigErrors> {
-        Self::load_from(file, Env::prefixed("SWITCHBOARD__").split("__"))
+        let admin = Env::raw()
+            .only(&["SWITCHBOARD_ADMIN_TOKEN"])
+            .map(|_| "http.admin_token".into());
+        Self::load_layers(
+            file,
+            Env::prefixed("SWITCHBOARD__").split("__"),
+            Some(admin),
+        )
     }
 
     /// The defaults alone (`config/default.toml`: no file, no environment), as the demo runs.
@@ -148,6 +158,10 @@ impl Config {
 
     /// Like [`Config::load`], with the environment layer given (tests).
     pub fn load_from(file: Option<&Path>, env: Env) -> Result<Self, ConfigErrors> {
+        Self::load_layers(file, env, None)
+    }
+
+    fn load_layers(file: Option<&Path>, env: Env, last: Option<Env>) -> Result<Self, ConfigErrors> {
         let mut figment = Figment::new().merge(Toml::string(DEFAULT_TOML));
         if let Some(file) = file {
             if !file.exists() {
@@ -158,7 +172,11 @@ impl Config {
             }
             figment = figment.merge(Toml::file(file));
         }
-        let value: Value = figment.merge(env).extract().map_err(|e| {
+        figment = figment.merge(env);
+        if let Some(last) = last {
+            figment = figment.merge(last);
+        }
+        let value: Value = figment.extract().map_err(|e| {
             ConfigErrors(
                 e.into_iter()
                     .map(|e| ConfigError {
@@ -239,6 +257,21 @@ fn read(r: &mut Reader<'_>) -> Config {
             TransportConfig::Sim { url: String::new() }
         }
     };
+    let token = r.string("http.admin_token");
+    let admin_token = if token.is_empty() {
+        None
+    } else {
+        if token.chars().count() < crate::http::auth::MIN_ADMIN_TOKEN {
+            r.error(
+                "http.admin_token",
+                &format!(
+                    "at least {} characters (SWITCHBOARD_ADMIN_TOKEN too)",
+                    crate::http::auth::MIN_ADMIN_TOKEN
+                ),
+            );
+        }
+        Some(SecretString::from(token))
+    };
     let listen = r.string("http.listen");
     let http_listen = listen.parse().unwrap_or_else(|_| {
         r.error(
@@ -289,6 +322,7 @@ fn read(r: &mut Reader<'_>) -> Config {
         store,
         transport,
         http_listen,
+        admin_token,
         runtime,
         chaos,
         cluster,

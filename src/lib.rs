@@ -12,7 +12,9 @@
 //! - [`bot`]: the demo's keyword/echo bot, a canned model and the chaos wrapper.
 //! - [`demo`]: `switchboard demo`, the simulated fleet.
 //! - [`login`]: `switchboard numbers login`, pairing a number from the terminal.
-//! - [`problem`]: `application/problem+json` errors for every HTTP surface.
+//! - [`http`]: the admin API under `/v1` (tenants, tokens, numbers, audit), health and metrics;
+//!   its module doc is the route table. `http::problem`: `application/problem+json` errors for
+//!   every HTTP surface.
 //! - [`telemetry`]: logging and the Prometheus recorder.
 //! - [`whatsapp`]: the production transport, whatsapp-rust 0.7.0 (its storage backend so far).
 //! - [`cli`]: the command line.
@@ -25,8 +27,8 @@ pub mod cli;
 pub mod cluster;
 pub mod config;
 pub mod demo;
+pub mod http;
 pub mod login;
-pub mod problem;
 pub mod serve;
 pub mod sim;
 pub mod store;

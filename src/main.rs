@@ -126,7 +126,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 }
 
 async fn numbers(config: &Config, command: NumbersCommand) -> anyhow::Result<()> {
-    use switchboard::store::{NumberRecord, TenantRecord};
+    use serde_json::json;
+    use switchboard::store::{Change, NumberRecord, TenantRecord};
     use switchboard_actors::PhoneNumber;
     if let NumbersCommand::Login { number, pair_code } = command {
         let number = PhoneNumber::parse(&number).with_context(|| format!("{number:?}"))?;
@@ -184,6 +185,19 @@ async fn numbers(config: &Config, command: NumbersCommand) -> anyhow::Result<()>
         std::process::exit(64);
     }
     let store = switchboard::app::open_store(&config.store).await?;
+    // Every change from the command line is audited like the API's, by actor `cli`.
+    let audit = |tenant: Option<&str>, action: &str, target: &str, detail: serde_json::Value| {
+        switchboard::store::AuditEntry {
+            tenant: tenant.map(str::to_owned),
+            actor: "cli".to_owned(),
+            action: action.to_owned(),
+            target: target.to_owned(),
+            detail,
+        }
+    };
+    let tenant_of = async |number: &PhoneNumber| -> anyhow::Result<Option<String>> {
+        Ok(store.number(number).await?.map(|n| n.tenant))
+    };
     match command {
         NumbersCommand::Add {
             tenant,
@@ -200,7 +214,8 @@ async fn numbers(config: &Config, command: NumbersCommand) -> anyhow::Result<()>
                     name: tenant.clone(),
                     full_transcripts: false,
                 };
-                store.create_tenant(&record).await?;
+                let entry = audit(Some(&tenant), "tenant.create", &tenant, json!({}));
+                store.apply(&Change::CreateTenant(record), &entry).await?;
             }
             for raw in numbers {
                 let number = PhoneNumber::parse(&raw).with_context(|| format!("{raw:?}"))?;
@@ -210,7 +225,8 @@ async fn numbers(config: &Config, command: NumbersCommand) -> anyhow::Result<()>
                     pinned_node: None,
                     settings: settings.clone(),
                 };
-                match store.add_number(&record).await {
+                let entry = audit(Some(&tenant), "number.create", &raw, json!({}));
+                match store.apply(&Change::AddNumber(record), &entry).await {
                     Ok(()) => println!("added {raw}"),
                     Err(switchboard_actors::store::StoreError::Conflict(_)) => {
                         println!("{raw} is registered already");
@@ -230,18 +246,36 @@ async fn numbers(config: &Config, command: NumbersCommand) -> anyhow::Result<()>
         }
         NumbersCommand::Move { number, to } => {
             let parsed = PhoneNumber::parse(&number).with_context(|| format!("{number:?}"))?;
-            store.pin_number(&parsed, Some(&to)).await?;
+            let tenant = tenant_of(&parsed).await?;
+            let entry = audit(
+                tenant.as_deref(),
+                "number.update",
+                &number,
+                json!({ "after": { "pinned_node": to } }),
+            );
+            store
+                .apply(&Change::Pin(parsed, Some(to.clone())), &entry)
+                .await?;
             println!("{number} pinned to {to}: it moves there while {to} is live");
         }
         NumbersCommand::Unpin { number } => {
             let parsed = PhoneNumber::parse(&number).with_context(|| format!("{number:?}"))?;
-            store.pin_number(&parsed, None).await?;
+            let tenant = tenant_of(&parsed).await?;
+            let entry = audit(
+                tenant.as_deref(),
+                "number.update",
+                &number,
+                json!({ "after": { "pinned_node": null } }),
+            );
+            store.apply(&Change::Pin(parsed, None), &entry).await?;
             println!("{number} unpinned");
         }
         NumbersCommand::Remove { numbers } => {
             for raw in numbers {
                 let number = PhoneNumber::parse(&raw).with_context(|| format!("{raw:?}"))?;
-                store.remove_number(&number).await?;
+                let tenant = tenant_of(&number).await?;
+                let entry = audit(tenant.as_deref(), "number.delete", &raw, json!({}));
+                store.apply(&Change::RemoveNumber(number), &entry).await?;
                 println!("removed {raw}");
             }
         }

@@ -30,6 +30,7 @@ mod path;
 mod protocol;
 mod retention;
 mod text;
+mod tokens;
 
 use std::collections::HashMap;
 use std::str::FromStr;
@@ -49,6 +50,7 @@ pub use claim::{Claim, ClaimError};
 pub use events::{AuditEntry, EventRecord};
 pub use protocol::{Entry, Footprint, Key, Merge, ProtocolState, Select, Space, StateRow};
 pub use retention::{PRUNE_BATCH, Pruned};
+pub use tokens::{AuditRow, Change, Role, TokenRecord};
 
 /// Texts are kept as a preview of this many characters once processed, unless the tenant keeps
 /// full transcripts.

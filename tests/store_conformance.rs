@@ -12,8 +12,8 @@ use std::time::Duration;
 use db::TestDb;
 use sqlx::Row;
 use switchboard::store::{
-    AiJobRecord, AiJobStatus, AuditEntry, Dialect, FlowStatus, HotWrite, NumberRecord, OptIn,
-    PREVIEW_CHARS, SessionCipher, SqlStore, TenantRecord,
+    AiJobRecord, AiJobStatus, AuditEntry, Change, Dialect, FlowStatus, HotWrite, NumberRecord,
+    OptIn, PREVIEW_CHARS, Role, SessionCipher, SqlStore, TenantRecord, TokenRecord,
 };
 use switchboard_actors::coordinator::TokenSource;
 use switchboard_actors::dead_letter::DeadLetterReason;
@@ -124,6 +124,7 @@ async fn raw_inbound(store: &SqlStore, id: &str) -> (Option<String>, String, Str
 
 on_both_stores!(
     migrations_apply_once,
+    operators_changes_commit_with_their_audit_row_or_not_at_all_and_pages_follow_keys,
     business_sends_are_queued_once_per_id_and_a_reused_key_is_told_apart,
     tenants_and_numbers,
     inbound_is_deduplicated_and_resumable,
@@ -1182,6 +1183,144 @@ async fn expired_replies_leave_the_outbox_with_their_reason(db: &TestDb) {
         store.expire(&stale, &reply, "x").await,
         Err(StoreError::Fenced { .. })
     ));
+}
+
+async fn operators_changes_commit_with_their_audit_row_or_not_at_all_and_pages_follow_keys(
+    db: &TestDb,
+) {
+    let store = db.store().await;
+    let entry = |action: &str, target: &str| AuditEntry {
+        tenant: Some("t1".into()),
+        actor: "tok_a".into(),
+        action: action.into(),
+        target: target.into(),
+        detail: serde_json::json!({ "after": { "x": 1 } }),
+    };
+    let t1 = TenantRecord {
+        id: "t1".into(),
+        name: "One".into(),
+        full_transcripts: false,
+    };
+    store
+        .apply(
+            &Change::CreateTenant(t1.clone()),
+            &entry("tenant.create", "t1"),
+        )
+        .await
+        .unwrap();
+    assert_eq!(store.tenant("t1").await.unwrap(), Some(t1.clone()));
+    // A change that fails leaves no audit row: the two commit together or not at all.
+    let orphan = NumberRecord {
+        number: phone("+15550777"),
+        tenant: "missing".into(),
+        pinned_node: None,
+        settings: serde_json::json!({}),
+    };
+    assert!(matches!(
+        store
+            .apply(
+                &Change::AddNumber(orphan),
+                &entry("number.create", "+15550777")
+            )
+            .await,
+        Err(StoreError::NotFound(_))
+    ));
+    assert!(matches!(
+        store
+            .apply(&Change::CreateTenant(t1), &entry("tenant.create", "t1"))
+            .await,
+        Err(StoreError::Conflict(_))
+    ));
+    let log = store.audit_page(Some("t1"), None, 10).await.unwrap();
+    assert_eq!(log.len(), 1, "{log:?}");
+    assert_eq!(log[0].entry.action, "tenant.create");
+
+    // Tokens: found by hash while live; revoked once.
+    let token = TokenRecord {
+        id: "tok_1".into(),
+        tenant: "t1".into(),
+        role: Role::Editor,
+        name: "ops".into(),
+        created_at_ms: 0,
+        revoked: false,
+    };
+    let create = Change::CreateToken {
+        token: token.clone(),
+        hash: "ab".repeat(32),
+    };
+    store
+        .apply(&create, &entry("token.create", "tok_1"))
+        .await
+        .unwrap();
+    let found = store
+        .token_by_hash(&"ab".repeat(32))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (found.id.as_str(), found.role, found.revoked),
+        ("tok_1", Role::Editor, false)
+    );
+    assert!(
+        store
+            .token_by_hash(&"cd".repeat(32))
+            .await
+            .unwrap()
+            .is_none()
+    );
+    let revoke = Change::RevokeToken {
+        tenant: "t1".into(),
+        id: "tok_1".into(),
+    };
+    store
+        .apply(&revoke, &entry("token.revoke", "tok_1"))
+        .await
+        .unwrap();
+    assert!(
+        store
+            .token_by_hash(&"ab".repeat(32))
+            .await
+            .unwrap()
+            .is_none()
+    );
+    assert!(store.token("t1", "tok_1").await.unwrap().unwrap().revoked);
+    assert!(matches!(
+        store.apply(&revoke, &entry("token.revoke", "tok_1")).await,
+        Err(StoreError::NotFound(_))
+    ));
+    assert_eq!(store.tokens("t1", None, 10).await.unwrap().len(), 1);
+
+    // Numbers page by number, per tenant or all; the audit log pages newest first.
+    tenant(&store, "t2", false).await;
+    for n in ["+15550003", "+15550001", "+15550002"] {
+        add(&store, n, "t1").await;
+    }
+    add(&store, "+15550009", "t2").await;
+    let first = store.numbers_page(Some("t1"), None, 2).await.unwrap();
+    let got: Vec<String> = first.iter().map(|n| n.number.to_string()).collect();
+    assert_eq!(got, ["+15550001", "+15550002"]);
+    let rest = store
+        .numbers_page(Some("t1"), Some(&phone("+15550002")), 2)
+        .await
+        .unwrap();
+    assert_eq!(rest.len(), 1);
+    assert_eq!(store.numbers_page(None, None, 10).await.unwrap().len(), 4);
+    let newest = store.audit_page(Some("t1"), None, 2).await.unwrap();
+    assert_eq!(newest[0].entry.action, "token.revoke");
+    assert!(newest[0].seq > newest[1].seq);
+    let older = store
+        .audit_page(Some("t1"), Some(newest[1].seq), 10)
+        .await
+        .unwrap();
+    assert_eq!(older.len(), 1);
+    assert_eq!(older[0].entry.action, "tenant.create");
+    assert!(
+        store
+            .audit_page(Some("t2"), None, 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
 }
 
 async fn business_sends_are_queued_once_per_id_and_a_reused_key_is_told_apart(db: &TestDb) {

@@ -26,10 +26,11 @@ use crate::command::{CommandError, Done, NumberCommand};
 use crate::coordinator::{Coordinator, CoordinatorError, FenceLoss, Lease};
 use crate::deps::{Deps, FleetCounters, NumberPhase, NumberResources};
 use crate::ids::PhoneNumber;
-use crate::number::{HANDOFF_SETTLE, NumberActor, NumberArgs, NumberMsg};
+use crate::number::{HANDOFF_SETTLE, NumberActor, NumberArgs, NumberMsg, NumberStatus};
 use crate::restart::{Decision, Exit, RestartTracker};
 use crate::store::OUTAGE_RETRY;
 use crate::telemetry::{ActorKind, Mailbox, PARKED, RESTARTS};
+use crate::transport::SessionStats;
 
 /// The fleet supervisor.
 pub struct FleetActor;
@@ -53,6 +54,11 @@ pub enum FleetMsg {
     Respawn(PhoneNumber),
     /// The number's actor, if it runs.
     Get(PhoneNumber, RpcReplyPort<Option<Addr<NumberMsg>>>),
+    /// The phase of a number this fleet holds a slot for, and its actor if it runs.
+    Phase(
+        PhoneNumber,
+        RpcReplyPort<Option<(NumberPhase, Option<Addr<NumberMsg>>)>>,
+    ),
     /// Report the fleet.
     Status(RpcReplyPort<FleetStatus>),
     /// The numbers the fleet holds a slot for.
@@ -214,6 +220,13 @@ impl Actor for FleetActor {
             }
             FleetMsg::Get(number, reply) => {
                 let _ = reply.send(state.slots.get(&number).and_then(|s| s.addr.clone()));
+            }
+            FleetMsg::Phase(number, reply) => {
+                let phase = state
+                    .slots
+                    .get(&number)
+                    .map(|s| (s.resources.state(), s.addr.clone()));
+                let _ = reply.send(phase);
             }
             FleetMsg::Status(reply) => {
                 let _ = reply.send(status(state));
@@ -635,6 +648,34 @@ pub struct Commands {
 }
 
 impl Commands {
+    /// The status of `number` if this node holds it (running, or waiting to restart, parked,
+    /// taking its lease); `None` if it does not.
+    pub async fn status(&self, number: &PhoneNumber) -> Result<Option<NumberStatus>, CallError> {
+        let held = self
+            .addr
+            .call(|r| FleetMsg::Phase(number.clone(), r), self.call_timeout)
+            .await?;
+        let Some((phase, addr)) = held else {
+            return Ok(None);
+        };
+        let idle = NumberStatus {
+            number: number.clone(),
+            state: phase,
+            qr: None,
+            pair_code: None,
+            stats: SessionStats::default(),
+        };
+        match addr {
+            // It may stop between the two calls: then it is as its slot says.
+            Some(addr) => Ok(Some(
+                addr.call(NumberMsg::Status, self.call_timeout)
+                    .await
+                    .unwrap_or(idle),
+            )),
+            None => Ok(Some(idle)),
+        }
+    }
+
     /// Carries out `command` to `number`, which must run on this node.
     pub async fn run(
         &self,

@@ -218,6 +218,23 @@ pub struct Node {
     call_timeout: Duration,
 }
 
+/// Asks the node's agent to reconcile now: a number registered or removed while the node runs
+/// starts or stops at once rather than at the next period. Cheap to clone.
+#[derive(Clone)]
+pub struct Reconciler {
+    root: Addr<RootMsg>,
+    call_timeout: Duration,
+}
+
+impl Reconciler {
+    /// Queues a pass (the agent coalesces passes queued while one runs).
+    pub async fn now(&self) {
+        if let Ok(Some(agent)) = self.root.call(RootMsg::Agent, self.call_timeout).await {
+            let _ = agent.cast(AgentMsg::Tick);
+        }
+    }
+}
+
 impl Node {
     /// Starts the root, the fleet under it, then the agent.
     pub async fn start(deps: Deps, spec: AgentSpec) -> Result<Self, SpawnErr> {
@@ -245,6 +262,14 @@ impl Node {
     /// The fleet.
     pub fn fleet(&self) -> &Fleet {
         &self.fleet
+    }
+
+    /// A handle that asks the agent for a pass now (numbers added or removed).
+    pub fn reconciler(&self) -> Reconciler {
+        Reconciler {
+            root: self.root.clone(),
+            call_timeout: self.call_timeout,
+        }
     }
 
     /// The agent's last view.

@@ -82,7 +82,7 @@ impl CommandBus {
     }
 
     /// The live node holding `number`'s lease.
-    async fn owner(&self, number: &PhoneNumber) -> Result<String, CommandError> {
+    pub async fn owner(&self, number: &PhoneNumber) -> Result<String, CommandError> {
         let held: Option<String> = self
             .client
             .get(self.keys.lease(number))

@@ -30,7 +30,7 @@ use switchboard_actors::ids::PhoneNumber;
 
 use super::network::{self, FaultKind, Network, SimError, TrafficSpec};
 use super::wire::ClientFrame;
-use crate::problem::{JsonBody, Problem, parse_json};
+use crate::http::problem::{JsonBody, Problem, parse_json};
 
 /// The control API and the wire, over one network.
 pub fn router(network: Network) -> Router {

@@ -1,5 +1,6 @@
 //! Tenants, numbers, contacts, conversations, flows and AI jobs.
 
+use sqlx::AnyConnection;
 use sqlx::Row;
 use sqlx::any::AnyRow;
 use switchboard_actors::store::{Fence, StoreError};
@@ -134,17 +135,8 @@ pub struct AiJobRecord {
 impl SqlStore {
     /// Creates a tenant; [`StoreError::Conflict`] if the id exists.
     pub async fn create_tenant(&self, t: &TenantRecord) -> Result<(), StoreError> {
-        sqlx::query(
-            "INSERT INTO tenants (id, name, full_transcripts, created_at) VALUES ($1, $2, $3, $4)",
-        )
-        .bind(t.id.as_str())
-        .bind(t.name.as_str())
-        .bind(t.full_transcripts)
-        .bind(now_ms())
-        .execute(&self.pool)
-        .await
-        .map_err(db)?;
-        Ok(())
+        let mut conn = self.pool.acquire().await.map_err(db)?;
+        create_tenant(&mut conn, t).await
     }
 
     /// The tenant `id`.
@@ -154,14 +146,7 @@ impl SqlStore {
             .fetch_optional(&self.pool)
             .await
             .map_err(db)?;
-        row.map(|r| {
-            Ok(TenantRecord {
-                id: r.try_get("id").map_err(db)?,
-                name: r.try_get("name").map_err(db)?,
-                full_transcripts: flag(&r, "full_transcripts")?,
-            })
-        })
-        .transpose()
+        row.as_ref().map(tenant_of).transpose()
     }
 
     /// Turns full transcripts on or off for a tenant.
@@ -178,19 +163,8 @@ impl SqlStore {
     /// Registers a number; [`StoreError::Conflict`] if it exists, [`StoreError::NotFound`] if
     /// the tenant does not.
     pub async fn add_number(&self, n: &NumberRecord) -> Result<(), StoreError> {
-        sqlx::query(
-            "INSERT INTO numbers (number, tenant_id, pinned_node, settings, created_at) \
-             VALUES ($1, $2, $3, $4, $5)",
-        )
-        .bind(n.number.as_str())
-        .bind(n.tenant.as_str())
-        .bind(n.pinned_node.clone())
-        .bind(n.settings.to_string())
-        .bind(now_ms())
-        .execute(&self.pool)
-        .await
-        .map_err(db)?;
-        Ok(())
+        let mut conn = self.pool.acquire().await.map_err(db)?;
+        add_number(&mut conn, n).await
     }
 
     /// Every registered number, in order.
@@ -218,13 +192,8 @@ impl SqlStore {
 
     /// Pins a number to a node (or unpins it).
     pub async fn pin_number(&self, n: &PhoneNumber, node: Option<&str>) -> Result<(), StoreError> {
-        let done = sqlx::query("UPDATE numbers SET pinned_node = $1 WHERE number = $2")
-            .bind(node.map(str::to_owned))
-            .bind(n.as_str())
-            .execute(&self.pool)
-            .await
-            .map_err(db)?;
-        found(done.rows_affected(), || format!("number {n}"))
+        let mut conn = self.pool.acquire().await.map_err(db)?;
+        pin_number(&mut conn, n, node).await
     }
 
     /// Removes a number and everything stored for it. The number goes first: that waits for
@@ -232,27 +201,7 @@ impl SqlStore {
     /// stays, so a number added again keeps rising tokens.
     pub async fn remove_number(&self, n: &PhoneNumber) -> Result<(), StoreError> {
         let mut tx = self.pool.begin().await.map_err(db)?;
-        let done = sqlx::query("DELETE FROM numbers WHERE number = $1")
-            .bind(n.as_str())
-            .execute(&mut *tx)
-            .await
-            .map_err(db)?;
-        found(done.rows_affected(), || format!("number {n}"))?;
-        for table in [
-            "inbound",
-            "outbox",
-            "ai_jobs",
-            "conversations",
-            "contacts",
-            "sessions",
-            "wa_state",
-        ] {
-            sqlx::query(&format!("DELETE FROM {table} WHERE number = $1"))
-                .bind(n.as_str())
-                .execute(&mut *tx)
-                .await
-                .map_err(db)?;
-        }
+        remove_number(&mut tx, n).await?;
         tx.commit().await.map_err(db)
     }
 
@@ -497,6 +446,101 @@ impl SqlStore {
     }
 }
 
+pub(super) async fn create_tenant(
+    conn: &mut AnyConnection,
+    t: &TenantRecord,
+) -> Result<(), StoreError> {
+    sqlx::query(
+        "INSERT INTO tenants (id, name, full_transcripts, created_at) VALUES ($1, $2, $3, $4)",
+    )
+    .bind(t.id.as_str())
+    .bind(t.name.as_str())
+    .bind(t.full_transcripts)
+    .bind(now_ms())
+    .execute(conn)
+    .await
+    .map_err(db)?;
+    Ok(())
+}
+
+pub(super) async fn add_number(
+    conn: &mut AnyConnection,
+    n: &NumberRecord,
+) -> Result<(), StoreError> {
+    sqlx::query(
+        "INSERT INTO numbers (number, tenant_id, pinned_node, settings, created_at) \
+         VALUES ($1, $2, $3, $4, $5)",
+    )
+    .bind(n.number.as_str())
+    .bind(n.tenant.as_str())
+    .bind(n.pinned_node.clone())
+    .bind(n.settings.to_string())
+    .bind(now_ms())
+    .execute(conn)
+    .await
+    .map_err(db)?;
+    Ok(())
+}
+
+pub(super) async fn pin_number(
+    conn: &mut AnyConnection,
+    n: &PhoneNumber,
+    node: Option<&str>,
+) -> Result<(), StoreError> {
+    let done = sqlx::query("UPDATE numbers SET pinned_node = $1 WHERE number = $2")
+        .bind(node.map(str::to_owned))
+        .bind(n.as_str())
+        .execute(conn)
+        .await
+        .map_err(db)?;
+    found(done.rows_affected(), || format!("number {n}"))
+}
+
+pub(super) async fn set_settings(
+    conn: &mut AnyConnection,
+    n: &PhoneNumber,
+    settings: &serde_json::Value,
+) -> Result<(), StoreError> {
+    let done = sqlx::query("UPDATE numbers SET settings = $1 WHERE number = $2")
+        .bind(settings.to_string())
+        .bind(n.as_str())
+        .execute(conn)
+        .await
+        .map_err(db)?;
+    found(done.rows_affected(), || format!("number {n}"))
+}
+
+/// Removes a number and everything stored for them; call inside a transaction. The number goes
+/// first: that waits for writes in flight (they hold it `FOR KEY SHARE`), and later writes find
+/// it gone. Its fence stays, so a number added again keeps rising tokens.
+pub(super) async fn remove_number(
+    conn: &mut AnyConnection,
+    n: &PhoneNumber,
+) -> Result<(), StoreError> {
+    let done = sqlx::query("DELETE FROM numbers WHERE number = $1")
+        .bind(n.as_str())
+        .execute(&mut *conn)
+        .await
+        .map_err(db)?;
+    found(done.rows_affected(), || format!("number {n}"))?;
+    for table in [
+        "inbound",
+        "outbox",
+        "ai_jobs",
+        "conversations",
+        "contacts",
+        "sessions",
+        "wa_state",
+    ] {
+        sqlx::query(&format!("DELETE FROM {table} WHERE number = $1"))
+            .bind(n.as_str())
+            .execute(&mut *conn)
+            .await
+            .map_err(db)?;
+    }
+    Ok(())
+}
+
 fn found(rows: u64, what: impl FnOnce() -> String) -> Result<(), StoreError> {
     if rows == 0 {
         Err(StoreError::NotFound(what()))
@@ -509,7 +553,15 @@ fn json_of(s: &str) -> Result<serde_json::Value, StoreError> {
     serde_json::from_str(s).map_err(|e| StoreError::Corrupt(e.to_string()))
 }
 
-fn number_of(r: &AnyRow) -> Result<NumberRecord, StoreError> {
+pub(super) fn tenant_of(r: &AnyRow) -> Result<TenantRecord, StoreError> {
+    Ok(TenantRecord {
+        id: r.try_get("id").map_err(db)?,
+        name: r.try_get("name").map_err(db)?,
+        full_transcripts: flag(r, "full_transcripts")?,
+    })
+}
+
+pub(super) fn number_of(r: &AnyRow) -> Result<NumberRecord, StoreError> {
     let number: String = r.try_get("number").map_err(db)?;
     let settings: String = r.try_get("settings").map_err(db)?;
     Ok(NumberRecord {

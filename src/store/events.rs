@@ -2,6 +2,7 @@
 
 use std::time::Duration;
 
+use sqlx::AnyConnection;
 use sqlx::Row;
 use sqlx::any::AnyRow;
 use switchboard_actors::store::StoreError;
@@ -126,20 +127,8 @@ impl SqlStore {
 
     /// Appends to the audit log.
     pub async fn audit(&self, entry: &AuditEntry) -> Result<(), StoreError> {
-        sqlx::query(
-            "INSERT INTO audit (tenant_id, actor, action, target, detail, at) \
-             VALUES ($1, $2, $3, $4, $5, $6)",
-        )
-        .bind(entry.tenant.clone())
-        .bind(entry.actor.as_str())
-        .bind(entry.action.as_str())
-        .bind(entry.target.as_str())
-        .bind(entry.detail.to_string())
-        .bind(now_ms())
-        .execute(&self.pool)
-        .await
-        .map_err(db)?;
-        Ok(())
+        let mut conn = self.pool.acquire().await.map_err(db)?;
+        insert_audit(&mut conn, entry).await
     }
 
     /// The newest `limit` audit entries of a tenant, newest first.
@@ -157,20 +146,41 @@ impl SqlStore {
         .fetch_all(&self.pool)
         .await
         .map_err(db)?;
-        rows.iter()
-            .map(|r| {
-                let detail: String = r.try_get("detail").map_err(db)?;
-                Ok(AuditEntry {
-                    tenant: r.try_get("tenant_id").map_err(db)?,
-                    actor: r.try_get("actor").map_err(db)?,
-                    action: r.try_get("action").map_err(db)?,
-                    target: r.try_get("target").map_err(db)?,
-                    detail: serde_json::from_str(&detail)
-                        .map_err(|e| StoreError::Corrupt(e.to_string()))?,
-                })
-            })
-            .collect()
+        rows.iter().map(audit_of).collect()
     }
+}
+
+/// Appends `entry` to the audit log on `conn` (inside the transaction of its change).
+pub(super) async fn insert_audit(
+    conn: &mut AnyConnection,
+    entry: &AuditEntry,
+) -> Result<(), StoreError> {
+    sqlx::query(
+        "INSERT INTO audit (tenant_id, actor, action, target, detail, at) \
+         VALUES ($1, $2, $3, $4, $5, $6)",
+    )
+    .bind(entry.tenant.clone())
+    .bind(entry.actor.as_str())
+    .bind(entry.action.as_str())
+    .bind(entry.target.as_str())
+    .bind(entry.detail.to_string())
+    .bind(now_ms())
+    .execute(conn)
+    .await
+    .map_err(db)?;
+    Ok(())
+}
+
+/// An audit entry from its row.
+pub(super) fn audit_of(r: &AnyRow) -> Result<AuditEntry, StoreError> {
+    let detail: String = r.try_get("detail").map_err(db)?;
+    Ok(AuditEntry {
+        tenant: r.try_get("tenant_id").map_err(db)?,
+        actor: r.try_get("actor").map_err(db)?,
+        action: r.try_get("action").map_err(db)?,
+        target: r.try_get("target").map_err(db)?,
+        detail: serde_json::from_str(&detail).map_err(|e| StoreError::Corrupt(e.to_string()))?,
+    })
 }
 
 fn event_of(r: &AnyRow) -> Result<EventRecord, StoreError> {

@@ -49,6 +49,37 @@ impl Problem {
         Self::new(StatusCode::CONFLICT, "conflict", detail)
     }
 
+    /// 401: no token, or one that authenticates nothing.
+    pub fn unauthorized(detail: impl Into<String>) -> Self {
+        Self::new(StatusCode::UNAUTHORIZED, "unauthorized", detail)
+    }
+
+    /// 403: the token's role may not do this.
+    pub fn forbidden(detail: impl Into<String>) -> Self {
+        Self::new(StatusCode::FORBIDDEN, "forbidden", detail)
+    }
+
+    /// 503: a dependency (the store, the cluster) is down; try again. The cause is logged, not
+    /// shown.
+    pub fn unavailable(cause: &dyn std::fmt::Display) -> Self {
+        tracing::warn!(error = %cause, "request failed: a dependency is unavailable");
+        Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            "a dependency is unavailable; try again",
+        )
+    }
+
+    /// 500: a bug or corrupt data. The body is opaque; the cause is logged.
+    pub fn internal(cause: &dyn std::fmt::Display) -> Self {
+        tracing::error!(error = %cause, "request failed");
+        Self::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal error",
+            "the request failed; the server logged why",
+        )
+    }
+
     /// The status code.
     pub fn status(&self) -> StatusCode {
         self.status
@@ -66,12 +97,19 @@ impl IntoResponse for Problem {
         if let Some(field) = self.field {
             body["field"] = json!(field);
         }
-        (
+        let mut response = (
             self.status,
             [(header::CONTENT_TYPE, "application/problem+json")],
             body.to_string(),
         )
-            .into_response()
+            .into_response();
+        if self.status == StatusCode::UNAUTHORIZED {
+            response.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                header::HeaderValue::from_static("Bearer"),
+            );
+        }
+        response
     }
 }
 
@@ -83,9 +121,16 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for JsonBody<T> {
     type Rejection = Problem;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
-        let bytes = Bytes::from_request(req, state)
-            .await
-            .map_err(|e| Problem::new(StatusCode::BAD_REQUEST, "unreadable body", e.body_text()))?;
+        // An oversized body is a 413 (the body limit's own status), anything else a 400.
+        let bytes = Bytes::from_request(req, state).await.map_err(|e| {
+            let status = e.status();
+            let title = if status == StatusCode::PAYLOAD_TOO_LARGE {
+                "body too large"
+            } else {
+                "unreadable body"
+            };
+            Problem::new(status, title, e.body_text())
+        })?;
         parse_json(&bytes).map(Self)
     }
 }
@@ -99,7 +144,11 @@ pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, Problem> {
         if inner.is_syntax() || inner.is_eof() {
             return Problem::new(StatusCode::BAD_REQUEST, "malformed JSON", inner.to_string());
         }
-        let field = missing_field(&inner.to_string()).unwrap_or(path);
+        let field = match missing_field(&inner.to_string()) {
+            Some(name) if path == "." || path.is_empty() => name,
+            Some(name) => format!("{path}.{name}"),
+            None => path,
+        };
         Problem::invalid(field, inner.to_string())
     })
 }
@@ -108,4 +157,22 @@ pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, Problem> {
 fn missing_field(message: &str) -> Option<String> {
     let rest = message.strip_prefix("missing field `")?;
     rest.split('`').next().map(str::to_owned)
+}
+
+/// Query parameters; a query that does not parse is a 400 problem.
+#[derive(Debug, Clone)]
+pub struct QueryParams<T>(pub T);
+
+impl<T: DeserializeOwned, S: Send + Sync> axum::extract::FromRequestParts<S> for QueryParams<T> {
+    type Rejection = Problem;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        _state: &S,
+    ) -> Result<Self, Self::Rejection> {
+        let query = parts.uri.query().unwrap_or("");
+        serde_urlencoded::from_str(query)
+            .map(Self)
+            .map_err(|e| Problem::new(StatusCode::BAD_REQUEST, "bad query", e.to_string()))
+    }
 }

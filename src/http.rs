@@ -1,0 +1,115 @@
+//! The HTTP surface of a node: the admin API under `/v1`, health and metrics.
+//!
+//! | method | path | least role | does |
+//! |---|---|---|---|
+//! | GET | `/livez` | — | 200 while the process serves requests |
+//! | GET | `/healthz` | — | the same (older probes) |
+//! | GET | `/readyz` | — | 200 when serving; 503 while starting, draining, or while the store is down |
+//! | GET | `/metrics` | — | Prometheus text |
+//! | POST | `/v1/tenants` | super-admin | create a tenant |
+//! | GET | `/v1/tenants` | super-admin | tenants, paged |
+//! | GET | `/v1/tenants/{tenant}` | viewer | one tenant |
+//! | POST | `/v1/tenants/{tenant}/tokens` | admin | create a token; its secret is shown once |
+//! | GET | `/v1/tenants/{tenant}/tokens` | admin | the tenant's tokens, paged (never secrets) |
+//! | DELETE | `/v1/tenants/{tenant}/tokens/{id}` | admin | revoke a token |
+//! | POST | `/v1/numbers` | editor | register a number: it starts at once, no restart |
+//! | GET | `/v1/numbers` | viewer | numbers, paged by number |
+//! | GET | `/v1/numbers/{number}` | viewer | one number, with its live status |
+//! | PATCH | `/v1/numbers/{number}` | editor | replace its settings, pin or unpin it |
+//! | DELETE | `/v1/numbers/{number}` | admin | remove it: it disconnects and its data is deleted |
+//! | POST | `/v1/numbers/{number}/restart` | editor | a fresh start where it runs |
+//! | POST | `/v1/numbers/{number}/logout` | admin | unlink its device |
+//! | POST | `/v1/numbers/{number}/messages` | editor | send as the business (`Idempotency-Key`) |
+//! | GET | `/v1/audit` | admin | the audit log, newest first, paged |
+//!
+//! Every `/v1` route takes `Authorization: Bearer <token>`: the super-admin's from
+//! `SWITCHBOARD_ADMIN_TOKEN`, or a tenant's ([`auth`]). A tenant's token sees its own tenant
+//! only: another tenant's resource is a 404, never a 403 that would tell it exists. Every
+//! mutation commits with its audit row. Lists take `limit` (1–500, default 100) and `cursor`
+//! (the `next_cursor` of the previous page). Errors are `application/problem+json` naming the
+//! field at fault ([`problem`]); 5xx bodies are opaque and the cause is logged.
+
+mod audit;
+pub mod auth;
+mod health;
+mod numbers;
+mod page;
+pub mod problem;
+mod tenants;
+
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+
+use axum::Router;
+use axum::extract::DefaultBodyLimit;
+use metrics_exporter_prometheus::PrometheusHandle;
+use secrecy::SecretString;
+use switchboard_actors::fleet::Commands;
+use switchboard_actors::root::Reconciler;
+use switchboard_actors::store::Health;
+
+use switchboard_actors::store::StoreError;
+
+use crate::cluster::CommandBus;
+use crate::store::SqlStore;
+use problem::Problem;
+
+/// The largest request body the API reads (a send's text is the largest thing it takes).
+pub const BODY_LIMIT: usize = 64 * 1024;
+
+/// What the handlers share.
+#[derive(Clone)]
+pub struct Api(Arc<ApiParts>);
+
+/// The parts of the node the API works through.
+pub struct ApiParts {
+    /// Tenants, tokens, numbers and the audit log.
+    pub store: SqlStore,
+    /// The numbers this node runs: status and commands.
+    pub fleet: Commands,
+    /// In a cluster: commands for numbers another node runs.
+    pub bus: Option<CommandBus>,
+    /// Asks the node to pick up numbers added or removed now, not at its next pass.
+    pub reconcile: Reconciler,
+    /// The bootstrap super-admin token (`SWITCHBOARD_ADMIN_TOKEN`); without it only tenant
+    /// tokens authenticate (and none exist until a super-admin makes one).
+    pub admin_token: Option<SecretString>,
+    /// This node's id, in statuses.
+    pub node_id: String,
+    /// Serving (not starting, not draining).
+    pub ready: Arc<AtomicBool>,
+    /// The store's health, for `/readyz`.
+    pub store_health: Health,
+    /// The Prometheus recorder's page.
+    pub metrics: PrometheusHandle,
+}
+
+impl std::ops::Deref for Api {
+    type Target = ApiParts;
+    fn deref(&self) -> &ApiParts {
+        &self.0
+    }
+}
+
+/// The router of every route in the table above.
+pub fn router(parts: ApiParts) -> Router {
+    let api = Api(Arc::new(parts));
+    Router::new()
+        .merge(health::routes())
+        .merge(tenants::routes())
+        .merge(numbers::routes())
+        .merge(audit::routes())
+        .layer(DefaultBodyLimit::max(BODY_LIMIT))
+        .with_state(api)
+}
+
+/// A store error as the API answers it: a conflict is a 409 saying `conflict`, a missing row a
+/// 404, an outage a 503; anything else an opaque 500 (the cause is logged).
+fn stored(e: StoreError, conflict: &str) -> Problem {
+    match e {
+        StoreError::Conflict(_) => Problem::conflict(conflict),
+        StoreError::NotFound(what) => Problem::not_found(format!("no {what}")),
+        e if e.is_retryable() => Problem::unavailable(&e),
+        e => Problem::internal(&e),
+    }
+}
