@@ -20,6 +20,8 @@
 //! | POST | `/v1/numbers/{number}/restart` | editor | a fresh start where it runs |
 //! | POST | `/v1/numbers/{number}/logout` | admin | unlink its device |
 //! | POST | `/v1/numbers/{number}/messages` | editor | send as the business (`Idempotency-Key`) |
+//! | GET | `/v1/numbers/{number}/qr` | viewer | its current QR code while it pairs (`?format=png` or `svg`) |
+//! | POST | `/v1/numbers/{number}/pair-code` | editor | ask for a pair code to type on the phone; answers with it |
 //! | GET | `/v1/audit` | admin | the audit log, newest first, paged |
 //!
 //! Every `/v1` route takes `Authorization: Bearer <token>`: the super-admin's from
@@ -35,6 +37,7 @@ mod health;
 mod numbers;
 mod page;
 pub mod problem;
+pub mod qr;
 mod tenants;
 
 use std::sync::Arc;

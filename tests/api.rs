@@ -765,6 +765,18 @@ fn routes(n: &str) -> Vec<(Method, String, Option<Value>, Option<&'static str>)>
             Some("editor"),
         ),
         (
+            Method::GET,
+            format!("/v1/numbers/{n}/qr"),
+            None,
+            Some("viewer"),
+        ),
+        (
+            Method::POST,
+            format!("/v1/numbers/{n}/pair-code"),
+            Some(json!({})),
+            Some("editor"),
+        ),
+        (
             Method::POST,
             format!("/v1/numbers/{n}/restart"),
             Some(json!({})),
@@ -876,8 +888,48 @@ async fn a_number_created_on_a_running_serve_shows_its_qr_pairs_and_answers_and_
     let took = created.elapsed();
     assert!(took < Duration::from_secs(2), "QR after {took:?}");
 
-    s.network.pair(&n, None).unwrap();
+    // The QR code as images: a PNG (the default) and an SVG, never cached.
+    let png = s
+        .http
+        .get(format!("{}/v1/numbers/{n}/qr", s.base))
+        .bearer_auth(&t.viewer)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(png.status(), 200);
+    assert_eq!(png.headers()["content-type"], "image/png");
+    assert_eq!(png.headers()["cache-control"], "no-store");
+    let bytes = png.bytes().await.unwrap();
+    let decoder = png::Decoder::new(bytes.as_ref());
+    let info = decoder.read_info().unwrap().info().clone();
+    assert!(info.width >= 200 && info.width == info.height, "{info:?}");
+    let svg = s
+        .http
+        .get(format!("{}/v1/numbers/{n}/qr?format=svg", s.base))
+        .bearer_auth(&t.viewer)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(svg.headers()["content-type"], "image/svg+xml");
+    assert!(svg.text().await.unwrap().contains("<svg"));
+    s.get(&format!("/v1/numbers/{n}/qr?format=gif"), &t.viewer)
+        .await
+        .problem(422, Some("format"));
+
+    // A pair code, typed on the phone, pairs it.
+    let asked = s
+        .post(&format!("/v1/numbers/{n}/pair-code"), &t.editor, json!({}))
+        .await;
+    assert_eq!(asked.status, 200, "{}", asked.body);
+    let code = asked.body["code"].as_str().unwrap().to_owned();
+    s.network.pair(&n, Some(&code)).unwrap();
     wait_state(&s, n.as_str(), &t.viewer, "online").await;
+    s.get(&format!("/v1/numbers/{n}/qr"), &t.viewer)
+        .await
+        .problem(409, None);
+    s.post(&format!("/v1/numbers/{n}/pair-code"), &t.editor, json!({}))
+        .await
+        .problem(409, None);
     let contact = PhoneNumber::parse("+4915100121").unwrap();
     s.network
         .inbound(&n, &contact, "hello", None, None)

@@ -85,6 +85,9 @@ pub enum NumberCommand {
     Logout,
     /// Sends a message as the business, through the outbox and the number's pacing.
     Send(BusinessSend),
+    /// Asks WhatsApp for a pair code (to type on the phone) besides the QR codes; it shows in
+    /// the number's status when it arrives. Only while pairing.
+    PairCode,
 }
 
 impl NumberCommand {
@@ -94,6 +97,7 @@ impl NumberCommand {
             Self::Restart => "restart",
             Self::Logout => "logout",
             Self::Send(_) => "send",
+            Self::PairCode => "pair_code",
         }
     }
 }

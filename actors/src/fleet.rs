@@ -545,7 +545,7 @@ async fn command_number(
             // Otherwise it is still taking its lease, and starts fresh anyway.
             let _ = reply.send(Ok(Done::Done));
         }
-        NumberCommand::Logout | NumberCommand::Send(_) => {
+        NumberCommand::Logout | NumberCommand::Send(_) | NumberCommand::PairCode => {
             let Some(addr) = slot.addr.clone() else {
                 let state = slot.resources.state().as_str();
                 let _ = reply.send(Err(CommandError::Failed(format!(
@@ -560,6 +560,10 @@ async fn command_number(
                         let msg = send.outbound(&number);
                         addr.call(|r| NumberMsg::Send(msg, r), timeout).await
                     }
+                    NumberCommand::PairCode => addr
+                        .call(NumberMsg::PairCode, timeout)
+                        .await
+                        .map(|r| r.map(|()| Done::Done)),
                     _ => addr
                         .call(NumberMsg::Logout, timeout)
                         .await

@@ -57,6 +57,8 @@ pub enum NumberMsg {
     /// Send this message as the business: queued in the outbox (once per id), then paced like
     /// every reply. Answers once it is committed.
     Send(OutboundText, RpcReplyPort<Result<Done, CommandError>>),
+    /// An operator asks for a pair code; answers once WhatsApp took the request.
+    PairCode(RpcReplyPort<Result<(), CommandError>>),
 }
 
 /// How long a number handed off waits for the acks of its sends in flight.
@@ -188,6 +190,9 @@ impl Actor for NumberActor {
             }
             NumberMsg::Send(msg, reply) => {
                 let _ = reply.send(send(state, msg).await);
+            }
+            NumberMsg::PairCode(reply) => {
+                let _ = reply.send(pair_code(state).await);
             }
             NumberMsg::FenceLost(loss) => {
                 // Never restarted: the fleet sees the revoked lease and keeps it stopped.
@@ -473,6 +478,25 @@ async fn logout(state: &mut NumberState) -> Result<(), CommandError> {
     on_event(state, WaEvent::LoggedOut)
         .await
         .map_err(|e| CommandError::Failed(format!("logout failed: {e}")))
+}
+
+/// Asks the session for a pair code: only a number that is pairing has one to give.
+async fn pair_code(state: &NumberState) -> Result<(), CommandError> {
+    let phase = state.args.resources.state();
+    if phase != NumberPhase::Pairing {
+        return Err(CommandError::Failed(format!(
+            "{} is {}, not pairing",
+            state.args.number,
+            phase.as_str()
+        )));
+    }
+    let Some(session) = state.args.resources.session() else {
+        return Err(CommandError::Failed("no session yet; try again".to_owned()));
+    };
+    session
+        .request_pair_code()
+        .await
+        .map_err(|e| CommandError::Failed(format!("pair code refused: {e}")))
 }
 
 /// Queues `msg` in the outbox and hands it to the pacer if it is new (or was queued before but

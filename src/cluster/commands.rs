@@ -2,8 +2,8 @@
 //!
 //! Keys under the cluster's prefix:
 //! - `commands:<node>`: a stream per node of commands for the numbers it runs, each with an
-//!   `id`, the `number`, the `command` (`restart`, `logout`, `send` with its `to`, `text` and
-//!   `key`) and a `deadline_ms` (the caller's clock: past it the caller has given up, and the
+//!   `id`, the `number`, the `command` (`restart`, `logout`, `pair_code`, `send` with its
+//!   `to`, `text` and `key`) and a `deadline_ms` (the caller's clock: past it the caller has given up, and the
 //!   command is dropped);
 //! - `reply:<id>`: the outcome of one command (`outcome` `ok` — with the `message_id` and
 //!   `repeat` of a send —, `not_here`, `key_reused`, `invalid`, `unavailable` or `failed`, and a
@@ -177,6 +177,7 @@ fn command_of(fields: &HashMap<String, String>) -> Result<NumberCommand, Command
     match field("command")?.as_str() {
         "restart" => Ok(NumberCommand::Restart),
         "logout" => Ok(NumberCommand::Logout),
+        "pair_code" => Ok(NumberCommand::PairCode),
         "send" => {
             BusinessSend::new(field("to")?, field("text")?, field("key")?).map(NumberCommand::Send)
         }

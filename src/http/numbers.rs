@@ -9,7 +9,8 @@
 use std::time::Duration;
 
 use axum::extract::{Path, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::{Deserialize, Deserializer, Serialize};
@@ -27,6 +28,8 @@ use crate::store::{AuditEntry, Change, NumberRecord, Role};
 
 /// How long a command waits for the node that runs the number.
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a pair-code request waits for WhatsApp's code.
+const PAIR_CODE_WAIT: Duration = Duration::from_secs(10);
 
 pub(super) fn routes() -> Router<Api> {
     Router::new()
@@ -38,6 +41,8 @@ pub(super) fn routes() -> Router<Api> {
         .route("/v1/numbers/{number}/restart", post(restart))
         .route("/v1/numbers/{number}/logout", post(logout))
         .route("/v1/numbers/{number}/messages", post(send))
+        .route("/v1/numbers/{number}/qr", get(qr))
+        .route("/v1/numbers/{number}/pair-code", post(pair_code))
 }
 
 /// A number as the API shows it.
@@ -450,5 +455,89 @@ async fn send(
             }),
         )),
         Done::Done => Err(Problem::internal(&"a send answered without a message id")),
+    }
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct QrQuery {
+    /// `png` (the default) or `svg`.
+    format: Option<String>,
+}
+
+/// The number's current QR code as an image, while it pairs on this node. Never cached: the
+/// code rotates every few seconds.
+async fn qr(
+    State(api): State<Api>,
+    who: Principal,
+    Path(raw): Path<String>,
+    QueryParams(q): QueryParams<QrQuery>,
+) -> Result<Response, Problem> {
+    who.require(Role::Viewer)?;
+    let svg = match q.format.as_deref() {
+        None | Some("png") => false,
+        Some("svg") => true,
+        Some(_) => return Err(Problem::invalid("format", "png or svg")),
+    };
+    let record = visible_number(&api, &who, &raw).await?;
+    let status = status_of(&api, &record.number).await?;
+    let Some(code) = status.qr else {
+        let detail = match (status.state, status.node) {
+            (Some(state), _) => format!("{} is {state}: it shows no QR code", record.number),
+            (None, Some(node)) => format!("{} runs on {node}: ask that node", record.number),
+            (None, None) => format!("{} is not running", record.number),
+        };
+        return Err(Problem::conflict(detail));
+    };
+    let (kind, body) = if svg {
+        let image = super::qr::svg(&code).map_err(|e| Problem::internal(&e))?;
+        ("image/svg+xml", image.into_bytes())
+    } else {
+        let image = super::qr::png(&code).map_err(|e| Problem::internal(&e))?;
+        ("image/png", image)
+    };
+    Ok((
+        [
+            (header::CONTENT_TYPE, kind),
+            (header::CACHE_CONTROL, "no-store"),
+        ],
+        body,
+    )
+        .into_response())
+}
+
+/// The pair code as the API answers it.
+#[derive(Debug, Serialize)]
+struct PairCodeView {
+    /// Type it on the phone (Linked devices → Link with phone number).
+    code: Option<String>,
+}
+
+/// Asks for a pair code and waits for it (on this node; through another node, the code shows in
+/// that node's status).
+async fn pair_code(
+    State(api): State<Api>,
+    who: Principal,
+    Path(raw): Path<String>,
+) -> Result<(StatusCode, Json<PairCodeView>), Problem> {
+    act(
+        &api,
+        &who,
+        &raw,
+        Role::Editor,
+        "number.pair_code",
+        NumberCommand::PairCode,
+    )
+    .await?;
+    let number = number_of(&raw)?;
+    let deadline = tokio::time::Instant::now() + PAIR_CODE_WAIT;
+    loop {
+        let status = status_of(&api, &number).await?;
+        if let Some(code) = status.pair_code {
+            return Ok((StatusCode::OK, Json(PairCodeView { code: Some(code) })));
+        }
+        if status.state.is_none() || tokio::time::Instant::now() >= deadline {
+            return Ok((StatusCode::ACCEPTED, Json(PairCodeView { code: None })));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
