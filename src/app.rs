@@ -203,6 +203,7 @@ impl App {
             ready: ready.clone(),
             store_health: store.health(),
             metrics: crate::telemetry::prometheus(),
+            edges: config.api.clone(),
         };
         let http = serve_http(listener, api, stop.clone());
         Ok(Self {

@@ -128,6 +128,8 @@ pub struct Config {
     /// The admin API's bootstrap super-admin token (`http.admin_token`, or
     /// `SWITCHBOARD_ADMIN_TOKEN`).
     pub admin_token: Option<SecretString>,
+    /// The admin API's edges: rate limit, timeout, CORS.
+    pub api: crate::http::Edges,
     /// Tunables of the supervision tree.
     pub runtime: Settings,
     /// Fault injection.
@@ -272,6 +274,29 @@ fn read(r: &mut Reader<'_>) -> Config {
         }
         Some(SecretString::from(token))
     };
+    let cors_origins: Vec<String> = r
+        .string("http.cors_origins")
+        .split(',')
+        .map(str::trim)
+        .filter(|o| !o.is_empty())
+        .map(str::to_owned)
+        .collect();
+    for origin in &cors_origins {
+        let ok = (origin.starts_with("https://") || origin.starts_with("http://"))
+            && axum::http::HeaderValue::from_str(origin).is_ok();
+        if !ok {
+            r.error(
+                "http.cors_origins",
+                &format!("{origin:?} is not an origin like https://console.example.com"),
+            );
+        }
+    }
+    let api = crate::http::Edges {
+        rate_per_second: r.float("http.rate_per_second", 0.01, 1_000_000.0),
+        rate_burst: r.int("http.rate_burst", 1, 1_000_000) as u32,
+        request_timeout: r.duration("http.request_timeout"),
+        cors_origins,
+    };
     let listen = r.string("http.listen");
     let http_listen = listen.parse().unwrap_or_else(|_| {
         r.error(
@@ -323,6 +348,7 @@ fn read(r: &mut Reader<'_>) -> Config {
         transport,
         http_listen,
         admin_token,
+        api,
         runtime,
         chaos,
         cluster,

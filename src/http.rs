@@ -33,6 +33,7 @@
 
 mod audit;
 pub mod auth;
+pub mod edges;
 mod health;
 mod numbers;
 mod page;
@@ -60,9 +61,15 @@ use problem::Problem;
 /// The largest request body the API reads (a send's text is the largest thing it takes).
 pub const BODY_LIMIT: usize = 64 * 1024;
 
+pub use edges::Edges;
+
 /// What the handlers share.
 #[derive(Clone)]
-pub struct Api(Arc<ApiParts>);
+pub struct Api {
+    parts: Arc<ApiParts>,
+    /// Each token's request budget.
+    limit: Arc<edges::RateLimit>,
+}
 
 /// The parts of the node the API works through.
 pub struct ApiParts {
@@ -85,24 +92,38 @@ pub struct ApiParts {
     pub store_health: Health,
     /// The Prometheus recorder's page.
     pub metrics: PrometheusHandle,
+    /// Rate limit, deadline, CORS.
+    pub edges: Edges,
 }
 
 impl std::ops::Deref for Api {
     type Target = ApiParts;
     fn deref(&self) -> &ApiParts {
-        &self.0
+        &self.parts
     }
 }
 
 /// The router of every route in the table above.
 pub fn router(parts: ApiParts) -> Router {
-    let api = Api(Arc::new(parts));
+    let edges = parts.edges.clone();
+    let api = Api {
+        limit: Arc::new(edges::RateLimit::new(
+            edges.rate_per_second,
+            edges.rate_burst,
+        )),
+        parts: Arc::new(parts),
+    };
+    let timeout = edges.request_timeout;
     Router::new()
         .merge(health::routes())
         .merge(tenants::routes())
         .merge(numbers::routes())
         .merge(audit::routes())
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
+        .layer(edges::cors(&edges.cors_origins))
+        .layer(axum::middleware::from_fn(move |req, next| {
+            edges::request_id_and_deadline(timeout, req, next)
+        }))
         .with_state(api)
 }
 

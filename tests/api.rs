@@ -66,6 +66,11 @@ fn free_addr() -> SocketAddr {
 }
 
 async fn server() -> Server {
+    server_with("").await
+}
+
+/// A server with `http` lines added to its `[http]` section.
+async fn server_with(http: &str) -> Server {
     let dir = tempfile::tempdir().unwrap();
     let db = db::TestDb::new(Dialect::Postgres).await;
     let network = Network::new(SimConfig::default());
@@ -83,7 +88,7 @@ async fn server() -> Server {
         format!(
             "[store]\nurl = \"{}\"\nsession_keys = \"{}\"\n\
              [transport]\nsim_url = \"http://{sim_addr}\"\n\
-             [http]\nlisten = \"{listen}\"\nadmin_token = \"{SUPER}\"\n\
+             [http]\nlisten = \"{listen}\"\nadmin_token = \"{SUPER}\"\n{http}\n\
              [runtime]\ntyping_per_char = \"0ms\"\n",
             db.url,
             SessionCipher::generate("k1"),
@@ -988,5 +993,78 @@ async fn a_number_created_on_a_running_serve_shows_its_qr_pairs_and_answers_and_
         assert_eq!(left, 0, "{table} still holds {n}");
     }
     pool.close().await;
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_carry_ids_tokens_are_rate_limited_and_only_configured_origins_may_call() {
+    let s = server_with(
+        "rate_per_second = 1.0\nrate_burst = 3\ncors_origins = \"https://console.example.com\"",
+    )
+    .await;
+    // A request's id comes back; one is made when none is given.
+    let given = s
+        .http
+        .get(format!("{}/v1/tenants", s.base))
+        .bearer_auth(SUPER)
+        .header("x-request-id", "trace-me-1")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(given.headers()["x-request-id"], "trace-me-1");
+    let made = s
+        .http
+        .get(format!("{}/livez", s.base))
+        .send()
+        .await
+        .unwrap();
+    let id = made.headers()["x-request-id"].to_str().unwrap();
+    assert!(id.starts_with("req_") && id.len() == 20, "{id}");
+
+    // The budget: 3 back to back (one spent above), then 429 with Retry-After; probes are free.
+    for _ in 0..2 {
+        assert_eq!(s.get("/v1/tenants", SUPER).await.status, 200);
+    }
+    let limited = s
+        .http
+        .get(format!("{}/v1/tenants", s.base))
+        .bearer_auth(SUPER)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(limited.status(), 429);
+    assert_eq!(limited.headers()["retry-after"], "1");
+    assert_eq!(
+        limited.headers()["content-type"],
+        "application/problem+json"
+    );
+    for _ in 0..10 {
+        assert_eq!(
+            s.raw(Method::GET, "/readyz", None, None, &[]).await.status,
+            200
+        );
+    }
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    assert_eq!(s.get("/v1/tenants", SUPER).await.status, 200, "refilled");
+
+    // CORS: the configured origin is allowed, any other is not.
+    let preflight = |origin: &'static str| {
+        s.http
+            .request(Method::OPTIONS, format!("{}/v1/numbers", s.base))
+            .header("origin", origin)
+            .header("access-control-request-method", "POST")
+            .header(
+                "access-control-request-headers",
+                "authorization,content-type",
+            )
+            .send()
+    };
+    let ok = preflight("https://console.example.com").await.unwrap();
+    assert_eq!(
+        ok.headers()["access-control-allow-origin"],
+        "https://console.example.com"
+    );
+    let other = preflight("https://evil.example").await.unwrap();
+    assert!(other.headers().get("access-control-allow-origin").is_none());
     s.stop().await;
 }

@@ -128,21 +128,26 @@ impl FromRequestParts<Api> for Principal {
             .filter(|s| !s.is_empty())
             .ok_or_else(|| Problem::unauthorized("expected Authorization: Bearer <token>"))?;
         let hashed = hash(secret);
-        if let Some(admin) = &api.admin_token
+        let who = if let Some(admin) = &api.admin_token
             && hash(admin.expose_secret()) == hashed
         {
-            return Ok(Self::Super);
-        }
-        match api.store.token_by_hash(&hashed).await {
-            Ok(Some(t)) => Ok(Self::Tenant {
-                token: t.id,
-                tenant: t.tenant,
-                role: t.role,
-            }),
-            Ok(None) => Err(Problem::unauthorized("the token is unknown or revoked")),
-            Err(e) if e.is_retryable() => Err(Problem::unavailable(&e)),
-            Err(e) => Err(Problem::internal(&e)),
-        }
+            Self::Super
+        } else {
+            match api.store.token_by_hash(&hashed).await {
+                Ok(Some(t)) => Self::Tenant {
+                    token: t.id,
+                    tenant: t.tenant,
+                    role: t.role,
+                },
+                Ok(None) => return Err(Problem::unauthorized("the token is unknown or revoked")),
+                Err(e) if e.is_retryable() => return Err(Problem::unavailable(&e)),
+                Err(e) => return Err(Problem::internal(&e)),
+            }
+        };
+        api.limit
+            .check(&who.actor(), tokio::time::Instant::now())
+            .map_err(super::edges::too_many)?;
+        Ok(who)
     }
 }
 

@@ -15,6 +15,8 @@ pub struct Problem {
     title: &'static str,
     detail: String,
     field: Option<String>,
+    /// Seconds to wait before trying again (`Retry-After`), for a 429.
+    retry_after: Option<u64>,
 }
 
 impl Problem {
@@ -25,7 +27,14 @@ impl Problem {
             title,
             detail: detail.into(),
             field: None,
+            retry_after: None,
         }
+    }
+
+    /// Tells the caller when to try again (`Retry-After`, seconds).
+    pub fn with_retry_after(mut self, secs: u64) -> Self {
+        self.retry_after = Some(secs);
+        self
     }
 
     /// The request field at fault (a JSON path such as `numbers[2]`).
@@ -103,6 +112,11 @@ impl IntoResponse for Problem {
             body.to_string(),
         )
             .into_response();
+        if let Some(secs) = self.retry_after {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, header::HeaderValue::from(secs));
+        }
         if self.status == StatusCode::UNAUTHORIZED {
             response.headers_mut().insert(
                 header::WWW_AUTHENTICATE,
