@@ -23,6 +23,8 @@
 //! | GET | `/v1/numbers/{number}/qr` | viewer | its current QR code while it pairs (`?format=png` or `svg`) |
 //! | POST | `/v1/numbers/{number}/pair-code` | editor | ask for a pair code to type on the phone; answers with it |
 //! | GET | `/v1/audit` | admin | the audit log, newest first, paged |
+//! | GET | `/v1/openapi.json` | — | this table as OpenAPI 3.1, generated from the handlers |
+//! | GET | `/docs` | — | Swagger UI (vendored: no CDN) on that document |
 //!
 //! Every `/v1` route takes `Authorization: Bearer <token>`: the super-admin's from
 //! `SWITCHBOARD_ADMIN_TOKEN`, or a tenant's ([`auth`]). A tenant's token sees its own tenant
@@ -51,6 +53,10 @@ use secrecy::SecretString;
 use switchboard_actors::fleet::Commands;
 use switchboard_actors::root::Reconciler;
 use switchboard_actors::store::Health;
+use utoipa::OpenApi;
+use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_swagger_ui::SwaggerUi;
 
 use switchboard_actors::store::StoreError;
 
@@ -103,6 +109,50 @@ impl std::ops::Deref for Api {
     }
 }
 
+/// The document's head; the paths come from the handlers' `#[utoipa::path]`.
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "Switchboard admin API",
+        description = "Tenants, tokens, numbers and the audit log of a Switchboard node. Every \
+            /v1 route takes a bearer token; errors are application/problem+json."
+    ),
+    modifiers(&BearerAuth),
+    tags(
+        (name = "tenants", description = "tenants and their API tokens"),
+        (name = "numbers", description = "numbers, live: status, QR codes, commands, sends"),
+        (name = "audit", description = "who changed what, when"),
+        (name = "health", description = "probes and metrics, without a token")
+    )
+)]
+struct ApiDoc;
+
+/// The `bearer` security scheme the routes name.
+struct BearerAuth;
+
+impl utoipa::Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+        );
+    }
+}
+
+/// The OpenAPI document of every route (as `/v1/openapi.json` serves it).
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    routes().split_for_parts().1
+}
+
+fn routes() -> OpenApiRouter<Api> {
+    OpenApiRouter::with_openapi(ApiDoc::openapi())
+        .merge(health::routes())
+        .merge(tenants::routes())
+        .merge(numbers::routes())
+        .merge(audit::routes())
+}
+
 /// The router of every route in the table above.
 pub fn router(parts: ApiParts) -> Router {
     let edges = parts.edges.clone();
@@ -114,17 +164,15 @@ pub fn router(parts: ApiParts) -> Router {
         parts: Arc::new(parts),
     };
     let timeout = edges.request_timeout;
-    Router::new()
-        .merge(health::routes())
-        .merge(tenants::routes())
-        .merge(numbers::routes())
-        .merge(audit::routes())
+    let (routes, doc) = routes().split_for_parts();
+    routes
+        .with_state(api)
+        .merge(SwaggerUi::new("/docs").url("/v1/openapi.json", doc))
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
         .layer(edges::cors(&edges.cors_origins))
         .layer(axum::middleware::from_fn(move |req, next| {
             edges::request_id_and_deadline(timeout, req, next)
         }))
-        .with_state(api)
 }
 
 /// A store error as the API answers it: a conflict is a 409 saying `conflict`, a missing row a

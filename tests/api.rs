@@ -1068,3 +1068,64 @@ async fn requests_carry_ids_tokens_are_rate_limited_and_only_configured_origins_
     assert!(other.headers().get("access-control-allow-origin").is_none());
     s.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_openapi_document_is_served_lists_every_route_of_the_table_and_the_docs_render() {
+    let s = server().await;
+    let doc = s
+        .raw(Method::GET, "/v1/openapi.json", None, None, &[])
+        .await;
+    assert_eq!(doc.status, 200);
+    assert!(
+        doc.body["openapi"].as_str().unwrap().starts_with("3.1"),
+        "{}",
+        doc.body["openapi"]
+    );
+    // The route table of src/http.rs and the document say the same.
+    let table = include_str!("../src/http.rs");
+    let mut rows = 0;
+    for line in table
+        .lines()
+        .filter(|l| l.starts_with("//! | ") && l.contains("| `/"))
+    {
+        let cells: Vec<&str> = line.split('|').map(str::trim).collect();
+        let (method, path) = (cells[1].to_lowercase(), cells[2].trim_matches('`'));
+        if matches!(path, "/healthz" | "/v1/openapi.json" | "/docs") {
+            continue;
+        }
+        rows += 1;
+        let op = &doc.body["paths"][path][&method];
+        assert!(op.is_object(), "{method} {path} is not in the document");
+        let secured = op["security"].is_array();
+        assert_eq!(
+            secured,
+            path.starts_with("/v1/"),
+            "{method} {path}: bearer only on /v1"
+        );
+        if secured {
+            for status in ["401", "403", "429"] {
+                assert!(
+                    op["responses"][status].is_object(),
+                    "{method} {path} lacks {status}"
+                );
+            }
+        }
+    }
+    assert!(rows >= 20, "{rows} rows read from the table");
+    assert_eq!(
+        doc.body["components"]["securitySchemes"]["bearer"]["scheme"],
+        "bearer"
+    );
+    let ui = s
+        .http
+        .get(format!("{}/docs/", s.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ui.status(), 200);
+    assert!(
+        ui.text().await.unwrap().contains("swagger"),
+        "the vendored Swagger UI"
+    );
+    s.stop().await;
+}

@@ -2,26 +2,46 @@
 
 use std::sync::atomic::Ordering;
 
-use axum::Router;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::get;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use super::Api;
 
-pub(super) fn routes() -> Router<Api> {
-    Router::new()
-        .route("/livez", get(live))
+pub(super) fn routes() -> OpenApiRouter<Api> {
+    OpenApiRouter::new()
+        .routes(routes!(live))
         .route("/healthz", get(live))
-        .route("/readyz", get(ready))
-        .route("/metrics", get(metrics))
+        .routes(routes!(ready))
+        .routes(routes!(metrics))
 }
 
+#[utoipa::path(
+    get,
+    path = "/livez",
+    tag = "health",
+    summary = "The process serves requests",
+    responses(
+        (status = 200, description = "ok", body = String, content_type = "text/plain")
+    ),
+)]
 async fn live() -> &'static str {
     "ok"
 }
 
 /// Not ready while starting, draining, or while the store is down.
+#[utoipa::path(
+    get,
+    path = "/readyz",
+    tag = "health",
+    summary = "Ready to serve",
+    responses(
+        (status = 200, description = "ready", body = String, content_type = "text/plain"),
+        (status = 503, description = "starting, draining or the store down", body = String, content_type = "text/plain")
+    ),
+)]
 async fn ready(State(api): State<Api>) -> (StatusCode, &'static str) {
     if !api.ready.load(Ordering::Relaxed) {
         (StatusCode::SERVICE_UNAVAILABLE, "starting or draining")
@@ -32,6 +52,15 @@ async fn ready(State(api): State<Api>) -> (StatusCode, &'static str) {
     }
 }
 
+#[utoipa::path(
+    get,
+    path = "/metrics",
+    tag = "health",
+    summary = "Prometheus metrics",
+    responses(
+        (status = 200, description = "the exposition format", body = String, content_type = "text/plain")
+    ),
+)]
 async fn metrics(State(api): State<Api>) -> String {
     api.metrics.render()
 }

@@ -8,20 +8,22 @@
 
 use std::time::Duration;
 
+use axum::Json;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
-use axum::{Json, Router};
 use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::json;
 use switchboard_actors::PhoneNumber;
 use switchboard_actors::command::{BusinessSend, CommandError, Done, NumberCommand};
 use switchboard_actors::number::NumberStatus;
+use utoipa::ToSchema;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use super::auth::Principal;
 use super::page::{Page, TenantPageQuery};
-use super::problem::{JsonBody, Problem, QueryParams};
+use super::problem::{JsonBody, Problem, ProblemDoc, QueryParams};
 use super::tenants::visible;
 use super::{Api, stored};
 use crate::store::{AuditEntry, Change, NumberRecord, Role};
@@ -31,26 +33,24 @@ const COMMAND_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a pair-code request waits for WhatsApp's code.
 const PAIR_CODE_WAIT: Duration = Duration::from_secs(10);
 
-pub(super) fn routes() -> Router<Api> {
-    Router::new()
-        .route("/v1/numbers", get(list).post(create))
-        .route(
-            "/v1/numbers/{number}",
-            get(one).patch(update).delete(remove),
-        )
-        .route("/v1/numbers/{number}/restart", post(restart))
-        .route("/v1/numbers/{number}/logout", post(logout))
-        .route("/v1/numbers/{number}/messages", post(send))
-        .route("/v1/numbers/{number}/qr", get(qr))
-        .route("/v1/numbers/{number}/pair-code", post(pair_code))
+pub(super) fn routes() -> OpenApiRouter<Api> {
+    OpenApiRouter::new()
+        .routes(routes!(list, create))
+        .routes(routes!(one, update, remove))
+        .routes(routes!(restart))
+        .routes(routes!(logout))
+        .routes(routes!(send))
+        .routes(routes!(qr))
+        .routes(routes!(pair_code))
 }
 
 /// A number as the API shows it.
-#[derive(Debug, Serialize)]
-struct NumberView {
+#[derive(Debug, Serialize, ToSchema)]
+pub(super) struct NumberView {
     number: String,
     tenant: String,
     pinned_node: Option<String>,
+    #[schema(value_type = Object)]
     settings: serde_json::Value,
     /// Where and how it runs; absent in lists (ask for the number itself).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -58,8 +58,8 @@ struct NumberView {
 }
 
 /// A number's live status.
-#[derive(Debug, Serialize)]
-struct StatusView {
+#[derive(Debug, Serialize, ToSchema)]
+pub(super) struct StatusView {
     /// The node that runs it, if one does.
     node: Option<String>,
     /// Its phase on that node (`starting`, `pairing`, `online`, …), when this node runs it;
@@ -105,13 +105,15 @@ async fn visible_number(api: &Api, who: &Principal, raw: &str) -> Result<NumberR
     }
 }
 
-#[derive(Debug, Deserialize)]
+/// A number to register.
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
-struct NewNumber {
+pub(super) struct NewNumber {
     number: String,
     /// Required of the super-admin; a tenant's token adds to its own tenant.
     tenant: Option<String>,
     #[serde(default = "empty_object")]
+    #[schema(value_type = Option<Object>)]
     settings: serde_json::Value,
     pinned_node: Option<String>,
 }
@@ -128,6 +130,26 @@ fn settings(value: serde_json::Value) -> Result<serde_json::Value, Problem> {
     }
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/numbers",
+    tag = "numbers",
+    summary = "Register a number; it starts at once",
+    request_body(content = NewNumber, content_type = "application/json"),
+    responses(
+        (status = 201, body = NumberView),
+        (status = 400, description = "malformed JSON or query", body = ProblemDoc, content_type = "application/problem+json"),
+        (status = 401, description = "no token, or one that authenticates nothing", body = ProblemDoc, content_type = "application/problem+json"),
+        (status = 403, description = "the token's role may not do this", body = ProblemDoc, content_type = "application/problem+json"),
+        (status = 404, description = "no such resource (or another tenant's)", body = ProblemDoc, content_type = "application/problem+json"),
+        (status = 409, description = "conflicts with what exists", body = ProblemDoc, content_type = "application/problem+json"),
+        (status = 413, description = "body over 64 KiB", body = ProblemDoc, content_type = "application/problem+json"),
+        (status = 422, description = "a field is missing, of the wrong type or invalid (named in `field`)", body = ProblemDoc, content_type = "application/problem+json"),
+        (status = 429, description = "this token's rate limit is spent (Retry-After)", body = ProblemDoc, content_type = "application/problem+json"),
+        (status = 503, description = "a dependency is unavailable", body = ProblemDoc, content_type = "application/problem+json")
+    ),
+    security(("bearer" = []))
+)]
 async fn create(
     State(api): State<Api>,
     who: Principal,
@@ -163,6 +185,24 @@ async fn create(
     Ok((StatusCode::CREATED, Json(NumberView::of(record, None))))
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/numbers",
+    tag = "numbers",
+    summary = "List numbers, by number",
+    params(("limit" = Option<u32>, Query, description = "items per page, 1 to 500 (default 100)"), ("cursor" = Option<String>, Query, description = "the next_cursor of the previous page"), ("tenant" = Option<String>, Query, description = "the super-admin's filter")),
+    responses(
+        (status = 200, body = Page<NumberView>),
+        (status = 400, description = "malformed JSON or query", body = ProblemDoc, content_type = "application/problem+json"),
+        (status = 401, description = "no token, or one that authenticates nothing", body = ProblemDoc, content_type = "application/problem+json"),
+        (status = 403, description = "the token's role may not do this", body = ProblemDoc, content_type = "application/problem+json"),
+        (status = 404, description = "no such resource (or another tenant's)", body = ProblemDoc, content_type = "application/problem+json"),
+        (status = 422, description = "a field is missing, of the wrong type or invalid (named in `field`)", body = ProblemDoc, content_type = "application/problem+json"),
+        (status = 429, description = "this token's rate limit is spent (Retry-After)", body = ProblemDoc, content_type = "application/problem+json"),
+        (status = 503, description = "a dependency is unavailable", body = ProblemDoc, content_type = "application/problem+json")
+    ),
+    security(("bearer" = []))
+)]
 async fn list(
     State(api): State<Api>,
     who: Principal,
@@ -215,6 +255,22 @@ async fn status_of(api: &Api, number: &PhoneNumber) -> Result<StatusView, Proble
     })
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/numbers/{number}",
+    tag = "numbers",
+    summary = "One number, with its live status",
+    params(("number" = String, Path, description = "the number, E.164 (+15550001)")),
+    responses(
+        (status = 200, body = NumberView),
+        (status = 401, description = "no token, or one that authenticates nothing", body = ProblemDoc, content_type = "application/problem+json"),
+        (status = 403, description = "the token's role may not do this", body = ProblemDoc, content_type = "application/problem+json"),
+        (status = 404, description = "no such resource (or another tenant's)", body = ProblemDoc, content_type = "application/problem+json"),
+        (status = 429, description = "this token's rate limit is spent (Retry-After)", body = ProblemDoc, content_type = "application/problem+json"),
+        (status = 503, description = "a dependency is unavailable", body = ProblemDoc, content_type = "application/problem+json")
+    ),
+    security(("bearer" = []))
+)]
 async fn one(
     State(api): State<Api>,
     who: Principal,
@@ -233,14 +289,37 @@ fn present<'de, D: Deserializer<'de>, T: Deserialize<'de>>(
     Option::<T>::deserialize(d).map(Some)
 }
 
-#[derive(Debug, Deserialize)]
+/// What to change: absent fields are left; `pinned_node: null` unpins.
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
-struct NumberPatch {
+pub(super) struct NumberPatch {
+    #[schema(value_type = Option<Object>)]
     settings: Option<serde_json::Value>,
     #[serde(default, deserialize_with = "present")]
+    #[schema(value_type = Option<String>)]
     pinned_node: Option<Option<String>>,
 }
 
+#[utoipa::path(
+    patch,
+    path = "/v1/numbers/{number}",
+    tag = "numbers",
+    summary = "Replace its settings; pin or unpin it",
+    params(("number" = String, Path, description = "the number, E.164 (+15550001)")),
+    request_body(content = NumberPatch, content_type = "application/json"),
+    responses(
+        (status = 200, body = NumberView),
+        (status = 400, description = "malformed JSON or query", body = ProblemDoc, content_type = "application/problem+json"),
+        (status = 401, description = "no token, or one that authenticates nothing", body = ProblemDoc, content_type = "application/problem+json"),
+        (status = 403, description = "the token's role may not do this", body = ProblemDoc, content_type = "application/problem+json"),
+        (status = 404, description = "no such resource (or another tenant's)", body = ProblemDoc, content_type = "application/problem+json"),
+        (status = 413, description = "body over 64 KiB", body = ProblemDoc, content_type = "application/problem+json"),
+        (status = 422, description = "a field is missing, of the wrong type or invalid (named in `field`)", body = ProblemDoc, content_type = "application/problem+json"),
+        (status = 429, description = "this token's rate limit is spent (Retry-After)", body = ProblemDoc, content_type = "application/problem+json"),
+        (status = 503, description = "a dependency is unavailable", body = ProblemDoc, content_type = "application/problem+json")
+    ),
+    security(("bearer" = []))
+)]
 async fn update(
     State(api): State<Api>,
     who: Principal,
@@ -286,6 +365,22 @@ async fn update(
     Ok(Json(NumberView::of(record, None)))
 }
 
+#[utoipa::path(
+    delete,
+    path = "/v1/numbers/{number}",
+    tag = "numbers",
+    summary = "Remove it: it disconnects and its data is deleted",
+    params(("number" = String, Path, description = "the number, E.164 (+15550001)")),
+    responses(
+        (status = 204, description = "removed"),
+        (status = 401, description = "no token, or one that authenticates nothing", body = ProblemDoc, content_type = "application/problem+json"),
+        (status = 403, description = "the token's role may not do this", body = ProblemDoc, content_type = "application/problem+json"),
+        (status = 404, description = "no such resource (or another tenant's)", body = ProblemDoc, content_type = "application/problem+json"),
+        (status = 429, description = "this token's rate limit is spent (Retry-After)", body = ProblemDoc, content_type = "application/problem+json"),
+        (status = 503, description = "a dependency is unavailable", body = ProblemDoc, content_type = "application/problem+json")
+    ),
+    security(("bearer" = []))
+)]
 async fn remove(
     State(api): State<Api>,
     who: Principal,
@@ -368,6 +463,24 @@ async fn act(
     Ok(done)
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/numbers/{number}/restart",
+    tag = "numbers",
+    summary = "A fresh start where it runs",
+    params(("number" = String, Path, description = "the number, E.164 (+15550001)")),
+    responses(
+        (status = 202, description = "restarting"),
+        (status = 401, description = "no token, or one that authenticates nothing", body = ProblemDoc, content_type = "application/problem+json"),
+        (status = 403, description = "the token's role may not do this", body = ProblemDoc, content_type = "application/problem+json"),
+        (status = 404, description = "no such resource (or another tenant's)", body = ProblemDoc, content_type = "application/problem+json"),
+        (status = 409, description = "conflicts with what exists", body = ProblemDoc, content_type = "application/problem+json"),
+        (status = 429, description = "this token's rate limit is spent (Retry-After)", body = ProblemDoc, content_type = "application/problem+json"),
+        (status = 503, description = "a dependency is unavailable", body = ProblemDoc, content_type = "application/problem+json"),
+        (status = 504, description = "no answer in time", body = ProblemDoc, content_type = "application/problem+json")
+    ),
+    security(("bearer" = []))
+)]
 async fn restart(
     State(api): State<Api>,
     who: Principal,
@@ -385,6 +498,24 @@ async fn restart(
     Ok(StatusCode::ACCEPTED)
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/numbers/{number}/logout",
+    tag = "numbers",
+    summary = "Unlink its device (it must be paired again)",
+    params(("number" = String, Path, description = "the number, E.164 (+15550001)")),
+    responses(
+        (status = 202, description = "logging out"),
+        (status = 401, description = "no token, or one that authenticates nothing", body = ProblemDoc, content_type = "application/problem+json"),
+        (status = 403, description = "the token's role may not do this", body = ProblemDoc, content_type = "application/problem+json"),
+        (status = 404, description = "no such resource (or another tenant's)", body = ProblemDoc, content_type = "application/problem+json"),
+        (status = 409, description = "conflicts with what exists", body = ProblemDoc, content_type = "application/problem+json"),
+        (status = 429, description = "this token's rate limit is spent (Retry-After)", body = ProblemDoc, content_type = "application/problem+json"),
+        (status = 503, description = "a dependency is unavailable", body = ProblemDoc, content_type = "application/problem+json"),
+        (status = 504, description = "no answer in time", body = ProblemDoc, content_type = "application/problem+json")
+    ),
+    security(("bearer" = []))
+)]
 async fn logout(
     State(api): State<Api>,
     who: Principal,
@@ -402,22 +533,45 @@ async fn logout(
     Ok(StatusCode::ACCEPTED)
 }
 
-#[derive(Debug, Deserialize)]
+/// A message to send: `to` is `DIGITS@s.whatsapp.net`, `ID@lid` or `ID@g.us`.
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
-struct NewMessage {
+pub(super) struct NewMessage {
     to: String,
     text: String,
 }
 
 /// A send as the API answers it.
-#[derive(Debug, Serialize)]
-struct Sent {
+#[derive(Debug, Serialize, ToSchema)]
+pub(super) struct Sent {
     message_id: String,
     /// The key had been used before for this message: nothing new was queued.
     repeat: bool,
     idempotency_key: String,
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/numbers/{number}/messages",
+    tag = "numbers",
+    summary = "Send a message as the business",
+    params(("number" = String, Path, description = "the number, E.164 (+15550001)"), ("Idempotency-Key" = Option<String>, Header, description = "the same key sends the message once")),
+    request_body(content = NewMessage, content_type = "application/json"),
+    responses(
+        (status = 202, body = Sent),
+        (status = 400, description = "malformed JSON or query", body = ProblemDoc, content_type = "application/problem+json"),
+        (status = 401, description = "no token, or one that authenticates nothing", body = ProblemDoc, content_type = "application/problem+json"),
+        (status = 403, description = "the token's role may not do this", body = ProblemDoc, content_type = "application/problem+json"),
+        (status = 404, description = "no such resource (or another tenant's)", body = ProblemDoc, content_type = "application/problem+json"),
+        (status = 409, description = "conflicts with what exists", body = ProblemDoc, content_type = "application/problem+json"),
+        (status = 413, description = "body over 64 KiB", body = ProblemDoc, content_type = "application/problem+json"),
+        (status = 422, description = "a field is missing, of the wrong type or invalid (named in `field`)", body = ProblemDoc, content_type = "application/problem+json"),
+        (status = 429, description = "this token's rate limit is spent (Retry-After)", body = ProblemDoc, content_type = "application/problem+json"),
+        (status = 503, description = "a dependency is unavailable", body = ProblemDoc, content_type = "application/problem+json"),
+        (status = 504, description = "no answer in time", body = ProblemDoc, content_type = "application/problem+json")
+    ),
+    security(("bearer" = []))
+)]
 async fn send(
     State(api): State<Api>,
     who: Principal,
@@ -466,6 +620,25 @@ struct QrQuery {
 
 /// The number's current QR code as an image, while it pairs on this node. Never cached: the
 /// code rotates every few seconds.
+#[utoipa::path(
+    get,
+    path = "/v1/numbers/{number}/qr",
+    tag = "numbers",
+    summary = "Its current QR code while it pairs",
+    params(("number" = String, Path, description = "the number, E.164 (+15550001)"), ("format" = Option<String>, Query, description = "png (default) or svg")),
+    responses(
+        (status = 200, description = "the QR code", content(("image/png"), ("image/svg+xml"))),
+        (status = 400, description = "malformed JSON or query", body = ProblemDoc, content_type = "application/problem+json"),
+        (status = 401, description = "no token, or one that authenticates nothing", body = ProblemDoc, content_type = "application/problem+json"),
+        (status = 403, description = "the token's role may not do this", body = ProblemDoc, content_type = "application/problem+json"),
+        (status = 404, description = "no such resource (or another tenant's)", body = ProblemDoc, content_type = "application/problem+json"),
+        (status = 409, description = "conflicts with what exists", body = ProblemDoc, content_type = "application/problem+json"),
+        (status = 422, description = "a field is missing, of the wrong type or invalid (named in `field`)", body = ProblemDoc, content_type = "application/problem+json"),
+        (status = 429, description = "this token's rate limit is spent (Retry-After)", body = ProblemDoc, content_type = "application/problem+json"),
+        (status = 503, description = "a dependency is unavailable", body = ProblemDoc, content_type = "application/problem+json")
+    ),
+    security(("bearer" = []))
+)]
 async fn qr(
     State(api): State<Api>,
     who: Principal,
@@ -506,14 +679,33 @@ async fn qr(
 }
 
 /// The pair code as the API answers it.
-#[derive(Debug, Serialize)]
-struct PairCodeView {
+#[derive(Debug, Serialize, ToSchema)]
+pub(super) struct PairCodeView {
     /// Type it on the phone (Linked devices → Link with phone number).
     code: Option<String>,
 }
 
 /// Asks for a pair code and waits for it (on this node; through another node, the code shows in
 /// that node's status).
+#[utoipa::path(
+    post,
+    path = "/v1/numbers/{number}/pair-code",
+    tag = "numbers",
+    summary = "Ask for a pair code to type on the phone",
+    params(("number" = String, Path, description = "the number, E.164 (+15550001)")),
+    responses(
+        (status = 200, body = PairCodeView),
+        (status = 202, body = PairCodeView, description = "asked; the code shows in the status when it comes"),
+        (status = 401, description = "no token, or one that authenticates nothing", body = ProblemDoc, content_type = "application/problem+json"),
+        (status = 403, description = "the token's role may not do this", body = ProblemDoc, content_type = "application/problem+json"),
+        (status = 404, description = "no such resource (or another tenant's)", body = ProblemDoc, content_type = "application/problem+json"),
+        (status = 409, description = "conflicts with what exists", body = ProblemDoc, content_type = "application/problem+json"),
+        (status = 429, description = "this token's rate limit is spent (Retry-After)", body = ProblemDoc, content_type = "application/problem+json"),
+        (status = 503, description = "a dependency is unavailable", body = ProblemDoc, content_type = "application/problem+json"),
+        (status = 504, description = "no answer in time", body = ProblemDoc, content_type = "application/problem+json")
+    ),
+    security(("bearer" = []))
+)]
 async fn pair_code(
     State(api): State<Api>,
     who: Principal,

@@ -127,6 +127,23 @@ impl IntoResponse for Problem {
     }
 }
 
+/// The body of every error, as the OpenAPI document describes it.
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
+pub struct ProblemDoc {
+    /// Always `about:blank`.
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// A short title.
+    pub title: String,
+    /// The HTTP status.
+    pub status: u16,
+    /// What went wrong, for people.
+    pub detail: String,
+    /// The request field at fault, when one is.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub field: Option<String>,
+}
+
 /// A JSON body; a malformed one is rejected with a 400/422 problem naming the field.
 #[derive(Debug, Clone)]
 pub struct JsonBody<T>(pub T);

@@ -1,32 +1,31 @@
 //! `/v1/tenants`: tenants (the super-admin's) and their API tokens (each tenant's admins').
 
+use axum::Json;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
-use axum::routing::{delete, get};
-use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
+use utoipa::ToSchema;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use super::auth::{self, Principal};
 use super::page::{Page, PageQuery};
-use super::problem::{JsonBody, Problem, QueryParams};
+use super::problem::{JsonBody, Problem, ProblemDoc, QueryParams};
 use super::{Api, stored};
 use crate::store::{AuditEntry, Change, Role, TenantRecord, TokenRecord};
 
-pub(super) fn routes() -> Router<Api> {
-    Router::new()
-        .route("/v1/tenants", get(list).post(create))
-        .route("/v1/tenants/{tenant}", get(one))
-        .route(
-            "/v1/tenants/{tenant}/tokens",
-            get(list_tokens).post(create_token),
-        )
-        .route("/v1/tenants/{tenant}/tokens/{id}", delete(revoke_token))
+pub(super) fn routes() -> OpenApiRouter<Api> {
+    OpenApiRouter::new()
+        .routes(routes!(list, create))
+        .routes(routes!(one))
+        .routes(routes!(list_tokens, create_token))
+        .routes(routes!(revoke_token))
 }
 
 /// A tenant as the API shows it.
-#[derive(Debug, Serialize)]
-struct TenantView {
+#[derive(Debug, Serialize, ToSchema)]
+pub(super) struct TenantView {
     id: String,
     name: String,
     full_transcripts: bool,
@@ -42,9 +41,10 @@ impl From<TenantRecord> for TenantView {
     }
 }
 
-#[derive(Debug, Deserialize)]
+/// A tenant to create.
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
-struct NewTenant {
+pub(super) struct NewTenant {
     id: String,
     name: String,
     #[serde(default)]
@@ -76,6 +76,25 @@ fn name(field: &str, raw: &str) -> Result<String, Problem> {
     Ok(raw.to_owned())
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/tenants",
+    tag = "tenants",
+    summary = "Create a tenant (super-admin)",
+    request_body(content = NewTenant, content_type = "application/json"),
+    responses(
+        (status = 201, body = TenantView),
+        (status = 400, description = "malformed JSON or query", body = ProblemDoc, content_type = "application/problem+json"),
+        (status = 401, description = "no token, or one that authenticates nothing", body = ProblemDoc, content_type = "application/problem+json"),
+        (status = 403, description = "the token's role may not do this", body = ProblemDoc, content_type = "application/problem+json"),
+        (status = 409, description = "conflicts with what exists", body = ProblemDoc, content_type = "application/problem+json"),
+        (status = 413, description = "body over 64 KiB", body = ProblemDoc, content_type = "application/problem+json"),
+        (status = 422, description = "a field is missing, of the wrong type or invalid (named in `field`)", body = ProblemDoc, content_type = "application/problem+json"),
+        (status = 429, description = "this token's rate limit is spent (Retry-After)", body = ProblemDoc, content_type = "application/problem+json"),
+        (status = 503, description = "a dependency is unavailable", body = ProblemDoc, content_type = "application/problem+json")
+    ),
+    security(("bearer" = []))
+)]
 async fn create(
     State(api): State<Api>,
     who: Principal,
@@ -101,6 +120,23 @@ async fn create(
     Ok((StatusCode::CREATED, Json(record.into())))
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/tenants",
+    tag = "tenants",
+    summary = "List tenants (super-admin)",
+    params(("limit" = Option<u32>, Query, description = "items per page, 1 to 500 (default 100)"), ("cursor" = Option<String>, Query, description = "the next_cursor of the previous page")),
+    responses(
+        (status = 200, body = Page<TenantView>),
+        (status = 400, description = "malformed JSON or query", body = ProblemDoc, content_type = "application/problem+json"),
+        (status = 401, description = "no token, or one that authenticates nothing", body = ProblemDoc, content_type = "application/problem+json"),
+        (status = 403, description = "the token's role may not do this", body = ProblemDoc, content_type = "application/problem+json"),
+        (status = 422, description = "a field is missing, of the wrong type or invalid (named in `field`)", body = ProblemDoc, content_type = "application/problem+json"),
+        (status = 429, description = "this token's rate limit is spent (Retry-After)", body = ProblemDoc, content_type = "application/problem+json"),
+        (status = 503, description = "a dependency is unavailable", body = ProblemDoc, content_type = "application/problem+json")
+    ),
+    security(("bearer" = []))
+)]
 async fn list(
     State(api): State<Api>,
     who: Principal,
@@ -133,6 +169,22 @@ pub(super) async fn visible(api: &Api, who: &Principal, id: &str) -> Result<Tena
         .ok_or_else(missing)
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/tenants/{tenant}",
+    tag = "tenants",
+    summary = "One tenant",
+    params(("tenant" = String, Path, description = "tenant id")),
+    responses(
+        (status = 200, body = TenantView),
+        (status = 401, description = "no token, or one that authenticates nothing", body = ProblemDoc, content_type = "application/problem+json"),
+        (status = 403, description = "the token's role may not do this", body = ProblemDoc, content_type = "application/problem+json"),
+        (status = 404, description = "no such resource (or another tenant's)", body = ProblemDoc, content_type = "application/problem+json"),
+        (status = 429, description = "this token's rate limit is spent (Retry-After)", body = ProblemDoc, content_type = "application/problem+json"),
+        (status = 503, description = "a dependency is unavailable", body = ProblemDoc, content_type = "application/problem+json")
+    ),
+    security(("bearer" = []))
+)]
 async fn one(
     State(api): State<Api>,
     who: Principal,
@@ -143,8 +195,8 @@ async fn one(
 }
 
 /// A token as the API shows it: never its secret, except once, on creation.
-#[derive(Debug, Serialize)]
-struct TokenView {
+#[derive(Debug, Serialize, ToSchema)]
+pub(super) struct TokenView {
     id: String,
     tenant: String,
     name: String,
@@ -169,13 +221,35 @@ impl From<TokenRecord> for TokenView {
     }
 }
 
-#[derive(Debug, Deserialize)]
+/// A token to create: `role` is admin, editor or viewer.
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
-struct NewToken {
+pub(super) struct NewToken {
     name: String,
     role: String,
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/tenants/{tenant}/tokens",
+    tag = "tenants",
+    summary = "Create a token; its secret is shown once",
+    params(("tenant" = String, Path, description = "tenant id")),
+    request_body(content = NewToken, content_type = "application/json"),
+    responses(
+        (status = 201, body = TokenView),
+        (status = 400, description = "malformed JSON or query", body = ProblemDoc, content_type = "application/problem+json"),
+        (status = 401, description = "no token, or one that authenticates nothing", body = ProblemDoc, content_type = "application/problem+json"),
+        (status = 403, description = "the token's role may not do this", body = ProblemDoc, content_type = "application/problem+json"),
+        (status = 404, description = "no such resource (or another tenant's)", body = ProblemDoc, content_type = "application/problem+json"),
+        (status = 409, description = "conflicts with what exists", body = ProblemDoc, content_type = "application/problem+json"),
+        (status = 413, description = "body over 64 KiB", body = ProblemDoc, content_type = "application/problem+json"),
+        (status = 422, description = "a field is missing, of the wrong type or invalid (named in `field`)", body = ProblemDoc, content_type = "application/problem+json"),
+        (status = 429, description = "this token's rate limit is spent (Retry-After)", body = ProblemDoc, content_type = "application/problem+json"),
+        (status = 503, description = "a dependency is unavailable", body = ProblemDoc, content_type = "application/problem+json")
+    ),
+    security(("bearer" = []))
+)]
 async fn create_token(
     State(api): State<Api>,
     who: Principal,
@@ -215,6 +289,24 @@ async fn create_token(
     Ok((StatusCode::CREATED, Json(view)))
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/tenants/{tenant}/tokens",
+    tag = "tenants",
+    summary = "List the tenant's tokens (never their secrets)",
+    params(("tenant" = String, Path, description = "tenant id"), ("limit" = Option<u32>, Query, description = "items per page, 1 to 500 (default 100)"), ("cursor" = Option<String>, Query, description = "the next_cursor of the previous page")),
+    responses(
+        (status = 200, body = Page<TokenView>),
+        (status = 400, description = "malformed JSON or query", body = ProblemDoc, content_type = "application/problem+json"),
+        (status = 401, description = "no token, or one that authenticates nothing", body = ProblemDoc, content_type = "application/problem+json"),
+        (status = 403, description = "the token's role may not do this", body = ProblemDoc, content_type = "application/problem+json"),
+        (status = 404, description = "no such resource (or another tenant's)", body = ProblemDoc, content_type = "application/problem+json"),
+        (status = 422, description = "a field is missing, of the wrong type or invalid (named in `field`)", body = ProblemDoc, content_type = "application/problem+json"),
+        (status = 429, description = "this token's rate limit is spent (Retry-After)", body = ProblemDoc, content_type = "application/problem+json"),
+        (status = 503, description = "a dependency is unavailable", body = ProblemDoc, content_type = "application/problem+json")
+    ),
+    security(("bearer" = []))
+)]
 async fn list_tokens(
     State(api): State<Api>,
     who: Principal,
@@ -236,6 +328,22 @@ async fn list_tokens(
     }))
 }
 
+#[utoipa::path(
+    delete,
+    path = "/v1/tenants/{tenant}/tokens/{id}",
+    tag = "tenants",
+    summary = "Revoke a token",
+    params(("tenant" = String, Path, description = "tenant id"), ("id" = String, Path, description = "token id")),
+    responses(
+        (status = 204, description = "revoked"),
+        (status = 401, description = "no token, or one that authenticates nothing", body = ProblemDoc, content_type = "application/problem+json"),
+        (status = 403, description = "the token's role may not do this", body = ProblemDoc, content_type = "application/problem+json"),
+        (status = 404, description = "no such resource (or another tenant's)", body = ProblemDoc, content_type = "application/problem+json"),
+        (status = 429, description = "this token's rate limit is spent (Retry-After)", body = ProblemDoc, content_type = "application/problem+json"),
+        (status = 503, description = "a dependency is unavailable", body = ProblemDoc, content_type = "application/problem+json")
+    ),
+    security(("bearer" = []))
+)]
 async fn revoke_token(
     State(api): State<Api>,
     who: Principal,
