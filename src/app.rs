@@ -193,10 +193,20 @@ impl App {
             )),
             None => None,
         };
+        let membership = match &config.cluster {
+            Some(cluster) => Some(RedisMembership::new(
+                redis_client(cluster)?,
+                Keys::new(&cluster.key_prefix),
+                cluster.lease_ttl,
+                None,
+            )),
+            None => None,
+        };
         let api = crate::http::ApiParts {
             store: store.clone(),
             fleet: node.fleet().commands(),
             bus,
+            membership,
             reconcile: node.reconciler(),
             admin_token: config.admin_token.clone(),
             node_id: config.node_id.clone(),

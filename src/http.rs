@@ -15,7 +15,7 @@
 //! | POST | `/v1/numbers` | editor | register a number: it starts at once, no restart |
 //! | GET | `/v1/numbers` | viewer | numbers, paged by number |
 //! | GET | `/v1/numbers/{number}` | viewer | one number, with its live status |
-//! | PATCH | `/v1/numbers/{number}` | editor | replace its settings, pin or unpin it |
+//! | PATCH | `/v1/numbers/{number}` | editor | replace its settings (its pin: the super-admin's) |
 //! | DELETE | `/v1/numbers/{number}` | admin | remove it: it disconnects and its data is deleted |
 //! | POST | `/v1/numbers/{number}/restart` | editor | a fresh start where it runs |
 //! | POST | `/v1/numbers/{number}/logout` | admin | unlink its device |
@@ -23,6 +23,10 @@
 //! | GET | `/v1/numbers/{number}/qr` | viewer | its current QR code while it pairs (`?format=png` or `svg`) |
 //! | POST | `/v1/numbers/{number}/pair-code` | editor | ask for a pair code to type on the phone; answers with it |
 //! | GET | `/v1/audit` | admin | the audit log, newest first, paged |
+//! | GET | `/v1/cluster/nodes` | super-admin | the live nodes: state, capacity, version, numbers held |
+//! | GET | `/v1/cluster/placement` | super-admin | where each number runs (pin, lease owner), paged |
+//! | POST | `/v1/cluster/nodes/{node}/drain` | super-admin | ask a node to give every number away |
+//! | POST | `/v1/cluster/numbers/{number}/move` | super-admin | pin a number to a node (or unpin it) |
 //! | GET | `/v1/openapi.json` | — | this table as OpenAPI 3.1, generated from the handlers |
 //! | GET | `/docs` | — | Swagger UI (vendored: no CDN) on that document |
 //!
@@ -35,6 +39,7 @@
 
 mod audit;
 pub mod auth;
+mod cluster;
 pub mod edges;
 mod health;
 mod numbers;
@@ -85,6 +90,8 @@ pub struct ApiParts {
     pub fleet: Commands,
     /// In a cluster: commands for numbers another node runs.
     pub bus: Option<CommandBus>,
+    /// In a cluster: the live nodes, the leases' owners, drain requests.
+    pub membership: Option<crate::cluster::RedisMembership>,
     /// Asks the node to pick up numbers added or removed now, not at its next pass.
     pub reconcile: Reconciler,
     /// The bootstrap super-admin token (`SWITCHBOARD_ADMIN_TOKEN`); without it only tenant
@@ -122,6 +129,7 @@ impl std::ops::Deref for Api {
         (name = "tenants", description = "tenants and their API tokens"),
         (name = "numbers", description = "numbers, live: status, QR codes, commands, sends"),
         (name = "audit", description = "who changed what, when"),
+        (name = "cluster", description = "nodes and placement (the super-admin's)"),
         (name = "health", description = "probes and metrics, without a token")
     )
 )]
@@ -151,6 +159,7 @@ fn routes() -> OpenApiRouter<Api> {
         .merge(tenants::routes())
         .merge(numbers::routes())
         .merge(audit::routes())
+        .merge(cluster::routes())
 }
 
 /// The router of every route in the table above.

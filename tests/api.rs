@@ -549,18 +549,27 @@ async fn numbers_answer_success_and_every_failure_with_a_problem() {
         .call(
             Method::PATCH,
             &path,
-            &t1.editor,
+            SUPER,
             Some(json!({ "settings": { "greeting": "hola" }, "pinned_node": "node-x" })),
         )
         .await;
     assert_eq!(patched.status, 200, "{}", patched.body);
     assert_eq!(patched.body["settings"]["greeting"], "hola");
     assert_eq!(patched.body["pinned_node"], "node-x");
+    // Placement is the agency's: a tenant's token may change settings, not pins.
+    s.call(
+        Method::PATCH,
+        &path,
+        &t1.admin,
+        Some(json!({ "pinned_node": "node-y" })),
+    )
+    .await
+    .problem(403, Some("pinned_node"));
     let unpinned = s
         .call(
             Method::PATCH,
             &path,
-            &t1.editor,
+            SUPER,
             Some(json!({ "pinned_node": null })),
         )
         .await;
@@ -580,7 +589,7 @@ async fn numbers_answer_success_and_every_failure_with_a_problem() {
     s.call(
         Method::PATCH,
         &path,
-        &t1.editor,
+        SUPER,
         Some(json!({ "pinned_node": 3 })),
     )
     .await
@@ -800,6 +809,20 @@ fn routes(n: &str) -> Vec<(Method, String, Option<Value>, Option<&'static str>)>
             Some("editor"),
         ),
         (Method::GET, "/v1/audit".into(), None, Some("admin")),
+        (Method::GET, "/v1/cluster/nodes".into(), None, None),
+        (Method::GET, "/v1/cluster/placement".into(), None, None),
+        (
+            Method::POST,
+            format!("/v1/cluster/numbers/{n}/move"),
+            Some(json!({ "node": null })),
+            None,
+        ),
+        (
+            Method::POST,
+            "/v1/cluster/nodes/node-x/drain".into(),
+            Some(json!({})),
+            None,
+        ),
         (
             Method::DELETE,
             format!("/v1/numbers/{n}"),
@@ -1127,5 +1150,69 @@ async fn the_openapi_document_is_served_lists_every_route_of_the_table_and_the_d
         ui.text().await.unwrap().contains("swagger"),
         "the vendored Swagger UI"
     );
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_embedded_node_shows_itself_as_the_cluster_moves_pins_and_refuses_a_drain() {
+    let s = server().await;
+    let t1 = s.tenant("t1").await;
+    for n in ["+15550131", "+15550132"] {
+        assert_eq!(
+            s.post("/v1/numbers", &t1.editor, json!({ "number": n }))
+                .await
+                .status,
+            201
+        );
+    }
+    let nodes = s.get("/v1/cluster/nodes", SUPER).await;
+    assert_eq!(nodes.status, 200, "{}", nodes.body);
+    assert_eq!(nodes.body[0]["state"], "active");
+    assert_eq!(nodes.body[0]["numbers"], 2);
+    let node = nodes.body[0]["id"].as_str().unwrap().to_owned();
+    s.get("/v1/cluster/nodes", &t1.admin)
+        .await
+        .problem(403, None);
+
+    let moved = s
+        .post(
+            "/v1/cluster/numbers/+15550131/move",
+            SUPER,
+            json!({ "node": node }),
+        )
+        .await;
+    assert_eq!(moved.status, 202, "{}", moved.body);
+    let page = s.get("/v1/cluster/placement?limit=1", SUPER).await;
+    assert_eq!(page.status, 200, "{}", page.body);
+    assert_eq!(page.body["items"][0]["number"], "+15550131");
+    assert_eq!(page.body["items"][0]["pinned_node"], node.as_str());
+    assert_eq!(page.body["items"][0]["owner"], node.as_str());
+    assert!(page.body["next_cursor"].is_string());
+    s.post(
+        "/v1/cluster/numbers/+15559999999/move",
+        SUPER,
+        json!({ "node": node }),
+    )
+    .await
+    .problem(404, None);
+    s.post(
+        "/v1/cluster/numbers/+15550131/move",
+        SUPER,
+        json!({ "node": 7 }),
+    )
+    .await
+    .problem(422, Some("node"));
+    s.post(
+        "/v1/cluster/numbers/+15550131/move",
+        &t1.admin,
+        json!({ "node": null }),
+    )
+    .await
+    .problem(403, None);
+    s.post(&format!("/v1/cluster/nodes/{node}/drain"), SUPER, json!({}))
+        .await
+        .problem(409, None);
+    let log = s.get("/v1/audit?tenant=t1", SUPER).await;
+    assert_eq!(log.body["items"][0]["action"], "number.move");
     s.stop().await;
 }

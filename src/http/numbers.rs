@@ -164,6 +164,10 @@ async fn create(
         (None, None) => return Err(Problem::invalid("tenant", "missing: the tenant to add to")),
     };
     visible(&api, &who, &tenant).await?;
+    if body.pinned_node.is_some() {
+        who.require_super()
+            .map_err(|p| p.with_field("pinned_node"))?;
+    }
     let record = NumberRecord {
         number,
         tenant: tenant.clone(),
@@ -338,6 +342,9 @@ async fn update(
         ));
     }
     if let Some(pin) = patch.pinned_node {
+        // Placement is the agency's: a tenant's token may not pick nodes.
+        who.require_super()
+            .map_err(|p| p.with_field("pinned_node"))?;
         if pin.as_deref().is_some_and(|p| p.trim().is_empty()) {
             return Err(Problem::invalid(
                 "pinned_node",
