@@ -313,8 +313,13 @@ impl Cluster {
 
     /// [`Cluster::gaps`] for connections closed at `since_ms` (the simulator's clock) or later.
     pub async fn gaps_since(&self, since_ms: u64) -> Vec<u64> {
+        self.gaps_of(&self.numbers, since_ms).await
+    }
+
+    /// [`Cluster::gaps_since`] for `numbers` only.
+    pub async fn gaps_of(&self, numbers: &[String], since_ms: u64) -> Vec<u64> {
         let mut gaps = Vec::new();
-        for n in &self.numbers {
+        for n in numbers {
             let mut closed_at: Option<u64> = None;
             for e in &self.rig.ledger(n).await {
                 let at = e["at_ms"].as_u64().unwrap_or(0);
